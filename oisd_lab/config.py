@@ -1,0 +1,307 @@
+"""Typed configuration: one dataclass tree, composed by Hydra from the YAML files in `experiments/`.
+
+`compose(overrides)` turns `key=value` strings into a validated `TrainConfig`. Config groups
+(`model=`, `task=`, `method=`) pick a YAML preset; any field can then be overridden
+(`method.attn_weight=0.05`). Every error is raised as `ConfigError` with a one-line message that
+names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+METHODS = ("grpo", "oisd", "oisd_logit", "oisd_attn", "oisd_unsigned")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
+
+
+class ConfigError(ValueError):
+    """A configuration or input error with a one-line, user-facing message."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """A tiny preset (tiny, tiny6m, tiny_llama), `smollm2`, a hub id or a local checkpoint path."""
+    dtype: str = "float32"
+    """float32 (CPU), bfloat16 or float16 (GPU)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel for every layer; OISD recomputes only the layers it reads."""
+    gradient_checkpointing: bool = False
+    chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (instruct checkpoints)."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    """Synthetic family (arith, word, linear, sequence) or a real dataset (gsm8k, math500, ...)."""
+    path: str | None = None
+    """Local JSONL/Parquet file in the dataset's schema (real datasets offline)."""
+    difficulty: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the synthetic family (e.g. max_value, max_ops)."""
+    num_test: int = 200
+    """Held-out problems used for evaluation."""
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 500
+    """Supervised warm-start steps on worked solutions (tiny models only)."""
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    cache_dir: str | None = None
+    """Where warm-start checkpoints are cached (default: $OISD_LAB_CACHE or ~/.cache/oisd_lab)."""
+    init: str | None = None
+    """Start RL from this checkpoint directory instead of the cached warm start."""
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 16
+    """Prompts per optimisation step (per process)."""
+    num_generations: int = 8
+    """Completions per prompt (G); a prompt's G completions form one advantage group."""
+    micro_batch_size: int = 64
+    """Completions per forward/backward pass; must divide prompts_per_step * num_generations."""
+    max_completion_length: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    std_ddof: int = 1
+    adv_eps: float = 1e-4
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class MethodConfig:
+    name: str = "grpo"
+    """Preset name used in W&B tags and reports: grpo, oisd, oisd_logit, oisd_attn, oisd_unsigned."""
+    logit_weight: float = 0.0
+    """Weight of the logit-alignment (think) loss."""
+    attn_weight: float = 0.0
+    """Weight of the attention-alignment loss."""
+    weighting: str = "signed"
+    layers: list[Any] = field(default_factory=list)
+    """Student layers: index, negative index or fraction of depth; empty = about 1/6 of depth."""
+    jsd_beta: float = 0.5
+    jsd_temperature: float = 1.0
+    attn_heads: str = "mean"
+    """`mean` (head-mean rows) or `per_head`."""
+    attn_exclude_sink: bool = False
+    lens_grad: str = "full"
+    """`full` or `hidden_only` (readout weights detached in the lens)."""
+    chunk_size: int = 1024
+    """Tokens per chunk for vocabulary-sized work."""
+
+
+@dataclass
+class LogConfig:
+    every_n_steps: int = 10
+    """Per-layer diagnostics, completions and snapshots every N steps (and at the last step)."""
+    diag_layers: list[int] | None = None
+    """Hidden-state indices to diagnose (None = all)."""
+    snapshot_rollouts: int = 2
+    wandb_mode: str = "offline"
+    """offline (default), online, or disabled."""
+    wandb_project: str = "oisd_lab"
+    wandb_group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    k: int = 4
+    """Samples per problem for Avg@K."""
+    temperature: float = 1.0
+    batch_size: int = 256
+    max_new_tokens: int | None = None
+    """Default: grpo.max_completion_length."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    max_steps: int = 150
+    run_dir: str | None = None
+    """Where this run writes; the same run_dir resumes. Default: runs/<task>-<method>-s<seed>-<time>."""
+    checkpoint_every: int = 50
+    num_threads: int = 0
+    """torch threads per process (0 = torch's default)."""
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+
+def config_dir() -> Path:
+    """The `experiments/` folder: $OISD_LAB_CONFIG_DIR or the one beside the package."""
+    env = os.environ.get("OISD_LAB_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "experiments"
+
+
+def group_options(group: str) -> list[str]:
+    folder = config_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _rewrite_free_values(overrides: list[str]) -> list[str]:
+    """`model=<hub id or path>` and `task=<file>` are not presets: route them to fields."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and key == "model" and value not in group_options("model"):
+            out += ["model=hf", f"model.name={value}"]
+        elif sep and key == "task" and value not in group_options("task") and _looks_like_file(value):
+            out += ["task=local", f"task.path={value}"]
+        else:
+            out.append(item)
+    return out
+
+
+def _looks_like_file(value: str) -> bool:
+    return value.endswith((".jsonl", ".json", ".parquet")) or os.sep in value
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> TrainConfig:
+    """Compose `experiments/<config_name>.yaml` with `key=value` overrides into a TrainConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value (e.g. method=oisd seed=1)")
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=_rewrite_free_values(list(overrides)))
+        obj = OmegaConf.to_object(cfg)
+    except Exception as err:  # Hydra and OmegaConf raise many types; all become one line
+        raise ConfigError(_one_line(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    validate(obj)
+    return obj
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra/OmegaConf errors as one line naming the field."""
+    inner = err.__cause__ if err.__cause__ is not None else err
+    first = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    key = getattr(inner, "full_key", None)
+    if "Could not find '" in first:
+        group, _, value = first.split("'")[3].partition("/")
+        choices = ", ".join(group_options(group))
+        return f"{group}: unknown {group} '{value}'; choose one of {choices}"
+    if "not in struct" in str(inner) or "Could not override" in first or " not in '" in first:
+        bad = key or (first.split("'")[1] if "'" in first else first)
+        return f"{bad}: unknown config key; the keys are listed in experiments/train.yaml and oisd_lab/config.py"
+    if key:
+        return f"{key}: {first}"
+    return first
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    _check(value in choices, f"{name}: unknown value '{value}'; choose one of {', '.join(choices)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible settings with the arithmetic in the message."""
+    g, m = cfg.grpo, cfg.method
+    _check(g.num_generations >= 2, f"grpo.num_generations: is {g.num_generations}; GRPO needs >= 2 completions per prompt")
+    _check(g.prompts_per_step >= 1, f"grpo.prompts_per_step: is {g.prompts_per_step}; use >= 1")
+    batch = g.prompts_per_step * g.num_generations
+    _check(g.micro_batch_size >= 1, f"grpo.micro_batch_size: is {g.micro_batch_size}; use >= 1")
+    _check(
+        batch % g.micro_batch_size == 0,
+        f"grpo.micro_batch_size: batch {g.prompts_per_step} prompts x {g.num_generations} generations "
+        f"= {batch} completions is not divisible by micro_batch_size {g.micro_batch_size}",
+    )
+    _check(g.max_completion_length >= 1, "grpo.max_completion_length: use >= 1")
+    _check(g.temperature > 0, f"grpo.temperature: is {g.temperature}; use a value > 0")
+    _check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
+    _choice(g.loss_type, LOSS_TYPES, "grpo.loss_type")
+    _choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
+    _check(g.std_ddof in (0, 1), f"grpo.std_ddof: is {g.std_ddof}; use 0 or 1")
+    _check(g.adv_eps >= 0, "grpo.adv_eps: use a value >= 0")
+    _check(g.epsilon_low >= 0 and g.epsilon_high >= 0, "grpo.epsilon_low/high: use values >= 0")
+    _check(g.beta >= 0, f"grpo.beta: is {g.beta}; use a value >= 0")
+    _check(g.lr > 0, f"grpo.lr: is {g.lr}; use a value > 0")
+    _check(g.max_grad_norm >= 0, "grpo.max_grad_norm: use a value >= 0 (0 disables clipping)")
+    _choice(m.name, METHODS, "method.name")
+    _check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
+    _check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
+    _choice(m.weighting, WEIGHTINGS, "method.weighting")
+    _choice(m.attn_heads, ("mean", "per_head"), "method.attn_heads")
+    _choice(m.lens_grad, ("full", "hidden_only"), "method.lens_grad")
+    _check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
+    _check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")
+    _check(m.chunk_size >= 1, "method.chunk_size: use >= 1")
+    for layer in m.layers:
+        _check(
+            isinstance(layer, (int, float)) and not isinstance(layer, bool),
+            f"method.layers: '{layer}' is not a layer; use ints, negative ints or fractions in (0,1)",
+        )
+    _check(cfg.max_steps >= 1, f"max_steps: is {cfg.max_steps}; use >= 1")
+    _check(cfg.checkpoint_every >= 1, "checkpoint_every: use >= 1")
+    _check(cfg.log.every_n_steps >= 1, "log.every_n_steps: use >= 1")
+    _choice(cfg.log.wandb_mode, ("offline", "online", "disabled"), "log.wandb_mode")
+    _check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")
+    _check(cfg.eval.k >= 1, f"eval.k: is {cfg.eval.k}; use >= 1")
+    _check(cfg.pretrain.steps >= 0, "pretrain.steps: use >= 0")
+    _check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def load_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a resolved config written by a run back into a TrainConfig, with dotted overrides
+    (`task.num_test=500`)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(merged)
+    except Exception as err:
+        raise ConfigError(_one_line(err)) from err
+    validate(obj)  # type: ignore[arg-type]
+    return obj  # type: ignore[return-value]
+
+
+__all__ = ["ConfigError", "TrainConfig", "compose", "validate", "to_dict", "to_yaml", "MISSING"]

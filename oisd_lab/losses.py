@@ -1,0 +1,497 @@
+"""Pure tensor functions for the GRPO policy loss and the OISD alignment losses.
+
+Everything the trainer optimises or logs as a loss is computed here, from tensors only: no model,
+no `self`, no logging, no distributed reductions (the caller passes whole-batch normalisers such
+as `num_items_in_batch`). Each docstring gives shapes, the formula, and the reference it mirrors
+(TRL `GRPOTrainer` / `trl.trainer.utils`, verl `core_algos`, TRL GKD for the JSD).
+
+Shapes: B sequences (prompts * num_generations, group-contiguous), T completion positions,
+V vocabulary, H heads, S keys, N selected completion tokens, D hidden size.
+
+Where this module departs from, or fills gaps in, the paper (arXiv 2605.29089) and the references:
+
+- The paper states signed, advantage-weighted JSD for both channels; the weighting modes other
+  than `signed`, the per-head option, sink exclusion and the use of the policy's loss aggregator
+  for the alignment losses are our reconstruction (see docs/oisd-method.md, section 3).
+- `jsd` with beta in {0, 1} returns 0 (the continuous limit of the formula). TRL's GKD instead
+  switches to a plain KL at those two values.
+- JSD values are clamped at 0: log-space rounding leaves ~1e-8 of either sign when P == Q, and
+  a negative divergence would invert the meaning of signed weighting.
+- The log-ratio inside `clipped_surrogate` and `kl_k3` is clamped to [-20, 20] as verl does, so
+  garbage in padded slots cannot produce inf values or NaN gradients. TRL does not clamp.
+- `group_advantages` returns exactly 0 for a group of identical rewards, even where float
+  rounding of the group mean would leave a residue.
+- `aggregate(loss_type="grpo")` accepts `num_sequences` so that micro-batch values sum to the
+  whole-batch value (TRL instead divides by the number of accumulation steps, exact only for
+  equal-sized micro-batches).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
+HEAD_REDUCE = ("mean", "per_head")
+LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
+
+
+def _upcast(x: Tensor) -> Tensor:
+    # bf16/fp16 log-softmax over a 150k vocabulary loses several digits; compute in fp32.
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def group_advantages(
+    rewards: Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+    std_ddof: int = 1,
+) -> Tensor:
+    """GRPO advantages, one per completion. Mirrors TRL `GRPOTrainer._generate_and_score_completions`.
+
+    rewards: [B], group-contiguous (B = prompts * num_generations). Returns [B]:
+    - `group`: A_i = (r_i - mean_group r) / (std_group r + eps)
+    - `batch`: A_i = (r_i - mean_group r) / (std_batch r + eps)   (TRL scale_rewards="batch")
+    - `none`:  A_i = r_i - mean_group r                           (Dr. GRPO)
+    std uses `correction=std_ddof` (1 = Bessel, as TRL/verl/OpenRLHF; 0 = population).
+    A group of identical rewards gives exactly 0 for every member.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    n = rewards.shape[0]
+    if num_generations < 1 or n % num_generations:
+        raise ValueError(
+            f"{n} rewards are not divisible by num_generations={num_generations}: "
+            "B must be prompts * num_generations"
+        )
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; choose one of {SCALE_REWARDS}")
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    grouped = rewards.view(-1, num_generations)  # [P, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    # Compare with the first member rather than trusting mean rounding (or a NaN std at G=1).
+    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    if num_generations == 1 or scale_rewards == "none":
+        scaled = centred
+    elif scale_rewards == "group":
+        scaled = centred / (grouped.std(dim=1, correction=std_ddof, keepdim=True) + eps)
+    else:
+        scaled = centred / (rewards.std(correction=std_ddof) + eps)
+    return torch.where(constant, 0.0, scaled).reshape(-1)
+
+
+def advantage_weights(advantages: Tensor, mode: str) -> Tensor:
+    """OISD per-sequence weight w_i for the alignment losses (docs/oisd-method.md, section 3).
+
+    advantages: any shape; returns the same shape.
+    `signed`: A (pull toward the teacher when above average, push away when below);
+    `unsigned`: |A|; `positive`: max(A, 0); `uniform`: 1 (plain self-distillation).
+    """
+    if mode == "signed":
+        return advantages
+    if mode == "unsigned":
+        return advantages.abs()
+    if mode == "positive":
+        return advantages.clamp(min=0)
+    if mode == "uniform":
+        return torch.ones_like(advantages)
+    raise ValueError(f"unknown oisd.weighting {mode!r}; choose one of {WEIGHTINGS}")
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+def _logps_chunk(logits: Tensor, index: Tensor, temperature: float) -> Tensor:
+    logits = _upcast(logits)
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _chunked_logps(logits: Tensor, index: Tensor, chunk_size: int, temperature: float) -> Tensor:
+    if logits.shape[:-1] != index.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree")
+    flat, flat_index = logits.reshape(-1, logits.shape[-1]), index.reshape(-1)
+    # Checkpointing each chunk keeps only [chunk, V] upcast/tempered copies alive, in backward too.
+    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
+    pieces = [
+        checkpoint(_logps_chunk, lg, ix, temperature, use_reentrant=False)
+        if use_ckpt
+        else _logps_chunk(lg, ix, temperature)
+        for lg, ix in zip(flat.split(chunk_size), flat_index.split(chunk_size), strict=True)
+    ]
+    if not pieces:
+        return _upcast(flat).new_zeros(index.shape)
+    return torch.cat(pieces).reshape(index.shape)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = 512) -> Tensor:
+    """log softmax(logits)[index] without materialising the full log-softmax.
+
+    logits [..., V], index [...] (int64) -> [...]. Mirrors TRL `selective_log_softmax`
+    (gather minus logsumexp), in chunks of `chunk_size` rows. 16-bit logits are computed and
+    returned in float32 (TRL's bf16 path loses precision in the importance ratio).
+    """
+    return _chunked_logps(logits, index, chunk_size, 1.0)
+
+
+def token_logps(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int = 512
+) -> Tensor:
+    """Per-token log-probs of sampled tokens, logits divided by the sampling temperature first.
+
+    logits [B, T, V] already aligned so that logits[:, t] predicts tokens[:, t]; tokens [B, T]
+    -> [B, T]. TRL `_get_per_token_logps` convention; the division happens per chunk, so no
+    second [B, T, V] tensor is created.
+    """
+    return _chunked_logps(logits, tokens, chunk_size, float(temperature))
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 512) -> Tensor:
+    """Entropy H(softmax(logits)) in nats over the last dim. logits [..., V] -> [...].
+
+    Mirrors TRL `entropy_from_logits` (chunked log-softmax); 0 log 0 = 0, so -inf logits are safe.
+    Meant for metrics (call under `torch.no_grad()`).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    pieces = []
+    for chunk in flat.split(chunk_size):
+        logp = F.log_softmax(_upcast(chunk), dim=-1)
+        p = logp.exp()
+        pieces.append(-torch.where(p > 0, p * logp, 0.0).sum(-1))
+    if not pieces:
+        return _upcast(flat).new_zeros(logits.shape[:-1])
+    return torch.cat(pieces).reshape(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------- policy loss
+
+
+def clipped_surrogate(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    advantages: Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO/GRPO clipped surrogate per token. Mirrors TRL `GRPOTrainer._compute_loss`.
+
+    logps, old_logps: [B, T] (old_logps None means logps.detach(): one update per rollout batch,
+    so rho == 1 in value but not in gradient). advantages: [B] (broadcast over T) or [B, T].
+    rho = exp(clamp(logps - old_logps, -20, 20))     (clamp as verl; keeps padding garbage finite)
+    per_token_loss = -min(rho * A, clip(rho, 1 - epsilon_low, 1 + epsilon_high) * A)   [B, T]
+    info: boolean [B, T] tensors as TRL's clip_ratio metrics (mask them before averaging):
+    `is_low_clipped` (rho < 1 - eps_low and A < 0), `is_high_clipped` (rho > 1 + eps_high and
+    A > 0), `is_region_clipped` (either).
+    """
+    old_logps = logps.detach() if old_logps is None else old_logps.detach()
+    adv = advantages.detach()
+    if adv.dim() == logps.dim() - 1:
+        adv = adv.unsqueeze(-1)  # [B] -> [B, 1]
+    log_ratio = (logps - old_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    rho = torch.exp(log_ratio)
+    clipped_rho = rho.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token_loss = -torch.min(rho * adv, clipped_rho * adv)
+    is_low = (rho < 1.0 - epsilon_low) & (adv < 0)
+    is_high = (rho > 1.0 + epsilon_high) & (adv > 0)
+    info = {
+        "is_low_clipped": is_low,
+        "is_high_clipped": is_high,
+        "is_region_clipped": is_low | is_high,
+    }
+    return per_token_loss, info
+
+
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1. [B, T] -> [B, T].
+
+    Mirrors TRL (beta > 0 branch). The reference is a constant (detached); the log-ratio is
+    clamped to [-20, 20] as verl does, so padded garbage stays finite.
+    """
+    delta = (ref_logps.detach() - logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(delta) - delta - 1.0
+
+
+def aggregate(
+    per_token: Tensor,
+    mask: Tensor,
+    loss_type: str = "dapo",
+    num_items_in_batch: int | Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_sequences: int | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [B, T] with completion mask [B, T] to a scalar (grpo-conventions.md).
+
+    With l = per_token, M = mask (masked slots are ignored through torch.where, so they may hold
+    1e4, inf or NaN):
+    - `grpo`:    sum_i (sum_t M l / max(sum_t M, 1)) / num_sequences     (TRL loss_type="grpo")
+    - `bnpo`:    sum M l / max(sum M, 1), over this micro-batch            (TRL "bnpo")
+    - `dapo`:    sum M l / num_items_in_batch                              (TRL and verl default)
+    - `dr_grpo`: sum M l / (num_sequences * max_completion_length)         (TRL "dr_grpo")
+    Defaults: num_items_in_batch = sum M of this call, num_sequences = B, max_completion_length = T.
+
+    Micro-batching contract: for `grpo`, `dapo` and `dr_grpo`, pass the whole accumulated batch's
+    num_sequences / num_items_in_batch (and the configured max_completion_length) to every
+    micro-batch call; the SUM of the micro-batch values (and of their gradients) then equals the
+    whole-batch value. `bnpo` is local by definition: the MEAN of its micro-batch values equals the
+    whole-batch value only when micro-batches hold equal token counts (as in TRL). Under data
+    parallelism the caller also divides by the world size, or passes global counts.
+    A sequence with no mask tokens contributes 0 (never NaN).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+    if per_token.shape != mask.shape or per_token.dim() != 2:
+        raise ValueError(
+            f"per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)} must both be [B, T]"
+        )
+    mask = mask.bool()
+    masked = torch.where(mask, per_token, 0.0)  # not per_token * mask: inf * 0 = NaN
+    batch, length = per_token.shape
+    n_seq = max(batch if num_sequences is None else int(num_sequences), 1)
+    if loss_type == "grpo":
+        seq_means = masked.sum(-1) / mask.sum(-1).clamp(min=1)
+        return seq_means.sum() / n_seq
+    total = masked.sum()
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1)
+    if loss_type == "dapo":
+        n_items = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        return total / torch.as_tensor(n_items, device=total.device).clamp(min=1)
+    t_max = length if max_completion_length is None else int(max_completion_length)
+    return total / (n_seq * t_max)
+
+
+# --------------------------------------------------------------------------- divergences
+
+
+def _degenerate_beta(beta: float) -> bool:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"JSD beta must lie in [0, 1], got {beta}")
+    return beta == 0.0 or beta == 1.0
+
+
+def _zeros_like_rows(x: Tensor) -> Tensor:
+    # A zero that backward() accepts even when it is the whole loss.
+    return _upcast(x).new_zeros(x.shape[:-1]).requires_grad_(x.requires_grad)
+
+
+def _kl_from_logps(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """sum_v a (log a - log b) over the last dim, with 0 log 0 = 0 and zero gradient there."""
+    a = log_a.exp()
+    # where on the difference (not on the product) keeps -inf - -inf out of the backward pass.
+    diff = torch.where(a > 0, log_a - log_b, 0.0)
+    return (a * diff).sum(-1)
+
+
+def _finite_log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    logp = F.log_softmax(_upcast(logits) / temperature, dim=-1)
+    # -inf (masked vocabulary) becomes the most negative float: logaddexp of two -inf has a NaN
+    # gradient, and no finite log-prob is changed (its probability underflows to 0 long before).
+    return logp.clamp(min=torch.finfo(logp.dtype).min)
+
+
+def jsd(p_logits: Tensor, q_logits: Tensor, beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+    """Generalised Jensen-Shannon divergence in nats, per position. [..., V] x2 -> [...].
+
+    P = softmax(p_logits / temperature) is the teacher, Q = softmax(q_logits / temperature) the
+    student; M = beta P + (1 - beta) Q and
+        JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M),
+    computed in log space: log M = logaddexp(log beta + log P, log(1 - beta) + log Q).
+    Mirrors TRL `GKDTrainer.generalized_jsd_loss` (same M), except beta in {0, 1} returns 0 (the
+    continuous limit; TRL switches to a plain KL there). beta = 0.5 is symmetric and <= ln 2.
+    Gradients flow to both inputs: detach the teacher at the call site (as `chunked_lens_jsd`
+    does). 16-bit inputs are computed in float32. Rounding negatives are clamped to 0.
+    """
+    if _degenerate_beta(beta):
+        return _zeros_like_rows(q_logits)
+    logp, logq = (
+        _finite_log_softmax(p_logits, temperature),
+        _finite_log_softmax(q_logits, temperature),
+    )
+    log_m = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+    div = beta * _kl_from_logps(logp, log_m) + (1.0 - beta) * _kl_from_logps(logq, log_m)
+    # Rounding in log M leaves ~1e-8 of either sign when P == Q; JSD >= 0, and a negative value
+    # would flip the push/pull meaning of signed weighting.
+    return div.clamp(min=0.0)
+
+
+def kl_from_logits(p_logits: Tensor, q_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(P || Q) in nats per position, P = softmax(p_logits / T), Q = softmax(q_logits / T).
+
+    [..., V] x2 -> [...]. Used for the per-layer KL(p_L || p_k) metric (docs section 4).
+    """
+    logp = F.log_softmax(_upcast(p_logits) / temperature, dim=-1)
+    logq = F.log_softmax(_upcast(q_logits) / temperature, dim=-1)
+    return _kl_from_logps(logp, logq)
+
+
+def chunked_lens_jsd(
+    student_hidden: Tensor,
+    teacher_logits: Tensor,
+    readout: Callable[[Tensor], Tensor],
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """OISD logit alignment d_t = JSD_beta(sg[p_L] || softmax(readout(h_l))) per token, chunked.
+
+    student_hidden [N, D]: completion-token hidden states of the student layer (NOT final-normed);
+    teacher_logits [N, V]: final-layer logits at the same tokens (detached here);
+    readout: [n, D] -> [n, V], the model's final norm + unembedding (the logit lens; pass a
+    readout with detached weights for lens_grad="hidden_only"). Returns [N] with gradient to
+    student_hidden and to readout's parameters.
+    Each chunk of `chunk_size` tokens runs under non-reentrant activation checkpointing, so at
+    most one [chunk, V] block of student logits is alive in forward and in backward.
+    """
+    if student_hidden.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(
+            f"student_hidden has {student_hidden.shape[0]} tokens, teacher_logits {teacher_logits.shape[0]}"
+        )
+    teacher_logits = teacher_logits.detach()
+
+    def lens_chunk(h: Tensor, t: Tensor) -> Tensor:
+        return jsd(t, readout(h), beta=beta, temperature=temperature)
+
+    pieces = [
+        checkpoint(lens_chunk, h, t, use_reentrant=False)
+        if torch.is_grad_enabled()
+        else lens_chunk(h, t)
+        for h, t in zip(
+            student_hidden.split(chunk_size), teacher_logits.split(chunk_size), strict=True
+        )
+    ]
+    if not pieces:
+        return _zeros_like_rows(student_hidden)
+    return torch.cat(pieces)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_rows(
+    attn: Tensor, key_mask: Tensor | None, exclude_sink: bool, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Zero dropped keys and renormalise rows. attn [B, h, T, S] -> (rows [B, h, T, S], ok [B, h, T])."""
+    keep = torch.ones(attn.shape[-1], dtype=torch.bool, device=attn.device)
+    if exclude_sink:
+        keep[0] = False
+    if key_mask is not None:
+        keep = keep & key_mask.bool()[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
+    rows = torch.where(keep, attn, 0.0)
+    mass = rows.sum(-1, keepdim=True)
+    ok = mass > eps
+    # Renormalising also absorbs bf16 rounding of rows that were already distributions.
+    rows = torch.where(ok, rows / torch.where(ok, mass, 1.0), 0.0)
+    return rows, ok.squeeze(-1)
+
+
+def _xlog_ratio(a: Tensor, b: Tensor) -> Tensor:
+    """sum_s a log(a / b) over the last dim for probabilities, 0 log 0 = 0 with finite gradients."""
+    pos = a > 0
+    # Both logs see 1 where a == 0 so that neither value nor gradient can become NaN.
+    safe_a, safe_b = torch.where(pos, a, 1.0), torch.where(pos, b, 1.0)
+    return torch.where(pos, a * (safe_a.log() - safe_b.log()), 0.0).sum(-1)
+
+
+def _prob_jsd(p: Tensor, q: Tensor, beta: float) -> Tensor:
+    m = beta * p + (1.0 - beta) * q  # positive wherever p or q is, since 0 < beta < 1
+    return (beta * _xlog_ratio(p, m) + (1.0 - beta) * _xlog_ratio(q, m)).clamp(
+        min=0.0
+    )  # as in `jsd`
+
+
+def attention_row_jsd(
+    teacher_attn: Tensor,
+    student_attn: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor | None = None,
+    head_reduce: str = "mean",
+    exclude_sink: bool = False,
+    beta: float = 0.5,
+    eps: float = 1e-12,
+) -> Tensor:
+    """OISD attention alignment: JSD_beta(sg[a_L(t, :)] || a_l(t, :)) per query row. -> [B, T].
+
+    teacher_attn, student_attn: [B, H, T, S] post-softmax probabilities (rows over keys; the
+    teacher is detached here). query_mask [B, T] bool: rows outside it give 0. key_mask [B, S]
+    bool (False = padding): those keys are zeroed and rows renormalised. exclude_sink drops key 0
+    (the attention sink) and renormalises; a row with no remaining mass (<= eps) gives 0.
+    head_reduce `mean`: average the H rows, then one JSD per row (the paper's default reading);
+    `per_head`: JSD per head, then mean over heads (>= `mean` by joint convexity of JSD).
+    Computed on probabilities with 0 log 0 = 0; beta in {0, 1} gives 0, as in `jsd`.
+    """
+    if head_reduce not in HEAD_REDUCE:
+        raise ValueError(f"unknown head_reduce {head_reduce!r}; choose one of {HEAD_REDUCE}")
+    query_mask = query_mask.bool()
+    if _degenerate_beta(beta):
+        return torch.zeros(query_mask.shape, device=query_mask.device).requires_grad_(
+            student_attn.requires_grad
+        )
+    teacher, student = _upcast(teacher_attn.detach()), _upcast(student_attn)
+    if head_reduce == "mean":
+        teacher, student = (
+            teacher.mean(1, keepdim=True),
+            student.mean(1, keepdim=True),
+        )  # [B, 1, T, S]
+    teacher, teacher_ok = _attention_rows(teacher, key_mask, exclude_sink, eps)
+    student, student_ok = _attention_rows(student, key_mask, exclude_sink, eps)
+    div = torch.where(teacher_ok & student_ok, _prob_jsd(teacher, student, beta), 0.0)  # [B, h, T]
+    return torch.where(query_mask, div.mean(1), 0.0)
+
+
+def attention_cosine(
+    teacher_attn: Tensor,
+    student_attn: Tensor,
+    query_mask: Tensor,
+    key_mask: Tensor | None = None,
+    exclude_sink: bool = False,
+    eps: float = 1e-12,
+) -> Tensor:
+    """Cosine similarity of head-mean attention rows (a diagnostic). [B, H, T, S] x2 -> [B, T].
+
+    Keys dropped by key_mask / exclude_sink are zeroed (cosine ignores renormalisation);
+    rows outside query_mask, or with no remaining mass, give 0.
+    """
+    teacher = _upcast(teacher_attn.detach()).mean(1, keepdim=True)  # [B, 1, T, S]
+    student = _upcast(student_attn).mean(1, keepdim=True)
+    teacher, _ = _attention_rows(teacher, key_mask, exclude_sink, eps)
+    student, _ = _attention_rows(student, key_mask, exclude_sink, eps)
+    dot = (teacher * student).sum(-1)
+    norms = (teacher.norm(dim=-1) * student.norm(dim=-1)).clamp(min=eps)
+    return torch.where(query_mask.bool(), (dot / norms).squeeze(1), 0.0)
+
+
+# --------------------------------------------------------------------------- OISD loss
+
+
+def alignment_loss(
+    per_token_div: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    weighting: str = "signed",
+    loss_type: str = "dapo",
+    **agg_kwargs,
+) -> Tensor:
+    """L_think / L_attn: aggregate over tokens of w_i * d_{i,t}, with the policy loss's normaliser.
+
+    per_token_div [B, T] (from `chunked_lens_jsd` scattered back to [B, T], or
+    `attention_row_jsd`), mask [B, T], advantages [B] (detached here) or [B, T]; weighting in
+    WEIGHTINGS (`advantage_weights`); loss_type and agg_kwargs as in `aggregate`, so the same
+    micro-batching contract holds.
+    """
+    weights = advantage_weights(advantages.detach(), weighting)
+    if weights.dim() == per_token_div.dim() - 1:
+        weights = weights.unsqueeze(-1)  # [B] -> [B, 1]
+    return aggregate(weights * per_token_div, mask, loss_type, **agg_kwargs)

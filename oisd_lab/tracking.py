@@ -1,0 +1,134 @@
+"""Run tracking: the local metrics table, Weights & Biases (offline by default), environment info."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class TableLogger(Logger):
+    """Appends one JSON row per logged step to `metrics.jsonl` (the local metrics table).
+
+    On resume from a checkpoint at step S, rows with step > S are dropped first: those steps are
+    trained again, so the table holds every step exactly once.
+    """
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        super().__init__()
+        self.path = Path(path)
+        if resume_step and self.path.is_file():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _row_step(line) <= resume_step]
+            self.path.write_text("".join(f"{line}\n" for line in keep))
+        elif not resume_step and self.path.exists():
+            self.path.unlink()
+
+    @property
+    def name(self) -> str:
+        return "table"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        return None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step") or 0)
+    except ValueError:
+        return 1 << 62  # a torn last line (killed mid-write) is dropped
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def wandb_env(root: Path) -> None:
+    """Keep every file wandb writes inside the run directory."""
+    base = root / "wandb"
+    for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", ".cache"), ("WANDB_DATA_DIR", ".data"),
+                     ("WANDB_CONFIG_DIR", ".config")):
+        path = base / sub if sub else root
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(path)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def resolve_wandb_mode(mode: str, log=print) -> str:
+    """`online` without credentials falls back to `offline`, and says how to sync later."""
+    if mode != "online":
+        return mode
+    try:
+        import wandb
+
+        if wandb.api.api_key:
+            return "online"
+    except Exception:
+        pass
+    log("W&B: not logged in; logging offline (upload later with `wandb sync <run_dir>/wandb/offline-run-*`)")
+    return "offline"
+
+
+def make_wandb_logger(cfg, root: Path, run_id: str, log=print):
+    """A Lightning WandbLogger writing under `root/wandb`, or None when W&B is disabled."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from .config import to_dict
+
+    mode = resolve_wandb_mode(cfg.log.wandb_mode, log)
+    if mode == "disabled":
+        return None
+    wandb_env(root)
+    tags = [f"method:{cfg.method.name}", f"task:{cfg.task.name}", f"model:{cfg.model.name}",
+            f"seed:{cfg.seed}", *cfg.log.tags]
+    return WandbLogger(project=cfg.log.wandb_project, name=root.name, save_dir=str(root), id=run_id,
+                       group=cfg.log.wandb_group, tags=tags, mode=mode, resume="allow",
+                       config=to_dict(cfg), log_model=False)
+
+
+def git_commit(path: Path | None = None) -> dict:
+    where = str(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return {"commit": commit or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment_info() -> dict:
+    import lightning
+    import torch
+    import transformers
+    import wandb
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "wandb": wandb.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **git_commit(),
+    }

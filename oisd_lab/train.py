@@ -1,0 +1,213 @@
+"""One training run: run directory, loggers (W&B + local table), Trainer, resume, evaluation.
+
+`RunDir` is the one place that decides where a run writes; everything else receives paths from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .config import ConfigError, TrainConfig, to_dict, to_yaml
+from .evaluate import evaluate
+from .tracking import TableLogger, environment_info, make_wandb_logger
+from .models import load_pretrained
+from .module import OISDModule
+from .pretrain import cache_root, warm_start
+from .run_hooks import LogStepHook
+from .sources import load_source
+
+
+@dataclass
+class RunDir:
+    """Every path a run writes."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def env(self) -> Path:
+        return self.root / "env.json"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def completions(self) -> Path:
+        return self.root / "completions.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def final_model(self) -> Path:
+        return self.root / "final_model"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    def read_status(self) -> dict:
+        try:
+            return json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_status(self, **fields) -> None:
+        data = {**self.read_status(), **fields, "updated": time.time()}
+        tmp = self.status.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.status)
+
+    def last_checkpoint(self) -> Path | None:
+        last = self.checkpoints / "last.ckpt"
+        return last if last.is_file() else None
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.task.name}-{cfg.method.name}-s{cfg.seed}-{stamp}"
+
+
+def _cached_eval(cache: Path, key: dict, compute) -> dict:
+    """Evaluation of an unchanged starting checkpoint is shared by every run that starts from it."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache / "eval" / f"{digest}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def run_eval(cfg: TrainConfig, model, tokenizer, source) -> dict:
+    test = source.test_problems(cfg.task.num_test)
+    prompts = [source.format_prompt(p.prompt, tokenizer, cfg.model.chat_template) for p in test]
+    return evaluate(model, tokenizer, prompts, [p.answer for p in test], source.reward,
+                    k=cfg.eval.k, temperature=cfg.eval.temperature,
+                    max_new_tokens=cfg.eval.max_new_tokens or cfg.grpo.max_completion_length,
+                    batch_size=cfg.eval.batch_size, seed=0)
+
+
+def _summary(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("per_problem")}
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Run (or resume) one training run; returns its run directory."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    run = RunDir(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg))
+    cfg.run_dir = str(run.root)
+    source = load_source(cfg.task)  # bad task input fails before anything is written
+    start_dir = warm_start(cfg, log=log)
+    run.root.mkdir(parents=True, exist_ok=True)
+    resume = run.last_checkpoint()
+    status = run.read_status()
+    run_id = status.get("run_id") or uuid.uuid4().hex[:8]
+    run.config.write_text(to_yaml(cfg))
+    run.env.write_text(json.dumps(environment_info(), indent=2))
+    run.write_status(status="running", run_id=run_id, started=status.get("started", time.time()))
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
+    model, tokenizer = load_pretrained(start_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    before = _cached_eval(cache_root(cfg), {"start": str(start_dir.resolve()), "task": to_dict(cfg)["task"], "eval": to_dict(cfg)["eval"],
+                           "len": cfg.grpo.max_completion_length, "chat": cfg.model.chat_template},
+                          lambda: _summary(run_eval(cfg, model, tokenizer, source)))
+    log(f"held-out before RL: greedy {before['greedy_acc']:.3f}, avg@{before['k']} {before['avg_at_k']:.3f}")
+    ref = copy.deepcopy(model).eval() if cfg.grpo.beta > 0 else None
+    hook = LogStepHook(cfg, run)
+    module = OISDModule(cfg, model, tokenizer, source, source.reward,
+                        format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template),
+                        ref_model=ref, on_log_step=hook)
+    resume_step = _checkpoint_step(resume) if resume else 0
+    loggers = [TableLogger(run.metrics, resume_step=resume_step),
+               make_wandb_logger(cfg, run.root, run_id, log=log)]
+    trainer = _trainer(cfg, run, [lg for lg in loggers if lg is not None])
+    loader = DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
+    started = time.time()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    train_seconds = time.time() - started
+    if trainer.global_rank != 0:
+        return run.root
+    model.save_pretrained(run.final_model)
+    tokenizer.save_pretrained(run.final_model)
+    after = _summary(run_eval(cfg, model, tokenizer, source))
+    result = {"before": before, "after": after, "train_seconds": train_seconds,
+              "steps": cfg.max_steps, "method": cfg.method.name, "task": cfg.task.name, "seed": cfg.seed}
+    run.eval.write_text(json.dumps(result, indent=2))
+    for lg in loggers:
+        if lg is not None:
+            lg.log_metrics({f"eval/{k}": v for k, v in after.items() if isinstance(v, (int, float))},
+                           step=cfg.max_steps)
+            lg.finalize("success")
+    run.write_status(status="finished", finished=time.time())
+    return run.root
+
+
+def evaluate_path(path: Path, overrides: list[str]) -> dict:
+    """Evaluate a run directory (its final model, or its config's start) or a checkpoint directory."""
+    from .config import compose, load_yaml
+
+    run = RunDir(path)
+    if run.config.is_file():
+        cfg = load_yaml(run.config, overrides)
+        model_dir = run.final_model if run.final_model.is_dir() else path
+    else:
+        cfg, model_dir = compose(overrides), path
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"path: {path} holds neither a finished run nor a checkpoint (no config.json)")
+    source = load_source(cfg.task)
+    model, tokenizer = load_pretrained(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    result = run_eval(cfg, model, tokenizer, source)
+    out = path / "eval_cli.json" if path.is_dir() else Path("eval_cli.json")
+    out.write_text(json.dumps(_summary(result), indent=2))
+    return result
+
+
+def _checkpoint_step(path: Path) -> int:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return int(ckpt.get("global_step", 0))
+
+
+def _trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=run.checkpoints, filename="step={step}", every_n_train_steps=cfg.checkpoint_every,
+                           save_last=True, save_top_k=2, monitor="step", mode="max", auto_insert_metric_name=False)
+    return L.Trainer(
+        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        precision=cfg.precision, logger=loggers, callbacks=[ckpt], log_every_n_steps=1,
+        enable_progress_bar=cfg.log.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=run.root, use_distributed_sampler=False, max_epochs=-1,
+    )
+
+
+__all__ = ["train", "RunDir", "ConfigError"]

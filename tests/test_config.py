@@ -1,0 +1,98 @@
+"""Config composition, presets, and one-line errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from oisd_lab.config import METHODS, ConfigError, compose, config_dir, load_yaml, to_yaml
+
+PRESETS = {
+    "grpo": (0.0, 0.0, "signed"),
+    "oisd": (1.0, 0.1, "signed"),
+    "oisd_logit": (1.0, 0.0, "signed"),
+    "oisd_attn": (0.0, 0.1, "signed"),
+    "oisd_unsigned": (1.0, 0.1, "unsigned"),
+}
+
+
+def test_defaults_are_the_main_job():
+    cfg = compose([])
+    assert (cfg.model.name, cfg.task.name, cfg.method.name) == ("tiny", "arith", "grpo")
+    assert cfg.grpo.loss_type == "dapo" and cfg.grpo.num_generations == 8
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_presets_match_the_method_table(name):
+    cfg = compose([f"method={name}"])
+    assert (cfg.method.logit_weight, cfg.method.attn_weight, cfg.method.weighting) == PRESETS[name]
+    assert cfg.method.name == name
+
+
+def test_named_overrides_are_accepted_as_written(tmp_path):
+    cfg = compose(["method=oisd", "task=linear", "model=tiny6m", "seed=3", "max_steps=7", f"run_dir={tmp_path}"])
+    assert (cfg.method.name, cfg.task.name, cfg.model.name, cfg.seed, cfg.max_steps) == (
+        "oisd", "linear", "tiny6m", 3, 7)
+    assert cfg.run_dir == str(tmp_path)
+
+
+def test_a_hub_id_or_path_is_a_model_name():
+    assert compose(["model=Qwen/Qwen3-4B"]).model.name == "Qwen/Qwen3-4B"
+
+
+def test_every_yaml_preset_loads_and_validates():
+    root = config_dir()
+    count = 0
+    for group in ("model", "task", "method"):
+        for path in sorted((root / group).glob("*.yaml")):
+            if path.stem in ("hf", "local"):
+                continue
+            compose([f"{group}={path.stem}"])
+            count += 1
+    assert count >= 12
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = compose(["method=oisd", "method.layers=[2,-1,0.5]", "grpo.beta=0.04"])
+    path = Path(tmp_path) / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    back = load_yaml(path)
+    assert back == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["task=nope"], "task"),
+        (["method=nope"], "method"),
+        (["seed=abc"], "seed"),
+        (["grpo.lr=fast"], "grpo.lr"),
+        (["grpo.nope=1"], "grpo.nope"),
+        (["nope=1"], "nope"),
+        (["grpo.num_generations=1"], "grpo.num_generations"),
+        (["grpo.prompts_per_step=3", "grpo.num_generations=5", "grpo.micro_batch_size=4"], "grpo.micro_batch_size"),
+        (["grpo.loss_type=sum"], "grpo.loss_type"),
+        (["grpo.scale_rewards=rank"], "grpo.scale_rewards"),
+        (["method.logit_weight=-1"], "method.logit_weight"),
+        (["method.attn_weight=-0.1"], "method.attn_weight"),
+        (["method.weighting=both"], "method.weighting"),
+        (["method.lens_grad=some"], "method.lens_grad"),
+        (["method.layers=[a]"], "method.layers"),
+        (["grpo.temperature=0"], "grpo.temperature"),
+        (["max_steps=0"], "max_steps"),
+        (["log.wandb_mode=cloud"], "log.wandb_mode"),
+        (["seed"], "seed"),
+    ],
+)
+def test_bad_settings_fail_in_one_line_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{field}:"), message
+
+
+def test_batch_arithmetic_is_in_the_message():
+    with pytest.raises(ConfigError, match="3 prompts x 5 generations = 15 completions"):
+        compose(["grpo.prompts_per_step=3", "grpo.num_generations=5", "grpo.micro_batch_size=4"])
