@@ -1,4 +1,4 @@
-"""Logit lens for Hugging Face decoder-only causal LMs, and the ``oisd.layers`` resolver.
+"""Logit lens for Hugging Face decoder-only causal LMs, and the ``method.layers`` resolver.
 
 The OISD student distribution is ``p_l = softmax(W_U · Norm(h_l))``: the model's own final norm and
 unembedding applied to an intermediate hidden state (no new heads). This module finds those two
@@ -38,7 +38,7 @@ _LAYER_LIST_NAMES = ("layers", "h", "blocks")
 
 def _check_lens_grad(lens_grad: str) -> None:
     if lens_grad not in LENS_GRAD_MODES:
-        raise ValueError(f"oisd.lens_grad must be one of {LENS_GRAD_MODES}, got {lens_grad!r}")
+        raise ValueError(f"method.lens_grad must be one of {LENS_GRAD_MODES}, got {lens_grad!r}")
 
 
 def _call_detached(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -178,14 +178,14 @@ def _round_half_up(x: float) -> int:
 
 def _layer_error(what: str, num_layers: int) -> ValueError:
     return ValueError(
-        f"oisd.layers: {what} is out of range for a {num_layers}-layer model; use "
+        f"method.layers: {what} is out of range for a {num_layers}-layer model; use "
         f"1..{num_layers - 1}, a negative index or a fraction in (0,1)"
     )
 
 
 def _resolve_one(item: int | float, num_layers: int) -> int:
     if isinstance(item, bool) or not isinstance(item, (int, float)):
-        raise ValueError(f"oisd.layers: {item!r} is not an int or a float")
+        raise ValueError(f"method.layers: {item!r} is not an int or a float")
     if isinstance(item, float):
         if not 0.0 < item < 1.0:
             raise _layer_error(f"fraction {item}", num_layers)
@@ -197,7 +197,7 @@ def _resolve_one(item: int | float, num_layers: int) -> int:
 
 
 def resolve_layers(spec: int | float | Sequence[int | float], num_layers: int) -> list[int]:
-    """Resolve ``oisd.layers`` to sorted, unique ``hidden_states`` indices in ``1..num_layers-1``.
+    """Resolve ``method.layers`` to sorted, unique ``hidden_states`` indices in ``1..num_layers-1``.
 
     - int ``k >= 0``: ``hidden_states[k]``, the output of decoder layer k (1-based); 0 (embeddings)
       and ``num_layers`` (the final layer, i.e. the teacher) are rejected.
@@ -207,11 +207,11 @@ def resolve_layers(spec: int | float | Sequence[int | float], num_layers: int) -
     - float ``f`` in (0,1): ``round(f * num_layers)`` (half up), clamped into ``[1, num_layers-1]``.
     """
     if num_layers < 2:
-        raise ValueError(f"oisd.layers: a {num_layers}-layer model has no intermediate layer")
+        raise ValueError(f"method.layers: a {num_layers}-layer model has no intermediate layer")
     items = [spec] if isinstance(spec, (int, float)) else list(spec)
     if not items:
         raise ValueError(
-            "oisd.layers is empty; give at least one layer (e.g. a fraction like 0.17)"
+            "method.layers is empty; give at least one layer (e.g. a fraction like 0.17)"
         )
     return sorted({_resolve_one(item, num_layers) for item in items})
 
@@ -219,5 +219,5 @@ def resolve_layers(spec: int | float | Sequence[int | float], num_layers: int) -
 def default_student_layer(num_layers: int) -> int:
     """About 1/6 of depth (the paper's layer 6 of 36), as a ``hidden_states`` index."""
     if num_layers < 2:
-        raise ValueError(f"oisd.layers: a {num_layers}-layer model has no intermediate layer")
+        raise ValueError(f"method.layers: a {num_layers}-layer model has no intermediate layer")
     return min(max(1, _round_half_up(num_layers / 6)), num_layers - 1)

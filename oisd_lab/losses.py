@@ -106,7 +106,7 @@ def advantage_weights(advantages: Tensor, mode: str) -> Tensor:
         return advantages.clamp(min=0)
     if mode == "uniform":
         return torch.ones_like(advantages)
-    raise ValueError(f"unknown oisd.weighting {mode!r}; choose one of {WEIGHTINGS}")
+    raise ValueError(f"unknown method.weighting {mode!r}; choose one of {WEIGHTINGS}")
 
 
 # --------------------------------------------------------------------------- log-probs

@@ -59,34 +59,38 @@ class OISDModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        self.policy.train()
         for ref in self._ref:
             ref.to(self.device).eval()
 
     def training_step(self, batch, batch_idx):
-        step = self.global_step
+        step = self.global_step + 1  # the update this call produces (1-based, as in the tables)
         rank, world = self.global_rank, self.trainer.world_size
         torch.manual_seed(self.cfg.seed * 1_000_003 + step * 9_973 + rank)
         timer = _Timer()
-        problems, rollout = self._rollout(step, rank, world)
+        problems, rollout = self._rollout(step - 1, rank, world)
         timer.lap("time/rollout")
-        rewards = torch.tensor([self._score(t, problems[i // self.cfg.grpo.num_generations].answer)
-                                for i, t in enumerate(rollout.texts)], dtype=torch.float32)
+        G = self.cfg.grpo.num_generations
+        rewards = torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
+                               dtype=torch.float32)
         g = self.cfg.grpo
-        adv = losses.group_advantages(rewards, g.num_generations, g.scale_rewards, g.adv_eps, g.std_ddof)
+        adv = losses.group_advantages(rewards, G, g.scale_rewards, g.adv_eps, g.std_ddof)
         timer.lap("time/scoring")
-        stats = self._optimise(rollout, adv.to(self.device))
-        timer.lap("time/forward_backward")
-        metrics = {**self._rollout_metrics(rollout, rewards), **stats}
+        metrics = self._rollout_metrics(rollout, rewards)
         if self.on_log_step is not None and self._is_log_step(step):
+            # before the update: the per-layer view of the policy that sampled this rollout
             metrics.update(self.on_log_step(self, step, problems, rollout, rewards, adv))
             timer.lap("time/diagnostics")
+        metrics.update(self._optimise(rollout, adv.to(self.device)))
+        timer.lap("time/forward_backward")
         metrics.update(timer.laps)
         metrics["step_time"] = timer.total
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self.log("reward_pb", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
+        for logger in self.loggers:  # direct: every row holds only this step's values
+            logger.log_metrics(metrics, step=step)
+        self.log("reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
 
     def _is_log_step(self, step: int) -> bool:
-        return step % self.cfg.log.every_n_steps == 0 or step == self.cfg.max_steps - 1
+        return step == 1 or step % self.cfg.log.every_n_steps == 0 or step == self.cfg.max_steps
 
     def _rollout(self, step: int, rank: int, world: int) -> tuple[list, Rollout]:
         g = self.cfg.grpo
@@ -173,7 +177,7 @@ class OISDModule(L.LightningModule):
             terms["loss/think"] = self._think_loss(out.hidden_states, logits, mask, adv, P, agg)
             total = total + cfg_m.logit_weight * terms["loss/think"]
         if attn_on:
-            terms["loss/attn"] = self._attn_loss(cap.probs, part, adv, agg)
+            terms["loss/attn"] = self._attn_loss(cap, part, adv, agg)
             total = total + cfg_m.attn_weight * terms["loss/attn"]
         with torch.no_grad():
             ent = losses.entropy_from_logits(logits.detach() / cfg_g.temperature)
@@ -196,15 +200,15 @@ class OISDModule(L.LightningModule):
             total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)
         return total / len(self.student_layers)
 
-    def _attn_loss(self, probs: dict, part: Rollout, adv, agg) -> torch.Tensor:
+    def _attn_loss(self, cap: AttentionCapture, part: Rollout, adv, agg) -> torch.Tensor:
         m, mask = self.cfg.method, part.completion_mask
         P, C = part.prompt_length, mask.shape[1]
         rows = slice(P - 1, P - 1 + C)
-        teacher = probs[self.num_layers - 1][:, :, rows, :]  # [b, H, C, S]
+        teacher = cap.probs_for(self.num_layers - 1, rows)  # [b, H, C, S]: only completion rows
         keys = part.attention_mask.bool()
         total = torch.zeros((), device=mask.device)
         for layer in self.student_layers:
-            student = probs[layer - 1][:, :, rows, :]
+            student = cap.probs_for(layer - 1, rows)
             per_tok = losses.attention_row_jsd(teacher, student, query_mask=mask.bool(), key_mask=keys,
                                                head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink)
             total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)

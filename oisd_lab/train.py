@@ -11,6 +11,7 @@ import json
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,8 +120,19 @@ def _summary(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("per_problem")}
 
 
+_QUIET = (
+    r".*ModelCheckpoint with manual optimization.*",
+    r".*LeafSpec.*",
+    r".*module\(s\) in eval mode.*",
+    r".*anonymous setting has no effect.*",
+    r".*does not have many workers.*",
+)
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     """Run (or resume) one training run; returns its run directory."""
+    for pattern in _QUIET:  # known-harmless notices that would bury the progress display
+        warnings.filterwarnings("ignore", message=pattern)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = RunDir(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg))
@@ -164,10 +176,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
               "steps": cfg.max_steps, "method": cfg.method.name, "task": cfg.task.name, "seed": cfg.seed}
     run.eval.write_text(json.dumps(result, indent=2))
     for lg in loggers:
-        if lg is not None:
-            lg.log_metrics({f"eval/{k}": v for k, v in after.items() if isinstance(v, (int, float))},
-                           step=cfg.max_steps)
-            lg.finalize("success")
+        if lg is None:
+            continue
+        if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
+            for when, res in (("before", before), ("after", after)):
+                for k, v in res.items():
+                    if isinstance(v, (int, float)):
+                        lg.experiment.summary[f"eval/{when}/{k}"] = v
+        lg.finalize("success")
     run.write_status(status="finished", finished=time.time())
     return run.root
 

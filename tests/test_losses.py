@@ -530,7 +530,7 @@ def test_advantage_weights_modes():
     assert advantage_weights(adv, "unsigned").tolist() == [1.5, 0.5, 0.0]
     assert advantage_weights(adv, "positive").tolist() == [1.5, 0.0, 0.0]
     assert advantage_weights(adv, "uniform").tolist() == [1.0, 1.0, 1.0]
-    with pytest.raises(ValueError, match="oisd.weighting"):
+    with pytest.raises(ValueError, match="method.weighting"):
         advantage_weights(adv, "abs")
 
 
