@@ -3,6 +3,10 @@
     oisd-lab train [key=value ...]      GRPO / OISD run (no arguments: the main job)
     oisd-lab pretrain [key=value ...]   build (or reuse) the cached warm start
     oisd-lab eval PATH [key=value ...]  held-out greedy accuracy and Avg@K of a run or checkpoint
+    oisd-lab grid FILE [key=value ...]  run an ablation grid (skips finished cells, resumes the rest)
+    oisd-lab collect GRID_DIR           one tidy results table (+ aggregates) for a grid
+    oisd-lab report GRID_DIR --out DIR  figures and tables of a grid
+    oisd-lab bench                      step-time and memory benchmarks
 """
 
 from __future__ import annotations
@@ -64,7 +68,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+LAZY = {
+    "grid": ("oisd_lab.grid", "run an ablation grid file from experiments/grids/"),
+    "collect": ("oisd_lab.collect", "collect a grid's runs into results tables"),
+    "report": ("oisd_lab.analysis.report", "write a grid's figures and tables"),
+    "bench": ("oisd_lab.bench", "benchmark step time, memory and the TRL comparison"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oisd-lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,12 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory or a checkpoint directory")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (task=..., task.num_test=...)")
     p.set_defaults(fn=cmd_eval)
+    for name, (module, helptext) in LAZY.items():
+        p = sub.add_parser(name, help=helptext)
+        if name == command:  # only the chosen subcommand's module is imported
+            _lazy(module).add_arguments(p)
+            p.set_defaults(fn=lambda args, m=module: _lazy(m).run(args))
+        else:
+            p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _lazy(module: str):
+    """Subcommand modules are imported only when the parser is built for them."""
+    import importlib
+
+    return importlib.import_module(module)
 
 
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.fn(args)
     except ConfigError as err:

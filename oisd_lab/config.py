@@ -70,7 +70,8 @@ class GRPOConfig:
     num_generations: int = 8
     """Completions per prompt (G); a prompt's G completions form one advantage group."""
     micro_batch_size: int = 64
-    """Completions per forward/backward pass; must divide prompts_per_step * num_generations."""
+    """Completions per forward/backward pass; must divide prompts_per_step * num_generations
+    (a value >= that batch means one pass)."""
     max_completion_length: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
@@ -86,6 +87,8 @@ class GRPOConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    nonfinite: str = "skip"
+    """A step whose gradient norm is NaN/Inf: `skip` (no update, counted in `skipped_steps`) or `stop`."""
 
 
 @dataclass
@@ -244,7 +247,7 @@ def validate(cfg: TrainConfig) -> None:
     batch = g.prompts_per_step * g.num_generations
     _check(g.micro_batch_size >= 1, f"grpo.micro_batch_size: is {g.micro_batch_size}; use >= 1")
     _check(
-        batch % g.micro_batch_size == 0,
+        batch % g.micro_batch_size == 0 or g.micro_batch_size >= batch,
         f"grpo.micro_batch_size: batch {g.prompts_per_step} prompts x {g.num_generations} generations "
         f"= {batch} completions is not divisible by micro_batch_size {g.micro_batch_size}",
     )
@@ -259,6 +262,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(g.beta >= 0, f"grpo.beta: is {g.beta}; use a value >= 0")
     _check(g.lr > 0, f"grpo.lr: is {g.lr}; use a value > 0")
     _check(g.max_grad_norm >= 0, "grpo.max_grad_norm: use a value >= 0 (0 disables clipping)")
+    _choice(g.nonfinite, ("skip", "stop"), "grpo.nonfinite")
     _choice(m.name, METHODS, "method.name")
     _check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
     _check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
