@@ -43,7 +43,13 @@ class TaskConfig:
     name: str = "arith"
     """Synthetic family (arith, word, linear, sequence) or a real dataset (gsm8k, math500, ...)."""
     path: str | None = None
-    """Local JSONL/Parquet file in the dataset's schema (real datasets offline)."""
+    """Local JSONL/Parquet file (or folder of split files) in the dataset's schema (real datasets offline)."""
+    train_data: str | None = None
+    """Real datasets: a dataset name or local file that supplies the training problems (the test set
+    is then the whole benchmark). Default: the dataset's train split, or for one-split benchmarks the
+    part of it outside the held-out cut."""
+    test_fraction: float = 0.5
+    """One-split benchmarks without train_data: the fraction held out (by a stable hash of the question)."""
     difficulty: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the synthetic family (e.g. max_value, max_ops)."""
     num_test: int = 200
@@ -83,7 +89,8 @@ class GRPOConfig:
     epsilon_high: float = 0.2
     beta: float = 0.0
     """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
-    lr: float = 1e-4
+    lr: float = 3e-5
+    """AdamW learning rate; 1e-4 already degrades the embedded tiny model (see reports/LOG.md)."""
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -282,9 +289,26 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.log.every_n_steps >= 1, "log.every_n_steps: use >= 1")
     _choice(cfg.log.wandb_mode, ("offline", "online", "disabled"), "log.wandb_mode")
     _check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")
+    _check(0 < cfg.task.test_fraction < 1, f"task.test_fraction: is {cfg.task.test_fraction}; use a value in (0, 1)")
+    _check_tiny_on_real_data(cfg)
     _check(cfg.eval.k >= 1, f"eval.k: is {cfg.eval.k}; use >= 1")
+    _check(cfg.eval.temperature > 0, f"eval.temperature: is {cfg.eval.temperature}; use a value > 0 (greedy accuracy is always reported)")
+    _check(cfg.eval.batch_size >= 1, f"eval.batch_size: is {cfg.eval.batch_size}; use >= 1")
     _check(cfg.pretrain.steps >= 0, "pretrain.steps: use >= 0")
     _check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
+
+
+def _check_tiny_on_real_data(cfg: TrainConfig) -> None:
+    """The tiny models are warm-started on synthetic tasks only."""
+    from .tasks import TASKS
+
+    if cfg.task.name in TASKS or cfg.pretrain.init:
+        return
+    from .models import TINY_PRESETS
+
+    _check(cfg.model.name not in TINY_PRESETS,
+           f"model.name: the tiny model '{cfg.model.name}' is warm-started on synthetic tasks only; "
+           f"for task '{cfg.task.name}' use model=smollm2, a hub id or a checkpoint (or pretrain.init=DIR)")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
