@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
+from .errors import RunError
 
 
 def _setup_env() -> None:
@@ -111,12 +112,22 @@ def _lazy(module: str):
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    parser = build_parser(argv[0] if argv else None)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`grid components --workers 2 seed=3`)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

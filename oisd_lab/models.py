@@ -146,7 +146,19 @@ def load_pretrained(
     tokenizer.padding_side = "left"
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if "gguf_file" in kwargs:
+        _forget_gguf(model)
     return model, tokenizer
+
+
+def _forget_gguf(model: PreTrainedModel) -> None:
+    """A GGUF checkpoint loads dequantised into plain float tensors, but keeps a GGUF quantizer that
+    makes `save_pretrained` refuse it; dropping that marker lets runs save their final policy."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None) -> PreTrainedTokenizerFast:

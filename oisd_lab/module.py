@@ -20,10 +20,12 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from . import losses
 from .attention import AttentionCapture
 from .config import TrainConfig
+from .errors import NonFiniteError
 from .lens import default_student_layer, find_readout, resolve_layers
 from .rollout import Rollout, generate
 
@@ -103,9 +105,10 @@ class OISDModule(L.LightningModule):
 
     def _score(self, text: str, answer: str) -> float:
         try:
-            return float(self.reward_fn(text, answer))
+            reward = float(self.reward_fn(text, answer))
         except Exception:  # a grader bug must not kill a long run; the completion scores 0
             return 0.0
+        return reward if math.isfinite(reward) else 0.0  # a NaN reward would poison its whole group
 
     def _normalisers(self, rollout: Rollout) -> dict:
         """Whole-batch normalisers so that micro-batch losses add up to the batch loss; under DDP
@@ -143,8 +146,19 @@ class OISDModule(L.LightningModule):
         max_norm = self.cfg.grpo.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         if not torch.isfinite(grad_norm):
-            self.skipped_steps += 1  # a poisoned update is dropped, never applied
-            opt.zero_grad(set_to_none=True)
+            step = self.global_step + 1
+            if self.cfg.grpo.nonfinite == "stop":
+                raise NonFiniteError(f"grpo.nonfinite: gradient norm is {float(grad_norm)} at step {step}; "
+                                     "the run stops here (grpo.nonfinite=skip skips such steps)")
+            self.skipped_steps += 1
+            rank_zero_warn(f"step {step}: gradient norm is {float(grad_norm)}; update skipped "
+                           f"({self.skipped_steps} skipped so far)")
+            if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+                # torch optimizers skip parameters whose grad is None: no decay, no moment update.
+                # opt.step() still runs so that Lightning counts the step (global_step, the
+                # prompts and the seeds of the next step advance).
+                opt.zero_grad(set_to_none=True)
+            # with a GradScaler (16-mixed) the scaler itself skips a non-finite step
         opt.step()
         sched.step()
         return float(grad_norm)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError, TaskConfig
-from .rewards import exact_match_reward
+from .rewards import exact_match_reward, math_reward
 from .tasks import TASKS, Problem, get_task
+from .tasks.datasets import DATASETS, DatasetTask, load_dataset_task
 
 TEST_SEED = 0  # every run of a task evaluates on the same held-out problems
 
@@ -41,8 +42,27 @@ class TaskSource:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+class DatasetSource(TaskSource):
+    """A real dataset: graded by math-verify, prompted with the dataset's plain or chat template."""
+
+    task: DatasetTask
+
+    def reward(self, completion: str, answer: str) -> float:
+        return math_reward(completion, answer)
+
+    def format_prompt(self, prompt: str, tokenizer=None, chat: bool = False) -> str:  # type: ignore[override]
+        spec = self.task.spec
+        if not chat or tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            return spec.plain_template.format(question=prompt)
+        messages = [{"role": "user", "content": spec.chat_template.format(question=prompt)}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def load_source(cfg: TaskConfig) -> TaskSource:
     """The problem source for `task.name` (and `task.path` for local dataset files)."""
+    if cfg.name in DATASETS or cfg.name == "local" or (cfg.path and cfg.name not in TASKS):
+        task = load_dataset_task(cfg.name, cfg.path, cfg.train_data, cfg.test_fraction)
+        return DatasetSource(cfg.name, task)
     if cfg.name in TASKS:
         try:
             task = get_task(cfg.name, **cfg.difficulty)
@@ -51,4 +71,6 @@ def load_source(cfg: TaskConfig) -> TaskSource:
         source = TaskSource(cfg.name, task)
         source.test_problems(cfg.num_test)  # a too-small problem space fails before training
         return source
-    raise ConfigError(f"task.name: unknown task '{cfg.name}'; choose one of {', '.join(TASKS)}")
+    choices = ", ".join([*TASKS, *DATASETS])
+    raise ConfigError(f"task.name: unknown task '{cfg.name}'; choose one of {choices}, "
+                      "or a local file: task.path=/path/to/file.jsonl")

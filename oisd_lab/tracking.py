@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import socket
+import threading
+from urllib.parse import urlparse
 import platform
 import subprocess
 from pathlib import Path
@@ -56,7 +60,10 @@ def _row_step(line: str) -> int:
 
 
 def _plain(value):
-    return value.item() if hasattr(value, "item") else value
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN/Inf; a skipped step's NaN loss is recorded as null
+    return value
 
 
 def wandb_env(root: Path) -> None:
@@ -85,21 +92,66 @@ def resolve_wandb_mode(mode: str, log=print) -> str:
     return "offline"
 
 
+WANDB_INIT_TIMEOUT = 30.0
+"""Seconds an online W&B start may take before the run falls back to offline logging."""
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether the W&B server ($WANDB_BASE_URL) accepts a TCP connection within `timeout` seconds
+    (name lookup included, which a socket timeout alone does not bound)."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return bool(result and result[0])
+
+
 def make_wandb_logger(cfg, root: Path, run_id: str, log=print):
-    """A Lightning WandbLogger writing under `root/wandb`, or None when W&B is disabled."""
-    from lightning.pytorch.loggers import WandbLogger
+    """A Lightning WandbLogger writing under `root/wandb`, or None when W&B is disabled.
 
-    from .config import to_dict
-
+    `online` falls back to offline (and says how to upload later) when there are no credentials,
+    the server does not answer, or the online start fails or exceeds WANDB_INIT_TIMEOUT."""
     mode = resolve_wandb_mode(cfg.log.wandb_mode, log)
     if mode == "disabled":
         return None
     wandb_env(root)
+    sync = f"upload later with `wandb sync {root}/wandb/offline-run-*`"
+    if mode == "online" and not wandb_reachable():
+        log(f"W&B: server {os.environ.get('WANDB_BASE_URL') or 'api.wandb.ai'} not reachable; logging offline ({sync})")
+        mode = "offline"
+    logger = _wandb_logger(cfg, root, run_id, mode)
+    if mode == "online":
+        try:
+            logger.experiment  # noqa: B018 - start the run now, where a failure can still fall back
+        except Exception as err:
+            log(f"W&B: online start failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                f"logging offline ({sync})")
+            logger = _wandb_logger(cfg, root, run_id, "offline")
+    return logger
+
+
+def _wandb_logger(cfg, root: Path, run_id: str, mode: str):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from .config import to_dict
+
     tags = [f"method:{cfg.method.name}", f"task:{cfg.task.name}", f"model:{cfg.model.name}",
             f"seed:{cfg.seed}", *cfg.log.tags]
     return WandbLogger(project=cfg.log.wandb_project, name=root.name, save_dir=str(root), id=run_id,
                        group=cfg.log.wandb_group, tags=tags, mode=mode, resume="allow",
-                       config=to_dict(cfg), log_model=False)
+                       config=to_dict(cfg), log_model=False,
+                       settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT))
 
 
 def git_commit(path: Path | None = None) -> dict:

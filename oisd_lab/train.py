@@ -19,11 +19,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from .checkpointing import AtomicCheckpointIO, find_resumable, truncate_jsonl
 from .config import ConfigError, TrainConfig, to_dict, to_yaml
 from .evaluate import evaluate
 from .tracking import TableLogger, environment_info, make_wandb_logger
 from .models import load_pretrained
 from .module import OISDModule
+from .preflight import preflight
 from .pretrain import cache_root, warm_start
 from .run_hooks import LogStepHook
 from .sources import load_source
@@ -84,8 +86,14 @@ class RunDir:
         os.replace(tmp, self.status)
 
     def last_checkpoint(self) -> Path | None:
-        last = self.checkpoints / "last.ckpt"
-        return last if last.is_file() else None
+        """The newest sound checkpoint (damaged ones are skipped with a warning naming them)."""
+        found = find_resumable(self.checkpoints)
+        return found.path if found else None
+
+    def truncate_logs(self, last_step: int) -> None:
+        """Per-step logs forget the steps after `last_step`: a resumed run writes them again."""
+        for path in (self.completions, self.root / "diagnostics.jsonl"):
+            truncate_jsonl(path, last_step)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -126,6 +134,7 @@ _QUIET = (
     r".*module\(s\) in eval mode.*",
     r".*anonymous setting has no effect.*",
     r".*does not have many workers.*",
+    r".*resuming from a checkpoint that ended before the epoch ended.*",  # prompts are a function of the step
 )
 
 
@@ -137,7 +146,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         torch.set_num_threads(cfg.num_threads)
     run = RunDir(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg))
     cfg.run_dir = str(run.root)
-    source = load_source(cfg.task)  # bad task input fails before anything is written
+    source = preflight(cfg)  # bad input (task, model, layers, run_dir) fails before anything is written
     start_dir = warm_start(cfg, log=log)
     run.root.mkdir(parents=True, exist_ok=True)
     resume = run.last_checkpoint()
@@ -149,7 +158,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     model, tokenizer = load_pretrained(start_dir, cfg.model.dtype, cfg.model.attn_implementation)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     before = _cached_eval(cache_root(cfg), {"start": str(start_dir.resolve()), "task": to_dict(cfg)["task"], "eval": to_dict(cfg)["eval"],
                            "len": cfg.grpo.max_completion_length, "chat": cfg.model.chat_template},
                           lambda: _summary(run_eval(cfg, model, tokenizer, source)))
@@ -160,12 +169,18 @@ def train(cfg: TrainConfig, log=print) -> Path:
                         format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template),
                         ref_model=ref, on_log_step=hook)
     resume_step = _checkpoint_step(resume) if resume else 0
+    run.truncate_logs(resume_step)
     loggers = [TableLogger(run.metrics, resume_step=resume_step),
                make_wandb_logger(cfg, run.root, run_id, log=log)]
     trainer = _trainer(cfg, run, [lg for lg in loggers if lg is not None])
     loader = DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
     started = time.time()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    except BaseException as err:
+        stopped = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
+        run.write_status(status=stopped, error=f"{type(err).__name__}: {err}"[:500], failed=time.time())
+        raise
     train_seconds = time.time() - started
     if trainer.global_rank != 0:
         return run.root
@@ -184,7 +199,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                     if isinstance(v, (int, float)):
                         lg.experiment.summary[f"eval/{when}/{k}"] = v
         lg.finalize("success")
-    run.write_status(status="finished", finished=time.time())
+    run.write_status(status="finished", finished=time.time(), error=None)
     return run.root
 
 
@@ -208,8 +223,17 @@ def evaluate_path(path: Path, overrides: list[str]) -> dict:
     return result
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing, which the attention capture needs (see attention.py)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _checkpoint_step(path: Path) -> int:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return int(ckpt.get("global_step", 0))
 
 
@@ -222,7 +246,7 @@ def _trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
         precision=cfg.precision, logger=loggers, callbacks=[ckpt], log_every_n_steps=1,
         enable_progress_bar=cfg.log.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=run.root, use_distributed_sampler=False, max_epochs=-1,
+        default_root_dir=run.root, use_distributed_sampler=False, max_epochs=-1, plugins=[AtomicCheckpointIO()],
     )
 
 

@@ -1,0 +1,237 @@
+"""`oisd-lab report GRID_DIR --out reports/NAME`: a grid's figures (PNG + PDF), tables (Markdown +
+LaTeX + the collected CSVs) and a README recording grid, run ids, git commit, command and date.
+
+Runs after training, from the collected tables only (collecting first when they are missing), so
+every number in the report is a number of `results/` (scaled to % for accuracies and rounded).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from . import figures, tables
+from .runs import COLLECTED, GridData, load_grid
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("grid_dir", help="a grid directory (holding grid.json and cells/)")
+    parser.add_argument("--out", default=None, help="report folder (default: reports/<grid name>)")
+    parser.add_argument("--results", default=None,
+                        help="collected tables folder (default: <grid_dir>/results or <grid_dir>; collected into "
+                             "it, or into the grid folder, when missing)")
+
+
+def run(args) -> int:
+    options = [*(["--out", args.out] if args.out else []), *(["--results", args.results] if args.results else [])]
+    command = shlex.join(["oisd-lab", "report", args.grid_dir, *options])
+    out = write_report(args.grid_dir, args.out, results_dir=args.results, command=command)
+    print(out / "README.md")
+    return 0
+
+
+def ensure_collected(grid_dir: str | Path, results_dir: str | Path | None = None) -> GridData:
+    """The grid with its collected tables, running `oisd_lab.collect.collect` when they are missing."""
+    grid = load_grid(grid_dir, results_dir)
+    if not grid.collected:
+        from ..collect import collect
+
+        collect(Path(grid_dir), out=results_dir)
+        grid = load_grid(grid_dir, results_dir)
+    return grid
+
+
+def _write_table(folder: Path, name: str, table: pd.DataFrame, caption: str) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    md = tables.to_markdown(table, caption)
+    (folder / f"{name}.md").write_text(md)
+    (folder / f"{name}.tex").write_text(tables.to_latex(table, caption, label=f"tab:{name}"))
+    return md
+
+
+def _eval_note(grid: GridData) -> str:
+    if grid.eval.empty or "k" not in grid.eval:
+        return "Avg@K"
+    ks, ns = sorted(set(grid.eval["k"].dropna().astype(int))), sorted(set(grid.eval["n"].dropna().astype(int)))
+    return f"Avg@K with K = {'/'.join(map(str, ks))} samples per problem on {'/'.join(map(str, ns))} held-out problems"
+
+
+def write_tables(grid: GridData, out: Path) -> dict[str, str]:
+    """tables/*.md and *.tex, plus copies of the collected CSVs; returns the Markdown by name."""
+    folder, note = out / "tables", _eval_note(grid)
+    md = {"main": _write_table(folder, "main", tables.method_task_table(grid.aggregate),
+                               f"Held-out accuracy in %, mean ± 95% CI half-width over seeds ({note}; "
+                               "greedy accuracy: one greedy sample).")}
+    if grid.paired is not None and not grid.paired.empty:
+        md["paired"] = _write_table(folder, "paired", tables.paired_table(grid.paired),
+                                    "Paired difference to GRPO (same task and seed), percentage points: "
+                                    "mean [95% CI] over seed pairs.")
+    md["paper"] = _write_table(folder, "paper", tables.beside_paper(grid.aggregate, grid.paired),
+                               "Ours next to the paper's Qwen3-4B headline numbers (Avg@K %, arXiv 2605.29089; "
+                               "different model, tasks and scale: compare directions, not values).")
+    md["aggregate"] = _write_table(folder, "aggregate", tables.aggregate_table(grid.aggregate),
+                                   "Every scalar metric, raw units: mean, std, 95% CI over seeds.")
+    for name in COLLECTED:
+        frame = getattr(grid, name)
+        if (grid.results_dir / f"{name}.csv").is_file():
+            shutil.copy(grid.results_dir / f"{name}.csv", folder / f"{name}.csv")
+        elif frame is not None:
+            frame.to_csv(folder / f"{name}.csv", index=False)
+    if (grid.results_dir / "collect.json").is_file():
+        shutil.copy(grid.results_dir / "collect.json", folder / "collect.json")
+    return md
+
+
+def _pair(methods) -> list[str]:
+    """GRPO and OISD when both ran, else the first two methods in the paper's order."""
+    present = tables.ordered(methods)
+    return ["grpo", "oisd"] if {"grpo", "oisd"} <= set(present) else present[:2]
+
+
+def _student_layers(grid: GridData, task: str) -> list[int]:
+    for method in ("oisd", *tables.ordered(grid.runs["method"])):
+        try:
+            return grid.snapshot(method, task=task)["rollouts"][0].get("student_layers", [])
+        except (FileNotFoundError, IndexError):
+            continue
+    return []
+
+
+def _result_specs(grid: GridData, by: str) -> list[tuple[str, callable]]:
+    specs = []
+    for metric in ("avg_at_k", "greedy_acc"):
+        if metric in set(grid.aggregate["metric"]):
+            specs.append((f"bars_{metric}", lambda m=metric: figures.bar_chart(grid.aggregate, m, grid.results)))
+        if grid.paired is not None and metric in set(grid.paired["metric"]):
+            specs.append((f"paired_{metric}", lambda m=metric: figures.forest_plot(grid.paired, m)))
+    if not grid.metrics.empty:
+        specs.append(("curves", lambda: figures.training_curves(grid.metrics, by=by)))
+    return specs
+
+
+def _layer_specs(grid: GridData, by: str) -> list[tuple[str, callable]]:
+    """Per task: per-layer lines of every method (variant), heatmaps of GRPO vs OISD (or of every
+    variant when the grid has other axes)."""
+    specs, d = [], grid.diagnostics
+    for task in sorted(d["task"].unique()) if not d.empty else []:
+        dt, students = d[d["task"] == task], _student_layers(grid, task)
+        pair = None if by != "method" else _pair(dt["method"].unique())
+        specs.append((f"layers_{task}", lambda dt=dt, s=students: figures.layer_lines(
+            dt, methods=None, student_layers=s, by=by)))
+        specs.append((f"heatmaps_{task}", lambda dt=dt, p=pair: figures.layer_heatmaps(dt, methods=p, by=by)))
+    return specs
+
+
+def _snapshot_specs(grid: GridData) -> list[tuple[str, callable]]:
+    """Per task, for GRPO and OISD (lowest seed): the lens trajectory and attention maps of the
+    highest-advantage rollout of the last snapshot."""
+    specs = []
+    for task in sorted(grid.runs["task"].unique()) if not grid.runs.empty else []:
+        for method in _pair(grid.runs[grid.runs["task"] == task]["method"].unique()):
+            try:
+                rollout = grid.snapshot(method, task=task)["rollouts"][0]
+            except (FileNotFoundError, IndexError):
+                continue
+            specs.append((f"trajectory_{task}_{method}", lambda r=rollout: figures.prediction_trajectory(r)))
+            if rollout.get("attention"):
+                specs.append((f"attention_{task}_{method}", lambda r=rollout: figures.attention_maps(r)))
+    return specs
+
+
+def figure_specs(grid: GridData) -> list[tuple[str, callable]]:
+    """(name, draw) for every figure this grid has data for; lines split by `variant` (method and
+    the other axis values) when the grid has axes beyond method, task and seed."""
+    by = "variant" if grid.axes else "method"
+    return [*_result_specs(grid, by), *_layer_specs(grid, by), *_snapshot_specs(grid)]
+
+
+def write_figures(grid: GridData, out: Path) -> list[str]:
+    names = []
+    for name, draw in figure_specs(grid):
+        fig = draw()
+        figures.save_figure(fig, out / "figures", name)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _commit() -> str:
+    """HEAD of the code writing the report, and whether tracked files differ from it."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    return commit + (" (uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _collect_info(grid: GridData) -> dict:
+    try:
+        return json.loads((grid.results_dir / "collect.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _provenance(grid: GridData) -> list[str]:
+    """Cells left out of the tables and the commits the runs were trained at (from `collect.json`)."""
+    info, lines = _collect_info(grid), []
+    if info.get("missing"):
+        lines.append(f"- not in the tables (unfinished or failed): {', '.join(info['missing'])}")
+    if info.get("run_commits"):
+        lines.append(f"- runs trained at commit(s): {', '.join(f'`{c}`' for c in info['run_commits'])}")
+    return lines
+
+
+def _runs_table(grid: GridData) -> pd.DataFrame:
+    cols = [c for c in grid.runs.columns if c not in ("run_dir",)]
+    return grid.runs[cols].set_index("cell")
+
+
+def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -> str:
+    sentences = tables.summary_sentences(grid.paired) if grid.paired is not None else []
+    lines = [f"# Report: grid `{grid.name}`", "",
+             f"- grid directory: `{grid.root}`",
+             f"- collected tables: `{grid.results_dir}`",
+             f"- runs: {len(grid.runs)} ({int(grid.runs['finished'].sum()) if not grid.runs.empty else 0} finished)",
+             *_provenance(grid),
+             f"- git commit (report): `{_commit()}`",
+             f"- command: `{command}`",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", "",
+             "## Summary (OISD variants vs GRPO, paired by seed)", "",
+             *([f"- {s}" for s in sentences] or ["- No paired comparison: GRPO and another method on the "
+                                                 "same task and seeds are needed."]), "",
+             *(["Each interval is a per-comparison 95% t-interval over seed pairs, not corrected for the "
+                f"{len(sentences)} comparisons above; with few seeds the intervals are wide.", ""]
+               if len(sentences) > 1 else []),
+             "## Results", "", md["main"], *(["", md["paired"]] if "paired" in md else []), "",
+             "## Beside the paper", "", md["paper"], "",
+             "## Figures", "", *[f"- `{n}`: [PNG](figures/{n}.png), [PDF](figures/{n}.pdf)" for n in names], "",
+             "## Runs", "", tables.to_markdown(_runs_table(grid)), "",
+             "All tables are also in `tables/` as Markdown and LaTeX (`aggregate.*` holds every scalar "
+             "metric), with copies of the collected CSVs."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(grid_dir: str | Path, out_dir: str | Path | None = None, results_dir: str | Path | None = None,
+                 command: str | None = None) -> Path:
+    """Collect if needed, then write figures/, tables/ and README.md under `out_dir`
+    (default `reports/<grid name>`); returns `out_dir`."""
+    grid = ensure_collected(grid_dir, results_dir)
+    out = Path(out_dir) if out_dir else Path("reports") / grid.name
+    out.mkdir(parents=True, exist_ok=True)
+    md = write_tables(grid, out)
+    names = write_figures(grid, out)
+    command = command or f"write_report({str(grid_dir)!r}, {str(out)!r})"
+    (out / "README.md").write_text(readme(grid, md, names, command))
+    return out

@@ -1,0 +1,210 @@
+"""Checkpoints that survive a kill at any instant, and the choice of which one a run resumes from.
+
+`AtomicCheckpointIO` (a Lightning `CheckpointIO`) writes each checkpoint to a temporary file in
+the same folder, fsyncs it and renames it over the target, so a reader sees the old file or the
+complete new one, never a torn one. Beside each checkpoint it keeps a SHA-256 digest of its bytes,
+which catches damage that still loads (zeroed or flipped bytes inside a tensor). It refuses to
+write a checkpoint whose parameters are not finite.
+
+`find_resumable` picks the newest checkpoint that loads, matches its digest and holds finite
+parameters, warning with the name of every newer one it had to pass over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from .errors import NonFiniteError
+
+DIGEST_SUFFIX = ".sha256"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was passed over at resume because it is damaged."""
+
+
+@dataclass(frozen=True)
+class Resumable:
+    path: Path
+    step: int
+
+
+def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor holding NaN/Inf, or None if all are finite."""
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, target: Path) -> None:
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a fsynced temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _replace_durably(tmp, path)
+
+
+def save_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """torch.save through a temporary file, fsync and rename; the digest lands before the file."""
+    path = Path(path)
+    bad = first_nonfinite(checkpoint.get("state_dict", {}))
+    if bad is not None:
+        step = checkpoint.get("global_step", "?")
+        raise NonFiniteError(f"checkpoint {path.name} not written: parameter {bad} is not finite at step {step}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            writer = _HashingWriter(handle)
+            torch.save(checkpoint, writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # A kill between the two renames leaves a digest that does not match the old file: the
+        # checkpoint is then passed over, never trusted while unverified.
+        atomic_write_bytes(_digest_path(path), writer.digest.hexdigest().encode())
+        _replace_durably(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO with atomic, durable, verified, finite-only local writes."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_atomic(checkpoint, path)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        digest = _digest_path(Path(path))
+        if digest.exists():
+            digest.unlink()
+
+
+def inspect(path: Path) -> tuple[int | None, str]:
+    """(global step, "") for a sound checkpoint, or (None, why it cannot be resumed from)."""
+    digest = _digest_path(path)
+    if digest.is_file() and digest.read_text().strip() != file_digest(path):
+        return None, "its bytes do not match its SHA-256 digest"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damage
+        return None, f"it does not load ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+    if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
+        return None, "it is not a Lightning checkpoint"
+    bad = first_nonfinite(ckpt["state_dict"])
+    if bad is not None:
+        return None, f"parameter {bad} is not finite"
+    return int(ckpt["global_step"]), ""
+
+
+def find_resumable(folder: Path, warn: Callable[[str], None] | None = None) -> Resumable | None:
+    """The sound checkpoint in `folder` with the highest step (newest file on ties), or None.
+
+    Every damaged checkpoint is named in a warning, so a fallback to an older one is never silent.
+    """
+    warn = warn or (lambda message: warnings.warn(message, CheckpointWarning, stacklevel=3))
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found: list[tuple[int, float, Path]] = []
+    for path in folder.glob("*.ckpt"):
+        if not path.is_file():
+            continue
+        step, why = inspect(path)
+        if step is None:
+            warn(f"checkpoint {path} is damaged and is skipped: {why}")
+            continue
+        found.append((step, path.stat().st_mtime, path))
+    if not found:
+        return None
+    step, _, path = max(found, key=lambda item: (item[0], item[1], item[2].name == "last.ckpt"))
+    return Resumable(path, step)
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the rows of a per-step JSONL file with step <= last_step (torn lines are dropped).
+
+    Returns the number of rows removed. The file is rewritten atomically.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                step = int(json.loads(line).get("step") or 0)
+            except (ValueError, AttributeError, TypeError):
+                step = None
+            if step is not None and step <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            elif line.strip():
+                dropped += 1
+    if dropped:
+        atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+    return dropped
+
+
+__all__ = ["AtomicCheckpointIO", "NonFiniteError", "CheckpointWarning", "Resumable", "find_resumable",
+           "inspect", "save_atomic", "truncate_jsonl", "first_nonfinite"]

@@ -1,0 +1,271 @@
+"""Collect a grid's finished runs into tidy tables: results, seed aggregates, paired differences.
+
+`oisd-lab collect GRID_DIR [--out DIR]` reads `<GRID_DIR>/grid.json` and each finished cell's
+`eval.json`, `diagnostics.jsonl` and `metrics.jsonl`, and writes (parquet and csv):
+
+- `results`: one row per run x metric; columns `grid, run_id, cell, method, task, seed`, one column
+  per other axis, then `metric, value, step`. Metrics: `greedy_acc`, `avg_at_k` (held-out, after
+  RL), `greedy_acc_before`, `avg_at_k_before`, `train_seconds`, `layer/<metric>/L<kk>` (split
+  `all` at the last diagnosed step; `kk` is the hidden-state index, as in metrics.jsonl) and
+  `<key>_last10` (mean of the last 10 logged steps, e.g. `reward_last10`).
+- `aggregate`: per method x task x other axes x metric over seeds: mean, std (ddof 1), 95%
+  t-interval, n_seeds.
+- `paired`: per method x task x other axes x metric, the difference from the `grpo` run with the
+  same task, seed and other axes: mean_diff, std, 95% t-interval, n_pairs.
+
+Unfinished and failed cells go to `missing.csv`; `collect.json` records the grid, the run ids, the
+git commit and the command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+ID_COLUMNS = ("grid", "run_id", "cell", "method", "task", "seed")
+EVAL_METRICS = (("greedy_acc", "after"), ("avg_at_k", "after"),
+                ("greedy_acc_before", "before"), ("avg_at_k_before", "before"))
+WINDOW = 10
+WINDOW_KEYS = ("reward", "loss/policy", "loss/think", "loss/attn", "entropy", "completions/mean_length")
+DIAG_SKIP = ("step", "layer", "split", "tokens")
+BASELINE = "grpo"
+
+# two-sided 95% quantiles of Student's t, df = 1..30 (beyond: Cornish-Fisher expansion)
+T975 = (12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851,
+        2.364624252, 2.306004135, 2.262157163, 2.228138852, 2.200985160, 2.178812830,
+        2.160368656, 2.144786688, 2.131449546, 2.119905299, 2.109815578, 2.100922040,
+        2.093024054, 2.085963447, 2.079613845, 2.073873068, 2.068657610, 2.063898562,
+        2.059538553, 2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456)
+
+
+def t_quantile(df: int) -> float:
+    """t_{0.975, df}: scipy when installed, else the table above."""
+    if df < 1:
+        return math.nan
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, df))
+    except ImportError:
+        pass
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959963984540054
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def mean_ci(values) -> dict:
+    """mean, std (ddof 1), 95% t-interval and n of a list of numbers (NaN where n is too small)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    mean = sum(values) / n if n else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    half = t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line of a killed run
+    return rows
+
+
+def run_metrics(folder: Path) -> list[tuple[str, float, int]]:
+    """(metric, value, step) of one finished run."""
+    result = json.loads((folder / "eval.json").read_text())
+    steps = int(result.get("steps", 0))
+    out = [(name, result[when][name.removesuffix("_before")], 0 if when == "before" else steps)
+           for name, when in EVAL_METRICS]
+    out.append(("train_seconds", result["train_seconds"], steps))
+    diag = [r for r in _jsonl(folder / "diagnostics.jsonl") if r.get("split") == "all"]
+    if diag:
+        last = max(r["step"] for r in diag)
+        for row in (r for r in diag if r["step"] == last):
+            out += [(f"layer/{k}/L{int(row['layer']):02d}", v, last) for k, v in row.items()
+                    if k not in DIAG_SKIP and _number(v)]
+    by_step: dict[int, dict] = {}
+    for row in _jsonl(folder / "metrics.jsonl"):
+        if row.get("step") is not None:
+            by_step.setdefault(int(row["step"]), {}).update(row)
+    window = [by_step[s] for s in sorted(by_step)[-WINDOW:]]
+    for key in WINDOW_KEYS:
+        values = [r[key] for r in window if _number(r.get(key))]
+        if values:
+            out.append((f"{key}_last{WINDOW}", sum(values) / len(values), max(by_step)))
+    return [(m, float(v), int(s)) for m, v, s in out if _number(v)]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def read_manifest(grid_dir: Path) -> dict:
+    path = Path(grid_dir) / "grid.json"
+    if not path.is_file():
+        raise ConfigError(f"{grid_dir}: no grid.json; run `oisd-lab grid FILE --out {grid_dir}` first")
+    return json.loads(path.read_text())
+
+
+def axis_columns(manifest: dict) -> list[str]:
+    """Axes that are not already id columns (method, task, seed)."""
+    return [k for k in manifest.get("axes", {}) if k not in ID_COLUMNS]
+
+
+def results_table(grid_dir: Path, manifest: dict):
+    """(results, missing) data frames of a grid folder."""
+    import pandas as pd
+
+    from .grid import compact
+
+    axes = axis_columns(manifest)
+    rows, missing = [], []
+    for cell in manifest["cells"]:
+        folder = Path(grid_dir) / "cells" / cell["id"]
+        status = _status(folder)
+        if status.get("status") != "finished" or not (folder / "eval.json").is_file():
+            missing.append({"cell": cell["id"], "run_id": cell["run_id"],
+                            "status": status.get("status", "not started"),
+                            "error": status.get("error", ""), "path": str(folder)})
+            continue
+        ids = {"grid": manifest["name"], "run_id": cell["run_id"], "cell": cell["id"],
+               "method": cell["method"], "task": cell["task"], "seed": cell["seed"],
+               **{k: _cell_value(cell["axes"][k], compact) for k in axes}}
+        rows += [{**ids, "metric": m, "value": v, "step": s} for m, v, s in run_metrics(folder)]
+    columns = [*ID_COLUMNS, *axes, "metric", "value", "step"]
+    results = pd.DataFrame(rows, columns=columns)
+    duplicated = results.duplicated(["run_id", "metric"])
+    if duplicated.any():
+        raise AssertionError(f"duplicate results rows: {results[duplicated].head().to_dict('records')}")
+    return results, pd.DataFrame(missing, columns=["cell", "run_id", "status", "error", "path"])
+
+
+def _cell_value(value, compact):
+    return value if isinstance(value, (int, float, str, bool)) else compact(value)
+
+
+def _status(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def aggregate(results, axes: list[str]):
+    """Mean, std and 95% t-interval over seeds, per method x task x axes x metric."""
+    import pandas as pd
+
+    keys = ["method", "task", *axes, "metric"]
+    rows = []
+    for group, frame in results.groupby(keys, sort=True, dropna=False):
+        stats = mean_ci(frame["value"])
+        rows.append({**dict(zip(keys, group, strict=True)), **{k: stats[k] for k in ("mean", "std", "ci95_low", "ci95_high")},
+                     "n_seeds": stats["n"]})
+    return pd.DataFrame(rows, columns=[*keys, "mean", "std", "ci95_low", "ci95_high", "n_seeds"])
+
+
+def paired(results, axes: list[str], baseline: str = BASELINE):
+    """Each method's difference from `baseline` over runs matched on task, seed and other axes."""
+    import pandas as pd
+
+    match = ["task", "seed", *axes, "metric"]
+    base = results[results["method"] == baseline][[*match, "value"]].rename(columns={"value": "base"})
+    merged = results[results["method"] != baseline].merge(base, on=match, how="inner")
+    merged["diff"] = merged["value"] - merged["base"]
+    keys = ["method", "task", *axes, "metric"]
+    rows = []
+    for group, frame in merged.groupby(keys, sort=True, dropna=False):
+        stats = mean_ci(frame["diff"])
+        rows.append({**dict(zip(keys, group, strict=True)), "baseline": baseline, "mean_diff": stats["mean"],
+                     "std": stats["std"], "ci95_low": stats["ci95_low"], "ci95_high": stats["ci95_high"],
+                     "n_pairs": stats["n"]})
+    return pd.DataFrame(rows, columns=[*keys, "baseline", "mean_diff", "std", "ci95_low", "ci95_high", "n_pairs"])
+
+
+def collect(grid_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Write the tables of a grid folder; returns a summary (also written to collect.json)."""
+    grid_dir = Path(grid_dir)
+    out = Path(out) if out else grid_dir
+    manifest = read_manifest(grid_dir)
+    axes = axis_columns(manifest)
+    results, missing = results_table(grid_dir, manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"results": results, "aggregate": aggregate(results, axes), "paired": paired(results, axes)}
+    for name, frame in tables.items():
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+        frame.to_csv(out / f"{name}.csv", index=False)
+    missing.to_csv(out / "missing.csv", index=False)
+    if out.resolve() != grid_dir.resolve():
+        shutil.copyfile(grid_dir / "grid.json", out / "grid.json")
+    summary = {"grid": manifest["name"], "grid_dir": str(grid_dir.resolve()), "file": manifest.get("file"),
+               "run_ids": sorted(results["run_id"].unique().tolist()),
+               "missing": missing["cell"].tolist(), "cells": len(manifest["cells"]),
+               "rows": len(results), "git": _git_commit(), "run_commits": _run_commits(grid_dir, results),
+               "command": " ".join(["oisd-lab", *sys.argv[1:]]) if sys.argv else "",
+               "collected": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "collect.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _git_commit() -> dict:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return {"commit": commit or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _run_commits(grid_dir: Path, results) -> list[str]:
+    """The code versions the collected runs were trained with (from their env.json)."""
+    commits = set()
+    for cell in results["cell"].unique():
+        try:
+            commits.add(json.loads((grid_dir / "cells" / cell / "env.json").read_text()).get("commit"))
+        except (OSError, ValueError):
+            continue
+    return sorted(c for c in commits if c)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    import argparse
+
+    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
+    parser.add_argument("grid_dir", help="a grid folder (holds grid.json), e.g. runs/grids/components")
+    parser.add_argument("--out", help="where the tables go (default: the grid folder)")
+
+
+def run(args) -> int:
+    summary = collect(args.grid_dir, args.out)
+    out = Path(args.out or args.grid_dir)
+    print(f"[collect {summary['grid']}] {len(summary['run_ids'])}/{summary['cells']} runs, "
+          f"{summary['rows']} rows -> {out}/results.parquet (+ aggregate, paired)")
+    if summary["missing"]:
+        print(f"missing {len(summary['missing'])} unfinished or failed cells (see {out}/missing.csv): "
+              + ", ".join(summary["missing"][:5]) + (" ..." if len(summary["missing"]) > 5 else ""))
+    return 0

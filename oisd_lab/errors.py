@@ -1,0 +1,15 @@
+"""Errors that stop a run for a reason the user must see, with a one-line message (no traceback).
+
+`ConfigError` (bad input, raised before a run starts) lives in `config.py`; these are raised
+while a run is going.
+"""
+
+from __future__ import annotations
+
+
+class RunError(RuntimeError):
+    """A run stopped on purpose; the message names the setting that decides it and the fix."""
+
+
+class NonFiniteError(RunError):
+    """Parameters, loss or gradients are NaN/Inf where the run cannot go on."""

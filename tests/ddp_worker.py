@@ -1,0 +1,61 @@
+"""A few GRPO/OISD steps under a Lightning strategy on CPU, dumping what each rank saw and ended with.
+
+    python tests/ddp_worker.py OUT_DIR [key=value ...]     (e.g. strategy=ddp devices=2 accelerator=cpu)
+
+Each rank writes OUT_DIR/rank<r>.pt: its final parameters, its starting parameters, and for every
+step the prompts it rolled out, their rewards and advantages. Used by tests/test_ddp.py. The model is
+a seeded random tiny decoder; the reward is dense (fraction of digit characters) so that every group
+has non-zero advantages and the gradients are worth synchronising; everything else (task source,
+prompt slicing per rank, rollout, scoring, advantages, losses, optimizer, Lightning strategy) is the
+training path of `oisd-lab train`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def digit_fraction(text: str, answer: str) -> float:
+    return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    from oisd_lab.config import compose
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+    from oisd_lab.module import OISDModule
+    from oisd_lab.sources import load_source
+    from oisd_lab.train import RunDir, _trainer
+
+    out = Path(sys.argv[1])
+    cfg = compose([f"run_dir={out / 'run'}", "log.progress_bar=false", "checkpoint_every=1000",
+                   "log.wandb_mode=disabled", *sys.argv[2:]])
+    source = load_source(cfg.task)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model("tiny", vocab_size=len(tokenizer), seed=0)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    records: list[dict] = []
+
+    def record(module, step, problems, rollout, rewards, adv) -> dict:
+        records.append({"step": step, "prompts": [p.prompt for p in problems],
+                        "rewards": rewards.clone(), "advantages": adv.clone()})
+        return {}
+
+    module = OISDModule(cfg, model, tokenizer, source, digit_fraction,
+                        format_prompt=lambda text: source.format_prompt(text, tokenizer, False),
+                        on_log_step=record)
+    trainer = _trainer(cfg, RunDir(Path(cfg.run_dir)), [])
+    loader = torch.utils.data.DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
+    trainer.fit(module, train_dataloaders=loader)
+    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save({"rank": trainer.global_rank, "world_size": trainer.world_size, "params": params,
+                "start": start, "records": records}, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
