@@ -141,45 +141,61 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             digest.unlink()
 
 
-def inspect(path: Path) -> tuple[int | None, str]:
-    """(global step, "") for a sound checkpoint, or (None, why it cannot be resumed from)."""
-    digest = _digest_path(path)
-    if digest.is_file() and digest.read_text().strip() != file_digest(path):
-        return None, "its bytes do not match its SHA-256 digest"
+def _peek(path: Path) -> tuple[int | None, str, dict | None]:
+    """(global step, "", checkpoint) from a memory-mapped load (cheap at any size), or (None, why, None)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damage
-        return None, f"it does not load ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+        first = (str(err).splitlines() or [""])[0][:120]
+        return None, f"it does not load ({type(err).__name__}: {first})", None
     if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
-        return None, "it is not a Lightning checkpoint"
+        return None, "it is not a Lightning checkpoint", None
+    return int(ckpt["global_step"]), "", ckpt
+
+
+def _verify(path: Path, ckpt: dict) -> str:
+    """Why a loadable checkpoint is unsound (reads every byte once), or "" if it is sound."""
+    digest = _digest_path(path)
+    if digest.is_file() and digest.read_text().strip() != file_digest(path):
+        return "its bytes do not match its SHA-256 digest"
     bad = first_nonfinite(ckpt["state_dict"])
-    if bad is not None:
-        return None, f"parameter {bad} is not finite"
-    return int(ckpt["global_step"]), ""
+    return f"parameter {bad} is not finite" if bad is not None else ""
+
+
+def inspect(path: Path) -> tuple[int | None, str]:
+    """(global step, "") for a sound checkpoint, or (None, why it cannot be resumed from)."""
+    step, why, ckpt = _peek(path)
+    if step is not None:
+        why = _verify(path, ckpt)
+    return (step, "") if not why else (None, why)
 
 
 def find_resumable(folder: Path, warn: Callable[[str], None] | None = None) -> Resumable | None:
     """The sound checkpoint in `folder` with the highest step (newest file on ties), or None.
 
-    Every damaged checkpoint is named in a warning, so a fallback to an older one is never silent.
+    Every checkpoint is opened memory-mapped to read its step; only the best candidates are then
+    verified in full (digest, finite parameters), newest first, so a large run pays for one full
+    read. Each damaged checkpoint passed over is named in a warning: a fallback is never silent.
     """
     warn = warn or (lambda message: warnings.warn(message, CheckpointWarning, stacklevel=3))
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found: list[tuple[int, float, Path]] = []
+    found = []
     for path in folder.glob("*.ckpt"):
         if not path.is_file():
             continue
-        step, why = inspect(path)
+        step, why, ckpt = _peek(path)
         if step is None:
             warn(f"checkpoint {path} is damaged and is skipped: {why}")
             continue
-        found.append((step, path.stat().st_mtime, path))
-    if not found:
-        return None
-    step, _, path = max(found, key=lambda item: (item[0], item[1], item[2].name == "last.ckpt"))
-    return Resumable(path, step)
+        found.append((step, path.stat().st_mtime, path.name == "last.ckpt", path, ckpt))
+    for step, _, _, path, ckpt in sorted(found, key=lambda item: item[:3], reverse=True):
+        why = _verify(path, ckpt)
+        if not why:
+            return Resumable(path, step)
+        warn(f"checkpoint {path} is damaged and is skipped: {why}")
+    return None
 
 
 def truncate_jsonl(path: Path, last_step: int) -> int:

@@ -31,9 +31,13 @@ def cmd_train(args) -> int:
     from .config import compose
     from .train import train
 
-    cfg = compose(args.overrides)
+    cfg = compose(args.overrides, config_name=args.config)
     start = time.time()
     run_dir = train(cfg)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # other DDP ranks: rank 0 evaluates and reports
+        return 0
     print_summary(Path(run_dir), time.time() - start)
     print(run_dir)
     return 0
@@ -54,9 +58,13 @@ def print_summary(run_dir: Path, seconds: float) -> None:
 
 def cmd_pretrain(args) -> int:
     from .config import compose
+    from .models import TINY_PRESETS, is_tiny
     from .pretrain import warm_start
 
-    cfg = compose(args.overrides)
+    cfg = compose(args.overrides, config_name=args.config)
+    if not is_tiny(cfg.model.name) and not cfg.pretrain.init:
+        raise ConfigError(f"model.name: '{cfg.model.name}' is not a tiny preset; pretrain builds warm starts for "
+                          f"{', '.join(TINY_PRESETS)} (other models start RL as they are)")
     print(warm_start(cfg))
     return 0
 
@@ -87,6 +95,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
+        p.add_argument("--config", default="train", metavar="NAME",
+                       help="config in experiments/ to start from (default train; e.g. paper/qwen3-4b-oisd)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the held-out split")
     p.add_argument("path", help="a run directory or a checkpoint directory")
@@ -131,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except SystemExit as err:  # Lightning ends a run on SIGTERM with a code-less SystemExit (status 0)
+        if type(err).__name__ != "SIGTERMException":
+            raise
+        print("terminated (SIGTERM); run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -96,6 +96,11 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     nonfinite: str = "skip"
     """A step whose gradient norm is NaN/Inf: `skip` (no update, counted in `skipped_steps`) or `stop`."""
+    rollout_backend: str = "hf"
+    """`hf` (transformers `generate`) or `vllm` (a colocated vLLM engine per GPU; CUDA and the
+    `vllm` extra; weights are copied into it after every update)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of each GPU's memory the vLLM engine may take (the rest is the trainer's)."""
 
 
 @dataclass
@@ -263,6 +268,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
     _choice(g.loss_type, LOSS_TYPES, "grpo.loss_type")
     _choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
+    _choice(g.rollout_backend, ("hf", "vllm"), "grpo.rollout_backend")
+    _check(0 < g.vllm_gpu_memory_utilization < 1, "grpo.vllm_gpu_memory_utilization: use a value in (0, 1)")
     _check(g.std_ddof in (0, 1), f"grpo.std_ddof: is {g.std_ddof}; use 0 or 1")
     _check(g.adv_eps >= 0, "grpo.adv_eps: use a value >= 0")
     _check(g.epsilon_low >= 0 and g.epsilon_high >= 0, "grpo.epsilon_low/high: use values >= 0")
@@ -290,16 +297,17 @@ def validate(cfg: TrainConfig) -> None:
     _choice(cfg.log.wandb_mode, ("offline", "online", "disabled"), "log.wandb_mode")
     _check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")
     _check(0 < cfg.task.test_fraction < 1, f"task.test_fraction: is {cfg.task.test_fraction}; use a value in (0, 1)")
-    _check_tiny_on_real_data(cfg)
     _check(cfg.eval.k >= 1, f"eval.k: is {cfg.eval.k}; use >= 1")
     _check(cfg.eval.temperature > 0, f"eval.temperature: is {cfg.eval.temperature}; use a value > 0 (greedy accuracy is always reported)")
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size: is {cfg.eval.batch_size}; use >= 1")
     _check(cfg.pretrain.steps >= 0, "pretrain.steps: use >= 0")
     _check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
+    _check(not (str(cfg.strategy).startswith("fsdp") and cfg.accelerator == "cpu"),
+           "strategy: fsdp runs on GPUs only (a Lightning limit); on CPU use strategy=ddp")
 
 
-def _check_tiny_on_real_data(cfg: TrainConfig) -> None:
-    """The tiny models are warm-started on synthetic tasks only."""
+def check_start_model(cfg: TrainConfig) -> None:
+    """The tiny models are warm-started on synthetic tasks only (checked when a run starts)."""
     from .tasks import TASKS
 
     if cfg.task.name in TASKS or cfg.pretrain.init:

@@ -95,15 +95,21 @@ def combine(parts: list[list[dict]]) -> list[dict]:
                 if name in ("layer", "split", "tokens"):
                     continue
                 if isinstance(value, list):
-                    cur[name] = [a + b for a, b in zip(cur.get(name, [0.0] * len(value)), value)]
+                    cur[name] = [a + b for a, b in zip(cur.get(name, [0.0] * len(value)), value, strict=True)]
                 else:
                     cur[name] = cur.get(name, 0.0) + value
     out = []
     for cur in acc.values():
-        n = max(cur["tokens"], 1)
-        out.append({k: ([x / n for x in v] if isinstance(v, list) else v / n)
-                    if k not in ("layer", "split", "tokens") else v for k, v in cur.items()})
+        n = cur["tokens"]
+        out.append({k: v if k in ("layer", "split", "tokens") else _mean(v, n) for k, v in cur.items()})
     return sorted(out, key=lambda r: (r["layer"], r["split"]))
+
+
+def _mean(value, n: int):
+    """Token mean of a summed metric; an empty split (no negative advantages, say) has no value."""
+    if not n:
+        return None
+    return [x / n for x in value] if isinstance(value, list) else value / n
 
 
 def scalar_metrics(rows: list[dict], layers: list[int], splits=("all", "pos", "neg")) -> dict[str, float]:
@@ -123,7 +129,6 @@ def snapshot(model, readout, part, rows: list[int], student_layers: list[int], t
     probability, the sampled tokens, and head-mean attention maps of student and final layers."""
     L = readout.num_layers
     P, mask = part.prompt_length, part.completion_mask
-    C = mask.shape[1]
     attn_layers = sorted({k - 1 for k in student_layers} | {L - 1})
     with AttentionCapture(model, attn_layers) as cap:
         out = model(input_ids=part.input_ids[rows], attention_mask=part.attention_mask[rows],

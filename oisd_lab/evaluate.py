@@ -35,7 +35,7 @@ def evaluate(
         for lo in range(0, len(prompts), batch_size):
             chunk_p, chunk_a = prompts[lo : lo + batch_size], answers[lo : lo + batch_size]
             g = generate(model, tokenizer, list(chunk_p), 1, max_new_tokens, do_sample=False)
-            greedy += [reward_fn(t, a) for t, a in zip(g.texts, chunk_a)]
+            greedy += [reward_fn(t, a) for t, a in zip(g.texts, chunk_a, strict=True)]
             lengths += g.completion_mask.sum(1).tolist()
             per = max(1, batch_size // k)
             for lo2 in range(0, len(chunk_p), per):

@@ -120,20 +120,53 @@ def _logps_chunk(logits: Tensor, index: Tensor, temperature: float) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+class _ChunkedLogps(torch.autograd.Function):
+    """log softmax(logits / T)[index] over [N, V] in row chunks, with a chunked backward.
+
+    Backward writes d logits = g (onehot(index) - softmax) / T one chunk at a time into a single
+    [N, V] buffer: beside the logits only that gradient and one [chunk, V] block are alive
+    (checkpointed chunks would also hold every chunk's gradient and their concatenation).
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, index: Tensor, chunk_size: int, temperature: float) -> Tensor:
+        out = torch.empty(index.shape, dtype=_upcast(flat[:0]).dtype, device=flat.device)
+        lse = torch.empty_like(out)
+        for lo in range(0, flat.shape[0], chunk_size):
+            x = _upcast(flat[lo : lo + chunk_size])
+            x = x / temperature if temperature != 1.0 else x
+            lse[lo : lo + chunk_size] = torch.logsumexp(x, dim=-1)
+            picked = x.gather(-1, index[lo : lo + chunk_size, None]).squeeze(-1)
+            out[lo : lo + chunk_size] = picked - lse[lo : lo + chunk_size]
+        ctx.save_for_backward(flat, index, lse)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        flat, index, lse = ctx.saved_tensors
+        step, temperature = ctx.chunk_size, ctx.temperature
+        grad = torch.empty_like(flat)
+        for lo in range(0, flat.shape[0], step):
+            x = _upcast(flat[lo : lo + step])
+            x = x / temperature if temperature != 1.0 else x
+            g = grad_out[lo : lo + step, None] / temperature
+            chunk = (x - lse[lo : lo + step, None]).exp_().mul_(-g)
+            chunk.scatter_add_(-1, index[lo : lo + step, None], g)
+            grad[lo : lo + step] = chunk
+        return grad, None, None, None
+
+
 def _chunked_logps(logits: Tensor, index: Tensor, chunk_size: int, temperature: float) -> Tensor:
     if logits.shape[:-1] != index.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree")
     flat, flat_index = logits.reshape(-1, logits.shape[-1]), index.reshape(-1)
-    # Checkpointing each chunk keeps only [chunk, V] upcast/tempered copies alive, in backward too.
-    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
-    pieces = [
-        checkpoint(_logps_chunk, lg, ix, temperature, use_reentrant=False)
-        if use_ckpt
-        else _logps_chunk(lg, ix, temperature)
-        for lg, ix in zip(flat.split(chunk_size), flat_index.split(chunk_size), strict=True)
-    ]
-    if not pieces:
+    if flat.shape[0] == 0:
         return _upcast(flat).new_zeros(index.shape)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _ChunkedLogps.apply(flat, flat_index, chunk_size, float(temperature)).reshape(index.shape)
+    pieces = [_logps_chunk(lg, ix, temperature)
+              for lg, ix in zip(flat.split(chunk_size), flat_index.split(chunk_size), strict=True)]
     return torch.cat(pieces).reshape(index.shape)
 
 
@@ -159,16 +192,18 @@ def token_logps(
     return _chunked_logps(logits, tokens, chunk_size, float(temperature))
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int = 512) -> Tensor:
-    """Entropy H(softmax(logits)) in nats over the last dim. logits [..., V] -> [...].
+def entropy_from_logits(logits: Tensor, chunk_size: int = 512, temperature: float = 1.0) -> Tensor:
+    """Entropy H(softmax(logits / temperature)) in nats over the last dim. logits [..., V] -> [...].
 
     Mirrors TRL `entropy_from_logits` (chunked log-softmax); 0 log 0 = 0, so -inf logits are safe.
-    Meant for metrics (call under `torch.no_grad()`).
+    The division happens per chunk (no second [..., V] tensor). Meant for metrics (call under
+    `torch.no_grad()`).
     """
     flat = logits.reshape(-1, logits.shape[-1])
     pieces = []
     for chunk in flat.split(chunk_size):
-        logp = F.log_softmax(_upcast(chunk), dim=-1)
+        chunk = _upcast(chunk)
+        logp = F.log_softmax(chunk / temperature if temperature != 1.0 else chunk, dim=-1)
         p = logp.exp()
         pieces.append(-torch.where(p > 0, p * logp, 0.0).sum(-1))
     if not pieces:
@@ -344,32 +379,39 @@ def chunked_lens_jsd(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    teacher_index: tuple[Tensor, ...] | None = None,
 ) -> Tensor:
     """OISD logit alignment d_t = JSD_beta(sg[p_L] || softmax(readout(h_l))) per token, chunked.
 
     student_hidden [N, D]: completion-token hidden states of the student layer (NOT final-normed);
-    teacher_logits [N, V]: final-layer logits at the same tokens (detached here);
+    teacher_logits [N, V]: final-layer logits at the same tokens (detached here), or [..., V]
+    with `teacher_index`;
     readout: [n, D] -> [n, V], the model's final norm + unembedding (the logit lens; pass a
     readout with detached weights for lens_grad="hidden_only"). Returns [N] with gradient to
     student_hidden and to readout's parameters.
+    teacher_index: when given, the teacher rows are `teacher_logits[teacher_index]` (e.g. the
+    boolean mask's `nonzero(as_tuple=True)` over [B, T, V] logits), gathered one chunk at a time
+    inside the checkpointed function, so no [N, V] copy of the teacher is ever made.
     Each chunk of `chunk_size` tokens runs under non-reentrant activation checkpointing, so at
     most one [chunk, V] block of student logits is alive in forward and in backward.
     """
-    if student_hidden.shape[0] != teacher_logits.shape[0]:
-        raise ValueError(
-            f"student_hidden has {student_hidden.shape[0]} tokens, teacher_logits {teacher_logits.shape[0]}"
-        )
     teacher_logits = teacher_logits.detach()
+    if teacher_index is None:
+        teacher_index = (torch.arange(teacher_logits.shape[0], device=teacher_logits.device),)
+    if student_hidden.shape[0] != teacher_index[0].shape[0]:
+        raise ValueError(
+            f"student_hidden has {student_hidden.shape[0]} tokens, teacher_logits {teacher_index[0].shape[0]}"
+        )
 
-    def lens_chunk(h: Tensor, t: Tensor) -> Tensor:
-        return jsd(t, readout(h), beta=beta, temperature=temperature)
+    def lens_chunk(h: Tensor, *index: Tensor) -> Tensor:
+        return jsd(teacher_logits[index], readout(h), beta=beta, temperature=temperature)
 
     pieces = [
-        checkpoint(lens_chunk, h, t, use_reentrant=False)
+        checkpoint(lens_chunk, h, *index, use_reentrant=False)
         if torch.is_grad_enabled()
-        else lens_chunk(h, t)
-        for h, t in zip(
-            student_hidden.split(chunk_size), teacher_logits.split(chunk_size), strict=True
+        else lens_chunk(h, *index)
+        for h, *index in zip(
+            student_hidden.split(chunk_size), *(i.split(chunk_size) for i in teacher_index), strict=True
         )
     ]
     if not pieces:

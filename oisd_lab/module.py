@@ -29,6 +29,10 @@ from .errors import NonFiniteError
 from .lens import default_student_layer, find_readout, resolve_layers
 from .rollout import Rollout, generate
 
+VOCAB_CHUNK_ELEMENTS = 1 << 24
+"""Cap on chunk rows x vocabulary for the lens chunks (64 MiB of float32 per [chunk, V] block), so
+`method.chunk_size` tokens stay cheap at a 150k vocabulary as well as at a tiny one."""
+
 
 class OISDModule(L.LightningModule):
     """GRPO with optional OISD alignment losses; presets only change the loss weights."""
@@ -75,8 +79,7 @@ class OISDModule(L.LightningModule):
         G = self.cfg.grpo.num_generations
         rewards = torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
                                dtype=torch.float32)
-        g = self.cfg.grpo
-        adv = losses.group_advantages(rewards, G, g.scale_rewards, g.adv_eps, g.std_ddof)
+        adv = self._advantages(rewards)
         timer.lap("time/scoring")
         metrics = self._rollout_metrics(rollout, rewards)
         if self.on_log_step is not None and self._is_log_step(step):
@@ -99,9 +102,39 @@ class OISDModule(L.LightningModule):
         allp = self.task.train_batch(step, g.prompts_per_step * world, self.cfg.seed)
         problems = allp[rank * g.prompts_per_step : (rank + 1) * g.prompts_per_step]
         prompts = [self.format_prompt(p.prompt) for p in problems]
+        if g.rollout_backend == "vllm":
+            return problems, self._vllm_rollout(prompts)
         rollout = generate(self.policy, self.tokenizer, prompts, g.num_generations,
                            g.max_completion_length, g.temperature, g.top_p)
         return problems, rollout
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Group advantages of this rank's rows. `scale_rewards=batch` divides by the std of the
+        whole step's rewards, so under DDP it is computed on all ranks' rewards (rank-major, the
+        order in which prompts are sliced) and each rank keeps its own rows, as one process would."""
+        g, world = self.cfg.grpo, self.trainer.world_size
+        if world > 1 and g.scale_rewards == "batch":
+            parts = [torch.zeros_like(rewards, device=self.device) for _ in range(world)]
+            torch.distributed.all_gather(parts, rewards.to(self.device))
+            everyone = torch.cat(parts).cpu()  # [world * B], rank-major
+            adv = losses.group_advantages(everyone, g.num_generations, g.scale_rewards, g.adv_eps, g.std_ddof)
+            B = rewards.numel()
+            return adv[self.global_rank * B : (self.global_rank + 1) * B]
+        return losses.group_advantages(rewards, g.num_generations, g.scale_rewards, g.adv_eps, g.std_ddof)
+
+    def _vllm_rollout(self, prompts: list[str]) -> Rollout:
+        """Sample with the colocated vLLM engine (built on first use), synced to the current weights."""
+        from .rollout_vllm import VLLMRollout
+
+        g = self.cfg.grpo
+        if getattr(self, "_vllm", None) is None:
+            self._vllm = VLLMRollout.for_policy(self.policy, self.tokenizer, g.vllm_gpu_memory_utilization,
+                                                seed=self.cfg.seed * 1_000_003 + self.global_rank)
+        if self._vllm.synced_version != self.global_step:
+            self._vllm.sync_weights(self.policy.state_dict().items(), self.global_step)
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # from the per-step seeded generator
+        return self._vllm.generate(prompts, g.num_generations, g.max_completion_length, g.temperature,
+                                   g.top_p, seed=seed)
 
     def _score(self, text: str, answer: str) -> float:
         try:
@@ -144,7 +177,11 @@ class OISDModule(L.LightningModule):
 
     def _clip_and_step(self, opt, sched) -> float:
         max_norm = self.cfg.grpo.max_grad_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        wrapped = self.trainer.model  # FSDP shards gradients: only its own method sees the global norm
+        if type(wrapped).__name__ == "FullyShardedDataParallel":
+            grad_norm = wrapped.clip_grad_norm_(max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
         if not torch.isfinite(grad_norm):
             step = self.global_step + 1
             if self.cfg.grpo.nonfinite == "stop":
@@ -171,11 +208,14 @@ class OISDModule(L.LightningModule):
         attn_on = cfg_m.attn_weight > 0
         capture = [layer - 1 for layer in self.student_layers] + [self.num_layers - 1] if attn_on else []
         ctx = AttentionCapture(self.policy, capture) if attn_on else contextlib.nullcontext()
+        # Only the C positions that predict completion tokens reach the unembedding: no [b, C+1, V]
+        # tensor to slice (and to zero-fill again in backward).
+        keep = torch.arange(P - 1, P - 1 + C, device=part.input_ids.device)
         with ctx as cap:
             out = self.policy(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                              output_hidden_states=cfg_m.logit_weight > 0, logits_to_keep=C + 1,
+                              output_hidden_states=cfg_m.logit_weight > 0, logits_to_keep=keep,
                               use_cache=False)
-        logits = out.logits[:, :-1]  # [b, C, V]: position P-1+t predicts completion token t
+        logits = out.logits  # [b, C, V]: position P-1+t predicts completion token t
         ids = part.completion_ids
         logps = losses.token_logps(logits, ids, cfg_g.temperature)
         per_tok, clip = losses.clipped_surrogate(logps, logps.detach(), adv, cfg_g.epsilon_low, cfg_g.epsilon_high)
@@ -194,7 +234,7 @@ class OISDModule(L.LightningModule):
             terms["loss/attn"] = self._attn_loss(cap, part, adv, agg)
             total = total + cfg_m.attn_weight * terms["loss/attn"]
         with torch.no_grad():
-            ent = losses.entropy_from_logits(logits.detach() / cfg_g.temperature)
+            ent = losses.entropy_from_logits(logits.detach(), temperature=cfg_g.temperature)
             terms["sum/entropy"] = (ent * mask).sum()
             for name in ("low", "high", "region"):
                 terms[f"sum/clip_ratio/{name}_mean"] = (clip[f"is_{name}_clipped"].float() * mask).sum()
@@ -204,12 +244,15 @@ class OISDModule(L.LightningModule):
     def _think_loss(self, hidden_states, logits, mask, adv, P, agg) -> torch.Tensor:
         m, sel = self.cfg.method, mask.bool()
         C = mask.shape[1]
-        teacher = logits.detach()[sel]  # [N, V], the final layer as a detached teacher
+        # The final layer is the detached teacher; its rows are read chunk by chunk at the
+        # completion tokens, never copied out as a whole [N, V] tensor.
+        index = sel.nonzero(as_tuple=True)
+        chunk = max(1, min(m.chunk_size, VOCAB_CHUNK_ELEMENTS // logits.shape[-1]))
         total = torch.zeros((), device=logits.device)
         for layer in self.student_layers:
             h = hidden_states[layer][:, P - 1 : P - 1 + C][sel]  # [N, D]
-            div = losses.chunked_lens_jsd(h, teacher, self.readout.for_layer(layer, m.lens_grad),
-                                          m.jsd_beta, m.jsd_temperature, m.chunk_size)
+            div = losses.chunked_lens_jsd(h, logits, self.readout.for_layer(layer, m.lens_grad),
+                                          m.jsd_beta, m.jsd_temperature, chunk, teacher_index=index)
             per_tok = torch.zeros_like(mask).masked_scatter(sel, div)
             total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)
         return total / len(self.student_layers)
@@ -218,7 +261,8 @@ class OISDModule(L.LightningModule):
         m, mask = self.cfg.method, part.completion_mask
         P, C = part.prompt_length, mask.shape[1]
         rows = slice(P - 1, P - 1 + C)
-        teacher = cap.probs_for(self.num_layers - 1, rows)  # [b, H, C, S]: only completion rows
+        with torch.no_grad():  # the teacher is detached: build no graph for its rows
+            teacher = cap.probs_for(self.num_layers - 1, rows)  # [b, H, C, S]: only completion rows
         keys = part.attention_mask.bool()
         total = torch.zeros((), device=mask.device)
         for layer in self.student_layers:

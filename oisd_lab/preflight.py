@@ -18,8 +18,6 @@ from .models import TINY_PRESETS, is_tiny, smollm2_dir
 from .sources import TaskSource, load_source
 
 DTYPES = ("float32", "bfloat16", "float16")
-PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed",
-              "transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16")
 RESUME_MAY_CHANGE = ("run_dir", "max_steps", "checkpoint_every", "num_threads", "accelerator", "devices",
                      "strategy", "eval.batch_size", "pretrain.cache_dir", "log.")
 """Settings (or prefixes, ending in '.') that a resumed run may change: they do not alter what
@@ -38,12 +36,28 @@ def preflight(cfg: TrainConfig) -> TaskSource:
 
 
 def check_runtime(cfg: TrainConfig) -> None:
+    """dtype, and Lightning's own checks of accelerator, devices, strategy and precision (a Trainer
+    is built and dropped: nothing is launched before `fit`)."""
+    import logging
+
+    import lightning as L
+
     _check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
-    _check(str(cfg.precision) in PRECISIONS,
-           f"precision: unknown precision '{cfg.precision}'; use one of {', '.join(PRECISIONS[:6])}")
     if str(cfg.accelerator) in ("gpu", "cuda"):
         _check(torch.cuda.is_available(),
                f"accelerator: '{cfg.accelerator}' but no CUDA device is visible; use accelerator=auto or cpu")
+    chatty = logging.getLogger("lightning.pytorch")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)  # the real Trainer reports the hardware once, later
+    try:
+        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+                  logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as err:  # Lightning raises ValueError, MisconfigurationException, ...
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        field = next((f for f in ("strategy", "devices", "precision", "accelerator") if f in message), "accelerator")
+        raise ConfigError(f"{field}: {message}") from err
+    finally:
+        chatty.setLevel(level)
 
 
 def model_depth(cfg: TrainConfig) -> int | None:
@@ -74,6 +88,9 @@ def _hub_or_local_config(name: str) -> dict:
         _check((local / "config.json").is_file(), f"model.name: {local} is a folder without config.json; "
                "give a checkpoint directory saved with save_pretrained")
         return json.loads((local / "config.json").read_text())
+    if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ConfigError(f"model.name: {name} is not a directory; give a checkpoint directory, a hub id, "
+                          f"a tiny preset ({', '.join(TINY_PRESETS)}) or smollm2")
     from transformers import AutoConfig
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -94,6 +111,9 @@ def _layers_of(config: dict) -> int | None:
 
 
 def check_layers(cfg: TrainConfig, num_layers: int) -> None:
+    for layer in cfg.log.diag_layers or []:
+        _check(0 <= layer <= num_layers, f"log.diag_layers: {layer} is out of range for a {num_layers}-layer model; "
+               f"use hidden-state indices 0..{num_layers}")
     try:
         if cfg.method.layers:
             resolve_layers(list(cfg.method.layers), num_layers)

@@ -110,9 +110,30 @@ GUARD_TIMEOUT_S = 10.0
 _BOXED = "\\boxed"
 
 
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; else None."""
+    opens = [m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not opens:
+        return None
+    closing, stack = {}, []  # one pass: position of each `{` -> its matching `}`
+    for i, c in enumerate(text):
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            closing[stack.pop()] = i
+    for brace in reversed(opens):
+        if brace in closing:
+            return text[brace + 1 : closing[brace]].strip()
+    return None
+
+
 def _math_candidate(completion: str) -> str:
-    """The text math-verify reads: boxed answers win; else the answer after the last `####`."""
-    if _BOXED not in completion and ANSWER_MARKER in completion:
+    """The text math-verify reads: the last boxed answer; else the answer after the last `####`;
+    else the completion (math-verify then takes its last expression)."""
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return f"{_BOXED}{{{boxed}}}"
+    if ANSWER_MARKER in completion:
         answer = extract_answer(completion)
         if answer is not None:
             return f"{_BOXED}{{{answer}}}"

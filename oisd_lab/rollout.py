@@ -2,15 +2,19 @@
 
 Sampling is plain ancestral sampling at `temperature` (top-k off, optional top-p), so the
 log-probabilities recomputed for the loss (logits / temperature) are those of the sampling
-distribution, as in TRL.
+distribution, as in TRL. The decoding loop is our own rather than `model.generate`: each prompt
+is prefilled once and its KV cache shared by its G completions, rows that reached EOS leave the
+batch, and no generation defaults stored with a checkpoint (repetition penalty, top-k, ...) can
+change the sampling distribution behind the loss's back.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache
 
 
 @dataclass
@@ -72,28 +76,21 @@ def generate(
     top_p: float = 1.0,
     do_sample: bool = True,
 ) -> Rollout:
-    """Sample `num_generations` completions for every prompt in one batched `generate` call."""
+    """Sample `num_generations` completions for every prompt in one batched decoding loop."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
-    input_ids = enc["input_ids"].to(device).repeat_interleave(num_generations, dim=0)
-    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(num_generations, dim=0)
     eos = tokenizer.eos_token_id
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=0 if do_sample else None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-        use_cache=True,
-    )
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+        completion_ids = _decode(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                 num_generations, max_new_tokens, temperature, top_p, do_sample,
+                                 torch.as_tensor(eos, device=device).flatten(), tokenizer.pad_token_id)
     finally:
         model.train(was_training)
+    input_ids = enc["input_ids"].to(device).repeat_interleave(num_generations, dim=0)
+    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(num_generations, dim=0)
+    out = torch.cat([input_ids, completion_ids], dim=1)
     prompt_length = input_ids.shape[1]
     completion_ids = out[:, prompt_length:]
     if completion_ids.shape[1] == 0:  # nothing generated at all: keep one padded slot
@@ -112,3 +109,63 @@ def generate(
         texts=texts,
         truncated=truncated,
     )
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool) -> torch.Tensor:
+    """[n, V] float32 logits -> [n] token ids, as transformers' temperature and top-p warpers."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+
+
+@torch.no_grad()
+def _decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int,
+            max_new_tokens: int, temperature: float, top_p: float, do_sample: bool,
+            eos_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Completion ids [prompts * G, <= max_new_tokens], pad after EOS, rows group-contiguous.
+
+    Prompts [p, P] (left-padded) are prefilled once; the cache is then repeated G times, so the
+    group shares the prompt's work. Finished rows are dropped from the batch (and the cache), and
+    the loop stops when every row has finished. Positions count real tokens only, as in
+    `model.generate` for left padding. One host sync per token (the early-stop test), as there.
+    """
+    rows = prompt_ids.shape[0] * num_generations
+    out = torch.full((rows, max(max_new_tokens, 0)), pad_id, dtype=torch.long, device=prompt_ids.device)
+    if max_new_tokens <= 0 or rows == 0:
+        return out
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever forward takes
+    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
+    step = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                 use_cache=True, logits_to_keep=1, **{kv: cache})
+    cache.batch_repeat_interleave(num_generations)
+    logits = step.logits[:, -1].float().repeat_interleave(num_generations, dim=0)
+    mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    pos = positions[:, -1:].repeat_interleave(num_generations, dim=0)
+    active = torch.arange(rows, device=prompt_ids.device)  # output row of each batch row
+    for t in range(max_new_tokens):
+        tokens = _next_tokens(logits, temperature, top_p, do_sample)
+        out[active, t] = tokens
+        if t == max_new_tokens - 1:
+            break
+        running = ~torch.isin(tokens, eos_ids)
+        if not bool(running.all()):
+            if not bool(running.any()):
+                break
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, mask, pos, tokens = active[keep], mask[keep], pos[keep], tokens[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = pos + 1
+        step = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos,
+                     use_cache=True, **{kv: cache})
+        logits = step.logits[:, -1].float()
+    return out[:, : t + 1]

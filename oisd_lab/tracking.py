@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import threading
-from urllib.parse import urlparse
 import platform
+import socket
 import subprocess
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only

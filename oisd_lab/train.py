@@ -20,15 +20,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpointing import AtomicCheckpointIO, find_resumable, truncate_jsonl
-from .config import ConfigError, TrainConfig, to_dict, to_yaml
+from .config import ConfigError, TrainConfig, check_start_model, to_dict, to_yaml
 from .evaluate import evaluate
-from .tracking import TableLogger, environment_info, make_wandb_logger
 from .models import load_pretrained
 from .module import OISDModule
 from .preflight import preflight
 from .pretrain import cache_root, warm_start
 from .run_hooks import LogStepHook
 from .sources import load_source
+from .tracking import TableLogger, environment_info, make_wandb_logger
 
 
 @dataclass
@@ -135,6 +135,7 @@ _QUIET = (
     r".*anonymous setting has no effect.*",
     r".*does not have many workers.*",
     r".*resuming from a checkpoint that ended before the epoch ended.*",  # prompts are a function of the step
+    r".*Checkpoint directory .* exists and is not empty.*",  # a resumed run writes into its own folder
 )
 
 
@@ -147,6 +148,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     run = RunDir(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg))
     cfg.run_dir = str(run.root)
     source = preflight(cfg)  # bad input (task, model, layers, run_dir) fails before anything is written
+    check_start_model(cfg)
     start_dir = warm_start(cfg, log=log)
     run.root.mkdir(parents=True, exist_ok=True)
     resume = run.last_checkpoint()
@@ -159,10 +161,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model, tokenizer = load_pretrained(start_dir, cfg.model.dtype, cfg.model.attn_implementation)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
-    before = _cached_eval(cache_root(cfg), {"start": str(start_dir.resolve()), "task": to_dict(cfg)["task"], "eval": to_dict(cfg)["eval"],
-                           "len": cfg.grpo.max_completion_length, "chat": cfg.model.chat_template},
-                          lambda: _summary(run_eval(cfg, model, tokenizer, source)))
-    log(f"held-out before RL: greedy {before['greedy_acc']:.3f}, avg@{before['k']} {before['avg_at_k']:.3f}")
+    before = {}
+    if _launched_rank() == 0:  # ranks started by a DDP launcher leave evaluation to rank 0
+        before = _cached_eval(cache_root(cfg), {"start": str(start_dir.resolve()), "task": to_dict(cfg)["task"],
+                                                "eval": to_dict(cfg)["eval"], "len": cfg.grpo.max_completion_length,
+                                                "chat": cfg.model.chat_template},
+                              lambda: _summary(run_eval(cfg, model, tokenizer, source)))
+        log(f"held-out before RL: greedy {before['greedy_acc']:.3f}, avg@{before['k']} {before['avg_at_k']:.3f}")
     ref = copy.deepcopy(model).eval() if cfg.grpo.beta > 0 else None
     hook = LogStepHook(cfg, run)
     module = OISDModule(cfg, model, tokenizer, source, source.reward,
@@ -182,6 +187,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         run.write_status(status=stopped, error=f"{type(err).__name__}: {err}"[:500], failed=time.time())
         raise
     train_seconds = time.time() - started
+    model = _unsharded_policy(trainer, model, start_dir, cfg)
     if trainer.global_rank != 0:
         return run.root
     model.save_pretrained(run.final_model)
@@ -199,6 +205,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                     if isinstance(v, (int, float)):
                         lg.experiment.summary[f"eval/{when}/{k}"] = v
         lg.finalize("success")
+    _finish_wandb()
     run.write_status(status="finished", finished=time.time(), error=None)
     return run.root
 
@@ -223,6 +230,21 @@ def evaluate_path(path: Path, overrides: list[str]) -> dict:
     return result
 
 
+def _unsharded_policy(trainer: L.Trainer, model, start_dir: Path, cfg: TrainConfig):
+    """The trained policy with full parameters on rank 0. Under FSDP the parameters are shards
+    after `fit`: every rank joins the gather, and rank 0 loads the full weights into a fresh copy."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return model
+    state = trainer.strategy.lightning_module_state_dict()  # collective; full on rank 0 only
+    if trainer.global_rank != 0:
+        return model
+    full, _ = load_pretrained(start_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    full.load_state_dict({k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")})
+    return full.to(trainer.strategy.root_device)
+
+
 def enable_checkpointing(model) -> None:
     """Non-reentrant activation checkpointing, which the attention capture needs (see attention.py)."""
     kwargs = {"use_reentrant": False}
@@ -230,6 +252,19 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _launched_rank() -> int:
+    """This process's global rank when a distributed launcher started it (0 otherwise)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def _finish_wandb() -> None:
+    """Close this run's W&B run, so that a later `train()` in the same process starts its own."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -241,7 +276,8 @@ def _trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=run.checkpoints, filename="step={step}", every_n_train_steps=cfg.checkpoint_every,
-                           save_last=True, save_top_k=2, monitor="step", mode="max", auto_insert_metric_name=False)
+                           save_last=True, save_top_k=2, monitor="step", mode="max", auto_insert_metric_name=False,
+                           enable_version_counter=False)  # a resumed run overwrites, never writes step=N-v1
     return L.Trainer(
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
         precision=cfg.precision, logger=loggers, callbacks=[ckpt], log_every_n_steps=1,

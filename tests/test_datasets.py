@@ -31,6 +31,16 @@ def test_gsm8k_folder_with_train_and_test_files():
     assert {p.answer for p in src.task.train} == {"10", "20", "1000", "5", "12"}  # `#### 1,000`
 
 
+def test_hub_snapshot_folder_reads_only_the_dataset_config(tmp_path):
+    import shutil
+
+    for config in ("main", "socratic"):  # openai/gsm8k ships one folder per config
+        shutil.copytree(FIXTURES / "gsm8k", tmp_path / config)
+    (tmp_path / "socratic" / "train.jsonl").write_text('{"question": "extra", "answer": "#### 1"}\n')
+    src = source_of("task=gsm8k", f"task.path={tmp_path}")
+    assert len(src.task.train) == 5 and len(src.task.test) == 3
+
+
 def test_one_file_benchmark_is_cut_in_two_disjoint_stable_parts():
     a = source_of(f"task={FIXTURES / 'math500.jsonl'}")
     b = source_of("task=math500", f"task.path={FIXTURES / 'math500.jsonl'}")
@@ -139,6 +149,7 @@ def test_named_dataset_offline_fails_in_the_cli(capsys, tmp_path, monkeypatch):
         (["task=local", "task.path=/nonexistent/file.jsonl"], "does not exist"),
         (["task.name=nosuch"], "task.name: unknown task 'nosuch'"),
         (["task=amc23", "task.test_fraction=0.0"], "task.test_fraction"),
+        ([f"task={FIXTURES / 'amc23.parquet'}", "task.train_data=nosuch"], "task.train_data: unknown dataset"),
     ],
 )
 def test_bad_task_settings_are_one_line_errors(overrides, expected):
@@ -155,10 +166,14 @@ def test_a_file_without_a_question_field_names_the_fields(tmp_path):
     assert "question field" in str(err.value) and "text, label" in str(err.value)
 
 
-def test_tiny_models_refuse_real_datasets():
+def test_tiny_models_refuse_real_datasets(tmp_path):
+    from oisd_lab.train import train
+
+    cfg = compose([f"task={FIXTURES / 'math500.jsonl'}", f"run_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError) as err:
-        compose([f"task={FIXTURES / 'math500.jsonl'}"])
+        train(cfg)
     assert str(err.value).startswith("model.name: the tiny model 'tiny'")
+    assert not (tmp_path / "run").exists()
 
 
 def test_file_task_override_becomes_local_task():
@@ -193,3 +208,34 @@ def test_last_boxed(text, expected):
 )
 def test_clean_answer(value, expected):
     assert ds.clean_answer(value) == expected
+
+
+PAPER = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_recipes_compose(name):
+    cfg = compose([], config_name=f"paper/{name}")
+    assert cfg.model.name == "Qwen/Qwen3-4B" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.gradient_checkpointing and cfg.method.layers == [6]
+    assert (cfg.method.logit_weight, cfg.method.attn_weight) == ((1.0, 0.1) if "oisd" in name else (0.0, 0.0))
+    assert cfg.task.name == "math500" and cfg.task.train_data == "math"
+
+
+def test_train_command_takes_a_config_name():
+    from oisd_lab.cli import build_parser
+
+    args = build_parser("train").parse_args(["train", "--config", "paper/qwen3-4b-grpo", "seed=1"])
+    assert args.config == "paper/qwen3-4b-grpo" and args.overrides == ["seed=1"]
+    assert build_parser("train").parse_args(["train"]).config == "train"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [(["strategy=fsdp", "accelerator=cpu"], "strategy: fsdp runs on GPUs only"),
+     (["grpo.rollout_backend=sglang"], "grpo.rollout_backend: unknown value 'sglang'")],
+)
+def test_scale_out_settings_are_validated(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert str(err.value).startswith(expected)

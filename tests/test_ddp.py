@@ -1,6 +1,7 @@
 """Two CPU processes under Lightning DDP (gloo): ranks end with identical parameters, each rank rolls
 out its own slice of the step's prompts with all G completions of a prompt on one rank, and the
-per-rank advantages equal those of one process over the union of the ranks' rewards."""
+per-rank advantages equal those of one process over the union of the ranks' rewards (with
+`scale_rewards=batch`, where the std runs over the whole step's rewards across ranks)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def test_ddp_two_cpu_ranks_agree(tmp_path):
     from oisd_lab.sources import load_source
 
     overrides = ["strategy=ddp", "devices=2", "accelerator=cpu", f"max_steps={STEPS}", "method=oisd",
+                 "grpo.scale_rewards=batch",
                  f"grpo.prompts_per_step={PROMPTS}", f"grpo.num_generations={G}",
                  "grpo.micro_batch_size=4", "grpo.max_completion_length=12", "log.every_n_steps=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OISD_LAB_CACHE": str(tmp_path / "cache"),

@@ -34,6 +34,7 @@ EQUIVALENT = [
     (r"\boxed{C}", "C"),
     (r"\boxed{-7}", "-7"),
     ("First 5 apples, then 7 more, so 12", "12"),
+    (r"First \boxed{1}, corrected: \boxed{2}", "2"),  # the last box counts
 ]
 
 NEAR_MISSES = [
@@ -45,6 +46,7 @@ NEAR_MISSES = [
     (r"\boxed{(1,2)}", "(2,1)"),
     (r"\boxed{D}", "C"),
     ("First 5 apples, then 7 more, so 12", "5"),
+    (r"First \boxed{1}, corrected: \boxed{2}", "1"),
     ("no answer at all", "3"),
     ("", "3"),
     ("3", ""),
@@ -134,7 +136,7 @@ def test_grading_in_worker_processes():
     pairs = EQUIVALENT[:4] + NEAR_MISSES[:4] + [(r"\boxed{9^{9^{9^{9}}}}", "3")]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        scores = list(pool.map(math_reward, *zip(*pairs), timeout=120))
+        scores = list(pool.map(math_reward, *zip(*pairs, strict=True), timeout=120))
     assert scores == [1.0] * 4 + [0.0] * 5
 
 

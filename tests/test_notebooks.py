@@ -14,8 +14,6 @@ from conftest import tiny_overrides
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ("01-ablations", "02-layer-inspection", "03-report")
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def grid_dir(tmp_path_factory, cache_dir):
@@ -46,6 +44,7 @@ def _execute(name: str, out: Path, **parameters) -> nbformat.NotebookNode:
                                       progress_bar=False, log_output=False)
 
 
+@pytest.mark.slow
 def test_notebooks_run_and_write_the_report(grid_dir, tmp_path):
     out = tmp_path / "report"
     params = {"grid_dir": str(grid_dir), "out_dir": str(out)}

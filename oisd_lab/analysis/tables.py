@@ -1,7 +1,7 @@
 """Paper-style tables from the collected `aggregate` and `paired` tables, as Markdown and LaTeX.
 
-Every number shown is a value of the collected tables, only scaled (accuracies to %) and rounded;
-nothing is recomputed here except `mean_ci`, which figures use for seed bands.
+Every number shown is a value of the collected tables, only scaled (accuracies to %) and rounded.
+`mean_ci` (the collector's own interval) is here for the seed bands of figures.
 """
 
 from __future__ import annotations

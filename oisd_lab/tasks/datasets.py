@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from oisd_lab.config import ConfigError
+from oisd_lab.rewards import last_boxed
 from oisd_lab.tasks.synthetic import Problem
 
 QUESTION_FIELDS = ("problem", "question", "prompt")
@@ -78,18 +79,6 @@ LOCAL = DatasetSpec("local", "", None, None, "test")
 
 
 # ---------------------------------------------------------------- answers and rows
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; else None."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i].strip()
-    return None
 
 
 def clean_answer(value: Any) -> str:
@@ -171,11 +160,14 @@ def _split_files(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def load_local(path: str | Path) -> dict[str, list[dict]]:
-    """Rows of a local JSONL/Parquet file (one split, `data`) or directory (splits by file name)."""
+def load_local(path: str | Path, config: str | None = None) -> dict[str, list[dict]]:
+    """Rows of a local JSONL/Parquet file (one split, `data`) or directory (splits by file name;
+    in a hub snapshot with one folder per config, only the `config` folder)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"task.path: {path} does not exist; give a .jsonl/.parquet file or a folder of them")
+    if config and (path / config).is_dir():
+        path = path / config
     out = {}
     with _quiet_datasets() as datasets:
         for split, files in _split_files(path).items():
@@ -250,7 +242,7 @@ class DatasetTask:
 def _rows_of(name: str, path: str | None) -> tuple[DatasetSpec, dict[str, list[dict]], str]:
     spec = DATASETS.get(name, LOCAL)
     if path:
-        return spec, load_local(path), str(path)
+        return spec, load_local(path, spec.config), str(path)
     if name == "local":
         raise ConfigError("task.path: the local task needs a file: task.path=/path/to/file.jsonl")
     if name not in DATASETS:
@@ -285,8 +277,12 @@ def load_dataset_task(name: str, path: str | None = None, train_data: str | None
     if train_data:
         extra = Path(train_data).expanduser()
         is_file = extra.exists() or extra.suffix in FILE_SUFFIXES
-        t_spec, t_rows, t_where = _rows_of("local" if is_file else train_data,
-                                           str(extra) if is_file else None)
+        try:
+            t_spec, t_rows, t_where = _rows_of("local" if is_file else train_data,
+                                               str(extra) if is_file else None)
+        except ConfigError as err:
+            reason = str(err).split(": ", 1)[-1].replace("task.path=", "task.train_data=")
+            raise ConfigError(f"task.train_data: {reason}") from err
         t_train, t_test = _pick_splits(t_spec, t_rows)
         train = _problems(t_train if t_train is not None else t_test, t_where)
         held = {p.prompt for p in test}
