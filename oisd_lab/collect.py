@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .config import ConfigError
+from .provenance import git_commit
 
 ID_COLUMNS = ("grid", "run_id", "cell", "method", "task", "seed")
 EVAL_METRICS = (("greedy_acc", "after"), ("avg_at_k", "after"),
@@ -219,23 +219,11 @@ def collect(grid_dir: str | Path, out: str | Path | None = None) -> dict:
     summary = {"grid": manifest["name"], "grid_dir": str(grid_dir.resolve()), "file": manifest.get("file"),
                "run_ids": sorted(results["run_id"].unique().tolist()),
                "missing": missing["cell"].tolist(), "cells": len(manifest["cells"]),
-               "rows": len(results), "git": _git_commit(), "run_commits": _run_commits(grid_dir, results),
+               "rows": len(results), "git": git_commit(), "run_commits": _run_commits(grid_dir, results),
                "command": " ".join(["oisd-lab", *sys.argv[1:]]) if sys.argv else "",
                "collected": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "collect.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _git_commit() -> dict:
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return {"commit": commit or None, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
 
 
 def _run_commits(grid_dir: Path, results) -> list[str]:

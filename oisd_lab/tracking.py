@@ -7,13 +7,14 @@ import math
 import os
 import platform
 import socket
-import subprocess
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+
+from .provenance import git_commit
 
 
 class TableLogger(Logger):
@@ -152,18 +153,6 @@ def _wandb_logger(cfg, root: Path, run_id: str, mode: str):
                        group=cfg.log.wandb_group, tags=tags, mode=mode, resume="allow",
                        config=to_dict(cfg), log_model=False,
                        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT))
-
-
-def git_commit(path: Path | None = None) -> dict:
-    where = str(path or Path(__file__).resolve().parent)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return {"commit": commit or None, "dirty": bool(dirty)}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
 
 
 def environment_info() -> dict:

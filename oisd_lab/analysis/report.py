@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from ..provenance import commit_label
 from . import figures, tables
 from .runs import COLLECTED, GridData, load_grid
 
@@ -164,20 +164,6 @@ def write_figures(grid: GridData, out: Path) -> list[str]:
     return names
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _commit() -> str:
-    """HEAD of the code writing the report, and whether tracked files differ from it."""
-    commit = _git("rev-parse", "HEAD") or "unknown"
-    return commit + (" (uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def _collect_info(grid: GridData) -> dict:
     try:
         return json.loads((grid.results_dir / "collect.json").read_text())
@@ -207,7 +193,7 @@ def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -
              f"- collected tables: `{grid.results_dir}`",
              f"- runs: {len(grid.runs)} ({int(grid.runs['finished'].sum()) if not grid.runs.empty else 0} finished)",
              *_provenance(grid),
-             f"- git commit (report): `{_commit()}`",
+             f"- git commit (report): `{commit_label()}`",
              f"- command: `{command}`",
              f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", "",
              "## Summary (OISD variants vs GRPO, paired by seed)", "",
