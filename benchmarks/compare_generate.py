@@ -88,7 +88,7 @@ def main() -> None:
             "tokens_per_s_wall": statistics.median(x["tokens"] / x["wall"] for x in rs),
         }
     ratios = [a["cpu"] / b["cpu"] for a, b in zip(runs["oisd_lab.rollout.generate (after)"],
-                                                  runs["model.generate (before)"])]
+                                                  runs["model.generate (before)"], strict=True)]
     result["cpu_ratio_after_vs_before"] = {"median": statistics.median(ratios), "min": min(ratios),
                                            "max": max(ratios)}
     print(json.dumps(result, indent=2))

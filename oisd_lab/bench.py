@@ -1,26 +1,32 @@
 """`oisd-lab bench`: step time, loss memory and the TRL comparison, measured side by side.
 
+Every time is taken on two clocks: wall seconds and the process's CPU seconds (`time.process_time`).
+With one torch thread (the default here) CPU seconds equal wall seconds on an idle machine, and
+on a shared one they leave out the time the process waits for a core, which is most of the noise.
+
 Sections (`--sections`, default all):
 
 - `presets`: every method preset on the same policy. Per round and preset: the weights are reset,
   then `--steps` + 1 Lightning steps on ONE fixed rollout batch (the optimisation step alone:
   scoring, forward/backward, optimizer) and `--steps` + 1 full steps (generation included, same
-  seeds, so the first rollout is identical across presets). The first step of every fit is a
-  warm-up and is dropped. Presets run round-robin, the starting preset rotating per round, so
-  that load changes on a shared machine hit every preset alike. Ratios are paired per round.
+  seeds, so the first rollout is identical across presets; the per-layer diagnostics hook on,
+  as in `oisd-lab train`). The first step of every fit is a warm-up and is dropped (it is also
+  the diagnostics step, timed on its own). Presets run round-robin, the starting preset rotating
+  per round, so that load changes on a shared machine hit every preset alike; ratios to `grpo`
+  are paired per round. Phases come from wrapping the module's `_rollout` and `_optimise`.
 - `memory`: peak memory of one loss forward+backward (`OISDModule._loss_terms` + backward, one
   micro-batch) at a large vocabulary, per preset, from the CPU allocator's own accounting as
   recorded by `torch.profiler` (profile_memory=True: every allocation and free made inside the
   region; the weights and inputs, allocated before, are not counted), cross-checked by sampling
-  the process's resident set size.
+  the process's resident set size every millisecond.
 - `attn512`: `grpo` against `oisd_attn` (and `oisd`) at long completions, on a fixed rollout
-  batch, plus the time of generating that batch, so the added cost is given against the
-  optimisation step and against the full step.
+  batch, plus the time of generating that batch (EOS suppressed), so the added cost is given
+  against the optimisation step and against the full step.
 - `trl`: the same GRPO work through TRL's `GRPOTrainer` (same tiny model, prompts, reward,
   num_generations, lengths, batch, micro-batch, loss_type dapo, beta 0, fp32, no gradient
-  checkpointing, no vLLM) and through `oisd-lab`'s Lightning loop, interleaved in one process.
-  Step time is the wall time between consecutive optimizer-step ends (everything a step costs:
-  data, generation, scoring, loss, update, logging), first step dropped.
+  checkpointing, no vLLM) and through `oisd-lab`'s Lightning loop, alternating in one process.
+  Step time runs from one optimizer-step end to the next (everything a step costs: data,
+  generation, scoring, loss, update, logging), first step dropped.
 """
 
 from __future__ import annotations
@@ -35,14 +41,13 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 PRESETS = ("grpo", "oisd_logit", "oisd_attn", "oisd", "oisd_unsigned")
 SECTIONS = ("presets", "memory", "attn512", "trl")
-LAPS = ("time/rollout", "time/scoring", "time/forward_backward", "time/diagnostics")
 
 
 @dataclass
@@ -67,7 +72,6 @@ class Settings:
     trl_steps: int = 4
     presets: tuple[str, ...] = PRESETS
     sections: tuple[str, ...] = SECTIONS
-    extra: dict = field(default_factory=dict)
 
 
 QUICK = dict(prompts=2, generations=2, max_len=6, micro=4, repeats=1, steps=1, mem_vocab=2048,
@@ -89,12 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", dest="max_len", type=int, help="max_completion_length")
     parser.add_argument("--trl-steps", dest="trl_steps", type=int, help="timed steps per TRL/ours fit")
     parser.add_argument("--mem-vocab", dest="mem_vocab", type=int, help="vocabulary of the memory section")
+    parser.add_argument("--mem-tokens", dest="mem_tokens", type=int, help="completion tokens of the memory section")
     parser.add_argument("--attn-len", dest="attn_len", type=int, help="completion length of attn512")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(**(QUICK if args.quick else {}))
-    for name in ("repeats", "steps", "threads", "prompts", "max_len", "trl_steps", "mem_vocab", "attn_len", "init"):
+    for name in ("repeats", "steps", "threads", "prompts", "max_len", "trl_steps", "mem_vocab", "mem_tokens",
+                 "attn_len", "init"):
         if getattr(args, name, None) is not None:
             setattr(s, name, getattr(args, name))
     s.sections = tuple(x for x in args.sections.split(",") if x)
@@ -265,7 +271,7 @@ class _Clock:
 
     def steps(self) -> list[dict]:
         out = []
-        for (w0, c0), (w1, c1), phases, row in zip(self.marks, self.marks[1:], self.phases, self.rows):
+        for (w0, c0), (w1, c1), phases, row in zip(self.marks, self.marks[1:], self.phases, self.rows, strict=False):
             out.append({**row, **phases, "wall": w1 - w0, "cpu": c1 - c0})
         return out
 
@@ -345,7 +351,7 @@ def bench_presets(s: Settings) -> dict:
 
 
 def _per_round(fits_a: list, fits_b: list, fn) -> dict:
-    return stats([fn(a, b) for a, b in zip(fits_a, fits_b)])
+    return stats([fn(a, b) for a, b in zip(fits_a, fits_b, strict=True)])
 
 
 def _ratio(key: str):
@@ -457,7 +463,7 @@ def bench_memory(s: Settings) -> dict:
                 max_completion_length=completion)
     out = {"vocab_size": s.mem_vocab, "completion_tokens": batch * completion, "batch": batch,
            "completion_length": completion, "prompt_length": prompt_len,
-           "logits_bytes": batch * (completion + 1) * s.mem_vocab * 4, "per_preset": {}}
+           "logits_bytes": batch * completion * s.mem_vocab * 4, "per_preset": {}}
     presets = [m for m in ("grpo", "oisd_logit", "oisd_attn", "oisd") if m in s.presets or m == "grpo"]
     for m in presets:
         cfg = _cfg(s, m, prompts=max(batch // s.generations, 1), max_len=completion, micro=batch)
@@ -477,7 +483,7 @@ def bench_memory(s: Settings) -> dict:
         out["per_preset"][m] = {"peak_bytes": peak, "rss_peak_bytes": rss.bytes}
         print(f"[bench] memory {m}: {peak / 2**20:.0f} MiB (RSS {rss.bytes / 2**20:.0f} MiB)", flush=True)
     base = out["per_preset"]["grpo"]
-    for m, v in out["per_preset"].items():
+    for v in out["per_preset"].values():
         v["ratio_vs_grpo"] = v["peak_bytes"] / base["peak_bytes"]
         v["rss_ratio_vs_grpo"] = v["rss_peak_bytes"] / max(base["rss_peak_bytes"], 1)
     return out
@@ -606,7 +612,7 @@ def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int) -> list[dict]:
     data = Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
 
     def correct(prompts, completions, answer, **kwargs):
-        return [source.reward(c, a) for c, a in zip(completions, answer)]
+        return [source.reward(c, a) for c, a in zip(completions, answer, strict=True)]
 
     rows: list[dict] = []
     marks: list[tuple[float, float]] = []
@@ -643,7 +649,7 @@ def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int) -> list[dict]:
     trainer.remove_callback(PrinterCallback)  # no per-step log lines in the bench output
     trainer.train()
     out = []
-    for (w0, c0), (w1, c1), row, (gw, gc) in zip(marks, marks[1:], rows, gen_times):
+    for (w0, c0), (w1, c1), row, (gw, gc) in zip(marks, marks[1:], rows, gen_times, strict=False):
         out.append({**row, "wall": w1 - w0, "cpu": c1 - c0, "generate_wall": gw, "generate_cpu": gc})
     return out
 
