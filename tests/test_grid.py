@@ -48,7 +48,7 @@ def test_every_grid_file_loads_and_validates():
             assert len(grid.cells) == expected[path.stem], path.stem
     components = G.load_grid(config_dir() / "grids" / "components.yaml")
     assert [(c.method, c.task, c.seed) for c in components.cells[:4]] == [
-        ("grpo", "arith", 0), ("grpo", "arith", 1), ("grpo", "arith", 2), ("grpo", "word", 0)]
+        ("grpo", "arith", 0), ("grpo", "word", 0), ("grpo", "linear", 0), ("grpo", "sequence", 0)]
     assert {c.method for c in components.cells} == {"grpo", "oisd_logit", "oisd_attn", "oisd", "oisd_unsigned"}
 
 
