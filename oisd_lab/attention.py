@@ -123,6 +123,7 @@ def attention_probs(
     is_causal: bool = True,
     rows: slice | None = None,
     flash_semantics: bool = False,
+    keys: int | None = None,
 ) -> torch.Tensor:
     """Eager attention probabilities [B, H, T, S] from q [B, H, T, D] and k [B, KVH, S, D].
 
@@ -133,6 +134,8 @@ def attention_probs(
     rows are needed). Fully masked query rows (left padding) come out uniform, as in eager.
     ``flash_semantics``: read a None mask as flash attention does (causal aligned to the last
     query, ``sliding_window`` applied) instead of as sdpa does (upper-left causal, no window).
+    ``keys`` keeps only the first ``keys`` keys ([..., :keys]); exact when none of the kept query
+    rows may attend beyond them (causal rows up to position ``keys - 1``), and then cheaper.
     """
     _check_mask(attention_mask)
     t, s = query.shape[2], key.shape[2]
@@ -154,6 +157,10 @@ def attention_probs(
             additive = additive[:, :, rows]
         if allowed is not None and allowed.shape[2] > 1:
             allowed = allowed[:, :, rows]
+    if keys is not None and keys < s:
+        key = key[:, :, :keys]
+        additive = None if additive is None else additive[..., :keys]
+        allowed = None if allowed is None else allowed[..., :keys]
     k = repeat_kv(key, query.shape[1] // key.shape[1])
     scores = torch.matmul(query, k.transpose(2, 3)) * scaling
     if softcap is not None:
@@ -178,7 +185,7 @@ class _Record:
     is_causal: bool
     flash_semantics: bool
 
-    def probs(self, rows: slice | None = None) -> torch.Tensor:
+    def probs(self, rows: slice | None = None, keys: int | None = None) -> torch.Tensor:
         return attention_probs(
             self.query,
             self.key,
@@ -189,6 +196,7 @@ class _Record:
             self.is_causal,
             rows,
             self.flash_semantics,
+            keys if self.is_causal else None,  # a non-causal row may attend to any key
         )
 
     @property
@@ -405,11 +413,15 @@ class AttentionCapture:
         # updated in place could change the recorded key.
         self._records[layer] = record if torch.is_grad_enabled() else record.probs()
 
-    def probs_for(self, layer: int, rows: slice | None = None) -> torch.Tensor:
+    def probs_for(
+        self, layer: int, rows: slice | None = None, keys: int | None = None
+    ) -> torch.Tensor:
         """Probabilities of ``layer`` for query ``rows`` only: [B, H, len(rows), S], not cached.
 
         Recomputes from the recorded q/k, so only those rows are materialised (e.g. the completion
         rows of a long prompt). After a no-grad forward the full tensor is sliced instead.
+        ``keys``: for a causal layer, only the first ``keys`` keys ([..., :keys]); the caller
+        promises the rows attend to none beyond them (see ``attention_probs``).
         """
         if layer not in self._records:
             raise KeyError(
@@ -417,8 +429,9 @@ class AttentionCapture:
             )
         record = self._records[layer]
         if isinstance(record, torch.Tensor):
-            return record if rows is None else record[:, :, rows]
-        return record.probs(rows)
+            record = record if rows is None else record[:, :, rows]
+            return record if keys is None else record[..., :keys]
+        return record.probs(rows, keys)
 
     def _probs(self, layer: int) -> torch.Tensor:
         if layer not in self._records:

@@ -330,18 +330,19 @@ def bench_presets(s: Settings) -> dict:
     problems = source.train_batch(0, s.prompts, s.seed)
     torch.manual_seed(s.seed)
     fixed = (problems, generate(policy, tok, [p.prompt for p in problems], s.generations, s.max_len))
-    run_root = Path(tempfile.mkdtemp(prefix="oisd_bench_"))
     opt: dict[str, list[list[dict]]] = {m: [] for m in s.presets}
     full: dict[str, list[list[dict]]] = {m: [] for m in s.presets}
     _fit(_module(cfgs["grpo"], policy, tok, source, fixed), 2)  # process warm-up
-    for r in range(s.repeats):
-        for m in _rotated(s.presets, r):
-            policy.load_state_dict(init)
-            opt[m].append(_fit(_module(cfgs[m], policy, tok, source, fixed), s.steps + 1))
-            policy.load_state_dict(init)
-            hook = LogStepHook(cfgs[m], RunDir(run_root / f"{m}-{r}"))
-            (run_root / f"{m}-{r}").mkdir(parents=True, exist_ok=True)
-            full[m].append(_fit(_module(cfgs[m], policy, tok, source, hook=hook), s.steps + 1))
+    with tempfile.TemporaryDirectory(prefix="oisd_bench_") as tmp:  # diagnostics files
+        for r in range(s.repeats):
+            for m in _rotated(s.presets, r):
+                policy.load_state_dict(init)
+                opt[m].append(_fit(_module(cfgs[m], policy, tok, source, fixed), s.steps + 1))
+                policy.load_state_dict(init)
+                run_dir = Path(tmp) / f"{m}-{r}"
+                run_dir.mkdir()
+                hook = LogStepHook(cfgs[m], RunDir(run_dir))
+                full[m].append(_fit(_module(cfgs[m], policy, tok, source, hook=hook), s.steps + 1))
     policy.load_state_dict(init)
     return {"batch": {"prompts": s.prompts, "generations": s.generations, "max_completion_length": s.max_len,
                       "micro_batch_size": s.micro, "fixed_rollout_completion_tokens":
@@ -567,17 +568,18 @@ def bench_trl(s: Settings) -> dict:
     from .sources import load_source
 
     policy, tok = _start_policy(s)
-    model_dir = Path(tempfile.mkdtemp(prefix="oisd_bench_trl_")) / "model"
-    policy.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
     cfg = _cfg(s, "grpo")
     source = load_source(cfg.task)
     ours, theirs = [], []
-    for r in range(s.repeats):
-        order = [_ours_fit, _trl_fit] if r % 2 == 0 else [_trl_fit, _ours_fit]
-        for fn in order:
-            rows = fn(s, cfg, source, model_dir, r)
-            (ours if fn is _ours_fit else theirs).append(rows[1:])
+    with tempfile.TemporaryDirectory(prefix="oisd_bench_trl_") as tmp:
+        model_dir = Path(tmp) / "model"  # both trainers start from these weights every round
+        policy.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        for r in range(s.repeats):
+            order = [_ours_fit, _trl_fit] if r % 2 == 0 else [_trl_fit, _ours_fit]
+            for fn in order:
+                rows = fn(s, cfg, source, model_dir, r)
+                (ours if fn is _ours_fit else theirs).append(rows[1:])
     out = {"batch": {"prompts": s.prompts, "generations": s.generations, "max_completion_length": s.max_len,
                      "micro_batch_size": s.micro, "loss_type": "dapo", "beta": 0.0},
            "ours_mean_completion_length": stats([_median_of(x, "completions/mean_length") for x in ours]),

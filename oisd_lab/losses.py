@@ -120,53 +120,20 @@ def _logps_chunk(logits: Tensor, index: Tensor, temperature: float) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-class _ChunkedLogps(torch.autograd.Function):
-    """log softmax(logits / T)[index] over [N, V] in row chunks, with a chunked backward.
-
-    Backward writes d logits = g (onehot(index) - softmax) / T one chunk at a time into a single
-    [N, V] buffer: beside the logits only that gradient and one [chunk, V] block are alive
-    (checkpointed chunks would also hold every chunk's gradient and their concatenation).
-    """
-
-    @staticmethod
-    def forward(ctx, flat: Tensor, index: Tensor, chunk_size: int, temperature: float) -> Tensor:
-        out = torch.empty(index.shape, dtype=_upcast(flat[:0]).dtype, device=flat.device)
-        lse = torch.empty_like(out)
-        for lo in range(0, flat.shape[0], chunk_size):
-            x = _upcast(flat[lo : lo + chunk_size])
-            x = x / temperature if temperature != 1.0 else x
-            lse[lo : lo + chunk_size] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(-1, index[lo : lo + chunk_size, None]).squeeze(-1)
-            out[lo : lo + chunk_size] = picked - lse[lo : lo + chunk_size]
-        ctx.save_for_backward(flat, index, lse)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        flat, index, lse = ctx.saved_tensors
-        step, temperature = ctx.chunk_size, ctx.temperature
-        grad = torch.empty_like(flat)
-        for lo in range(0, flat.shape[0], step):
-            x = _upcast(flat[lo : lo + step])
-            x = x / temperature if temperature != 1.0 else x
-            g = grad_out[lo : lo + step, None] / temperature
-            chunk = (x - lse[lo : lo + step, None]).exp_().mul_(-g)
-            chunk.scatter_add_(-1, index[lo : lo + step, None], g)
-            grad[lo : lo + step] = chunk
-        return grad, None, None, None
-
-
 def _chunked_logps(logits: Tensor, index: Tensor, chunk_size: int, temperature: float) -> Tensor:
     if logits.shape[:-1] != index.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree")
     flat, flat_index = logits.reshape(-1, logits.shape[-1]), index.reshape(-1)
-    if flat.shape[0] == 0:
+    # Checkpointing each chunk keeps only [chunk, V] upcast/tempered copies alive, in backward too.
+    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
+    pieces = [
+        checkpoint(_logps_chunk, lg, ix, temperature, use_reentrant=False)
+        if use_ckpt
+        else _logps_chunk(lg, ix, temperature)
+        for lg, ix in zip(flat.split(chunk_size), flat_index.split(chunk_size), strict=True)
+    ]
+    if not pieces:
         return _upcast(flat).new_zeros(index.shape)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _ChunkedLogps.apply(flat, flat_index, chunk_size, float(temperature)).reshape(index.shape)
-    pieces = [_logps_chunk(lg, ix, temperature)
-              for lg, ix in zip(flat.split(chunk_size), flat_index.split(chunk_size), strict=True)]
     return torch.cat(pieces).reshape(index.shape)
 
 

@@ -30,8 +30,13 @@ from .lens import default_student_layer, find_readout, resolve_layers
 from .rollout import Rollout, generate
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24
-"""Cap on chunk rows x vocabulary for the lens chunks (64 MiB of float32 per [chunk, V] block), so
-`method.chunk_size` tokens stay cheap at a 150k vocabulary as well as at a tiny one."""
+"""Rows x vocabulary of one block of vocabulary-sized work (64 MiB in float32): the log-probs,
+the entropy and the lens chunks (there also capped by `method.chunk_size` tokens), so that a
+150k vocabulary stays within a few such blocks and a tiny one runs in a single block."""
+
+
+ATTN_ROW_BLOCK = 64
+"""Completion rows per block of the attention alignment (each block reads only the keys it can see)."""
 
 
 class OISDModule(L.LightningModule):
@@ -217,7 +222,8 @@ class OISDModule(L.LightningModule):
                               use_cache=False)
         logits = out.logits  # [b, C, V]: position P-1+t predicts completion token t
         ids = part.completion_ids
-        logps = losses.token_logps(logits, ids, cfg_g.temperature)
+        rows = max(1, VOCAB_CHUNK_ELEMENTS // logits.shape[-1])  # [rows, V] blocks of vocabulary work
+        logps = losses.token_logps(logits, ids, cfg_g.temperature, chunk_size=rows)
         per_tok, clip = losses.clipped_surrogate(logps, logps.detach(), adv, cfg_g.epsilon_low, cfg_g.epsilon_high)
         terms: dict[str, torch.Tensor] = {}
         if cfg_g.beta > 0:
@@ -234,7 +240,7 @@ class OISDModule(L.LightningModule):
             terms["loss/attn"] = self._attn_loss(cap, part, adv, agg)
             total = total + cfg_m.attn_weight * terms["loss/attn"]
         with torch.no_grad():
-            ent = losses.entropy_from_logits(logits.detach(), temperature=cfg_g.temperature)
+            ent = losses.entropy_from_logits(logits.detach(), chunk_size=rows, temperature=cfg_g.temperature)
             terms["sum/entropy"] = (ent * mask).sum()
             for name in ("low", "high", "region"):
                 terms[f"sum/clip_ratio/{name}_mean"] = (clip[f"is_{name}_clipped"].float() * mask).sum()
@@ -260,16 +266,23 @@ class OISDModule(L.LightningModule):
     def _attn_loss(self, cap: AttentionCapture, part: Rollout, adv, agg) -> torch.Tensor:
         m, mask = self.cfg.method, part.completion_mask
         P, C = part.prompt_length, mask.shape[1]
-        rows = slice(P - 1, P - 1 + C)
-        with torch.no_grad():  # the teacher is detached: build no graph for its rows
-            teacher = cap.probs_for(self.num_layers - 1, rows)  # [b, H, C, S]: only completion rows
         keys = part.attention_mask.bool()
+        per_tok: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.student_layers}
+        # Blocks of completion rows: causal row P-1+t attends to keys 0..P-1+t only, so a block
+        # ending at row P-2+hi needs just the first P-1+hi keys (exact; the rest have probability 0).
+        for lo in range(0, C, ATTN_ROW_BLOCK):
+            hi = min(lo + ATTN_ROW_BLOCK, C)
+            rows, width = slice(P - 1 + lo, P - 1 + hi), P - 1 + hi
+            with torch.no_grad():  # the teacher is detached: build no graph for its rows
+                teacher = cap.probs_for(self.num_layers - 1, rows, keys=width)  # [b, H, hi-lo, width]
+            for layer in self.student_layers:
+                student = cap.probs_for(layer - 1, rows, keys=width)
+                per_tok[layer].append(losses.attention_row_jsd(
+                    teacher, student, query_mask=mask[:, lo:hi].bool(), key_mask=keys[:, :width],
+                    head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink))
         total = torch.zeros((), device=mask.device)
         for layer in self.student_layers:
-            student = cap.probs_for(layer - 1, rows)
-            per_tok = losses.attention_row_jsd(teacher, student, query_mask=mask.bool(), key_mask=keys,
-                                               head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink)
-            total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)
+            total = total + losses.alignment_loss(torch.cat(per_tok[layer], dim=1), mask, adv, m.weighting, **agg)
         return total / len(self.student_layers)
 
     @torch.no_grad()

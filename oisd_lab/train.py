@@ -272,15 +272,34 @@ def _checkpoint_step(path: Path) -> int:
     return int(ckpt.get("global_step", 0))
 
 
+def _step_bar(label: str):
+    """Progress bar that names the method instead of Lightning's "Epoch 0/-2" (training is step-bounded)."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return TQDMProgressBar()
+
+    class StepBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            return label
+
+    return StepBar()
+
+
 def _trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=run.checkpoints, filename="step={step}", every_n_train_steps=cfg.checkpoint_every,
                            save_last=True, save_top_k=2, monitor="step", mode="max", auto_insert_metric_name=False,
                            enable_version_counter=False)  # a resumed run overwrites, never writes step=N-v1
+    callbacks: list = [ckpt]
+    if cfg.log.progress_bar:
+        callbacks.append(_step_bar(cfg.method.name))
     return L.Trainer(
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
-        precision=cfg.precision, logger=loggers, callbacks=[ckpt], log_every_n_steps=1,
+        precision=cfg.precision, logger=loggers, callbacks=callbacks, log_every_n_steps=1,
         enable_progress_bar=cfg.log.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run.root, use_distributed_sampler=False, max_epochs=-1, plugins=[AtomicCheckpointIO()],
     )

@@ -164,7 +164,7 @@ def test_loss_terms_read_the_positions_that_predict_the_completion(tiny_model, c
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_chunked_logps_backward_matches_log_softmax(dtype):
+def test_token_logps_value_and_gradient_match_log_softmax(dtype):
     torch.manual_seed(0)
     logits = (3 * torch.randn(3, 5, 17, dtype=torch.float64)).to(dtype).requires_grad_(True)
     tokens = torch.randint(0, 17, (3, 5))
@@ -181,3 +181,32 @@ def test_chunked_logps_backward_matches_log_softmax(dtype):
     assert torch.autograd.gradcheck(
         lambda x: losses.token_logps(x, tokens, temperature=0.7, chunk_size=4),
         (torch.randn(3, 5, 17, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("heads, sink", [("mean", False), ("per_head", True)])
+def test_attention_row_blocks_are_exact(tiny_model, char_tokenizer, monkeypatch, heads, sink):
+    from oisd_lab import module as module_lib
+    from oisd_lab.config import compose
+    from oisd_lab.sources import load_source
+
+    cfg = compose(["method=oisd_attn", f"method.attn_heads={heads}", f"method.attn_exclude_sink={sink}",
+                   "method.layers=[1,3]"])
+    source = load_source(cfg.task)
+    module = module_lib.OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward)
+    torch.manual_seed(1)
+    rollout = generate(tiny_model, char_tokenizer, ["Q: 1+2\nA: ", "Q: (3+4)*5\nA: "], 2, 12)
+    part = rollout.select(slice(0, len(rollout)))
+    adv = torch.tensor([1.0, -0.5, 0.25, -2.0])
+    norm = dict(num_items_in_batch=part.completion_mask.sum(), num_sequences=4, max_completion_length=12)
+    results = []
+    for block in (1000, 3):
+        monkeypatch.setattr(module_lib, "ATTN_ROW_BLOCK", block)
+        tiny_model.zero_grad(set_to_none=True)
+        loss = module._loss_terms(part, adv, norm)["loss/attn"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()
+                                        if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-8, msg=name)
