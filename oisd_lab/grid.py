@@ -10,7 +10,8 @@ A grid file (`experiments/grids/*.yaml`) has three keys:
       seed: [0, 1, 2]
 
 A cell's overrides are `base`, then its axis values, then the command line's overrides (a later
-value for the same key wins). Every cell is composed and validated before anything runs. A cell's
+value for the same key wins). Every cell is composed, validated and checked against its task
+and model (as `train` checks them) before anything runs. A cell's
 `run_id` is a hash of its resolved config without the execution settings (`run_dir`,
 `num_threads`, `log.*`, `pretrain.cache_dir`); it lives in `<grid_dir>/cells/<cell id>/`, with
 cell ids such as `oisd-arith-s0-1a2b3c4d`. Because the id covers every field, adding a config
@@ -162,6 +163,31 @@ def expand(grid: Grid) -> list[Cell]:
         cell_id = _cell_name(cfg, axes, run_id)
         cells.append(Cell(index, cell_id, run_id, overrides, axes, cfg.method.name, cfg.task.name, cfg.seed))
     return cells
+
+
+def check_cells(grid: Grid) -> None:
+    """Check every cell as its `train` would before starting: the task source, and the student and
+    diagnostic layers against the model's depth. Each task and model is looked at once."""
+    from .preflight import check_layers, model_depth
+    from .sources import load_source
+
+    tasks: set[str] = set()
+    depths: dict[str, int | None] = {}
+    for cell in grid.cells:
+        label = " ".join(_axis_override(k, v) for k, v in cell.axes.items()) or "the only cell"
+        cfg = compose(cell.overrides)
+        try:
+            task_key = json.dumps(to_dict(cfg)["task"], sort_keys=True, default=str)
+            if task_key not in tasks:
+                load_source(cfg.task)
+                tasks.add(task_key)
+            model_key = cfg.pretrain.init or cfg.model.name
+            if model_key not in depths:
+                depths[model_key] = model_depth(cfg)
+            if depths[model_key] is not None:
+                check_layers(cfg, depths[model_key])
+        except ConfigError as err:
+            raise ConfigError(f"grid {grid.name}: cell {cell.index} ({label}): {err}") from err
 
 
 def _cell_name(cfg, axes: dict, run_id: str) -> str:
@@ -551,6 +577,7 @@ def run(args) -> int:
     todo = [c for c in grid.cells if states[c.id] in ("new", "unfinished")
             or (states[c.id] == "failed" and args.retry_failed)]
     kept_failed = sum(states[c.id] == "failed" and not args.retry_failed for c in grid.cells)
+    check_cells(grid)  # a bad cell stops the grid before any cell runs
     if args.dry_run:
         return _dry_run(grid, grid_dir, todo, states, args)
     grid_dir.mkdir(parents=True, exist_ok=True)

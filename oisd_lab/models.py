@@ -136,6 +136,9 @@ def load_pretrained(
         tokenizer = load_tokenizer(name, gguf_file=kwargs.get("gguf_file"))
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as err:
+        if Path(name).is_dir():
+            line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"model.name: cannot load the checkpoint in {name} ({line})") from err
         raise ValueError(
             f"model.name: cannot load '{name_or_path}' (not a local checkpoint directory, and the "
             "hub is not reachable or the id is wrong); pass a local path, a tiny preset "

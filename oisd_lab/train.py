@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from .checkpointing import AtomicCheckpointIO, find_resumable, truncate_jsonl
 from .config import ConfigError, TrainConfig, check_start_model, to_dict, to_yaml
 from .evaluate import evaluate
-from .models import load_pretrained
+from .models import is_tiny, load_pretrained
 from .module import OISDModule
 from .preflight import preflight
 from .pretrain import cache_root, warm_start
@@ -139,10 +140,47 @@ _QUIET = (
 )
 
 
+def _drop_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)
+
+
+def _quiet() -> None:
+    """Silence known-harmless notices and per-file progress bars that would bury the progress display."""
+    from transformers.utils import logging as hf_logging
+
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" for a 6 MB model
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _drop_advert not in rank_zero.filters:
+        rank_zero.addFilter(_drop_advert)
+
+
+def _load_start(cfg: TrainConfig, start_dir: Path):
+    """The starting policy and tokenizer; a checkpoint that cannot be read is a one-line ConfigError."""
+    try:
+        return load_pretrained(start_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    except ConfigError:
+        raise
+    except Exception as err:  # safetensors, torch and json errors all mean the files are unreadable
+        first = (str(err).strip().splitlines() or [""])[0]
+        cause = err.__cause__ if isinstance(err, ValueError) and err.__cause__ else err
+        line = (str(cause).strip().splitlines() or [""])[0]
+        reason = f"{type(cause).__name__}: {line}" if line else type(cause).__name__
+        if cfg.pretrain.init:
+            raise ConfigError(f"pretrain.init: cannot load the checkpoint in {start_dir} ({reason}); save it "
+                              "again with save_pretrained or point pretrain.init at another one") from err
+        if isinstance(err, ValueError) and first.startswith("model."):
+            raise ConfigError(first) from err  # load_pretrained's own message names the field
+        if is_tiny(cfg.model.name):
+            raise ConfigError(f"pretrain.cache_dir: the cached warm start {start_dir} cannot be loaded "
+                              f"({reason}); delete that folder and it is rebuilt") from err
+        raise ConfigError(f"model.name: cannot load {cfg.model.name} ({reason})") from err
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     """Run (or resume) one training run; returns its run directory."""
-    for pattern in _QUIET:  # known-harmless notices that would bury the progress display
-        warnings.filterwarnings("ignore", message=pattern)
+    _quiet()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     run = RunDir(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg))
@@ -150,6 +188,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     source = preflight(cfg)  # bad input (task, model, layers, run_dir) fails before anything is written
     check_start_model(cfg)
     start_dir = warm_start(cfg, log=log)
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
+    model, tokenizer = _load_start(cfg, start_dir)  # a damaged checkpoint fails before the run dir exists
     run.root.mkdir(parents=True, exist_ok=True)
     resume = run.last_checkpoint()
     status = run.read_status()
@@ -157,8 +197,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
     run.config.write_text(to_yaml(cfg))
     run.env.write_text(json.dumps(environment_info(), indent=2))
     run.write_status(status="running", run_id=run_id, started=status.get("started", time.time()))
-    L.seed_everything(cfg.seed, workers=False, verbose=False)
-    model, tokenizer = load_pretrained(start_dir, cfg.model.dtype, cfg.model.attn_implementation)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
     before = {}

@@ -44,6 +44,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
                                              for i in range(40)))
     (root / "not_a_dir").write_text("a file where a run directory should go\n")
     (root / "no_config").mkdir()
+    for name in ("damaged", "no_weights"):  # config and tokenizer read fine, the weights do not
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    (root / "damaged" / "model.safetensors").write_bytes(b"not a safetensors file")
+    (root / "no_weights" / "model.safetensors").unlink()
     (root / "grid_unknown_key.yaml").write_text("name: g\nbase: [max_steps=2]\naxes: {seed: [0]}\nworkers: 3\n")
     (root / "grid_bad_cell.yaml").write_text("name: g\nbase: [grpo.nope=1]\naxes: {seed: [0, 1]}\n")
     (root / "grid_bad_axis.yaml").write_text("name: g\naxes: {seed: 3}\n")
@@ -95,6 +100,10 @@ TRAIN_CASES = [
     pytest.param("gpu without CUDA", ["accelerator=gpu"], "accelerator",
                  marks=pytest.mark.skipif(HAS_CUDA, reason="a CUDA device is present")),
     ("bad pretrain.init", ["pretrain.init=/nonexistent/warm"], "pretrain.init"),
+    ("pretrain.init with damaged weights", ["pretrain.init={dir}/damaged"], "pretrain.init"),
+    ("pretrain.init without weights", ["pretrain.init={dir}/no_weights"], "pretrain.init"),
+    ("model with damaged weights", ["model={dir}/damaged"], "model.name"),
+    ("model without weights", ["model={dir}/no_weights"], "model.name"),
     ("run_dir is a file", ["run_dir={dir}/not_a_dir"], "run_dir"),
     pytest.param("missing dataset file", ["task=/nonexistent.jsonl", "model={dir}/ckpt"], "task.path",
                  marks=needs_datasets),

@@ -133,6 +133,12 @@ def test_a_bad_cell_stops_the_grid_before_anything_runs(tmp_path, capsys):
     assert err == ("error: grid bad: cell 1 (seed=0 method.attn_weight=-1): method.attn_weight: "
                    "is -1.0; use a value >= 0\n")
     assert not (tmp_path / "out").exists()
+    # a cell whose layer the model does not have is caught before any cell runs, not inside it
+    path = write_grid(tmp_path / "l.yaml", name="deep", base=["model=tiny"], axes={"method.layers": [[2], [9]]})
+    assert main(["grid", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: grid deep: cell 1 (method.layers=[9]): method.layers: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
     path = write_grid(tmp_path / "h.yaml", name="bad", axes={"grpo.nope": [1]})
     with pytest.raises(ConfigError, match=r"^grid bad: cell 0 \(grpo.nope=1\): grpo.nope: unknown config key"):
         G.load_grid(path)
@@ -204,9 +210,16 @@ def _cells(grid_dir: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_failed_cell_is_isolated_recorded_and_only_it_is_retried(tmp_path, cache_dir, capsys):
+def test_failed_cell_is_isolated_recorded_and_only_it_is_retried(tmp_path, cache_dir, capsys, tiny_model,
+                                                                   char_tokenizer):
+    # a checkpoint whose config reads fine (the grid's up-front checks pass) but whose weights are
+    # damaged: the cell fails when it loads them
+    broken = tmp_path / "no_checkpoint"
+    tiny_model.save_pretrained(broken)
+    char_tokenizer.save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     path = write_grid(tmp_path / "g.yaml", name="iso", base=tiny_base(),
-                      axes={"pretrain.init": [None, str(tmp_path / "no_checkpoint")]})
+                      axes={"pretrain.init": [None, str(broken)]})
     out = tmp_path / "grid"
     assert main(["grid", str(path), "--out", str(out), "--workers", "2"]) == 1
     printed = capsys.readouterr().out
@@ -216,7 +229,7 @@ def test_failed_cell_is_isolated_recorded_and_only_it_is_retried(tmp_path, cache
     assert _status(good)["status"] == "finished" and (good / "eval.json").is_file()
     failed = _status(bad)
     assert (failed["status"], failed["returncode"], failed["attempts"]) == ("failed", 2, 1)
-    assert failed["error"].startswith("error: pretrain.init: ") and "no_checkpoint" in failed["error"]
+    assert failed["error"].startswith("error: pretrain.init: cannot load the checkpoint in ") and "no_checkpoint" in failed["error"]
     assert failed["log_tail"][-1] == failed["error"]
     assert "==== attempt 1" in (bad / "log.txt").read_text()
     manifest = json.loads((out / "grid.json").read_text())

@@ -251,3 +251,15 @@ def test_too_small_space_and_bad_split_raise_clearly() -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=r"^task\.split: "):
         task.problems("valid", 5, 0)
+
+
+def test_exhausted_space_stops_soon_after_the_last_new_problem() -> None:
+    # 6 + 6 operands -> at most 36 sums; without the stall rule a million asked would mean 2e8 draws
+    task = get_task("arith", max_value=6, max_ops=1, ops="+")
+    with pytest.raises(ValueError, match=r"^task\.num_test: ") as info:
+        task.problems("test", 10**6, 0)
+    found, draws = (int(x) for x in re.search(r"found (\d+) in (\d+) draws", str(info.value)).groups())
+    assert 0 < found <= 36
+    assert draws <= 2000 + 10 * found + 200 * 36  # the stall window after the last find, plus the finds
+    # a reachable request is unaffected: every distinct test problem of this space is still found
+    assert len(task.problems("test", found, 0)) == found

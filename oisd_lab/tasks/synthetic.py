@@ -106,7 +106,8 @@ class Task:
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:
         """`n` distinct problems of `split`, a pure function of (knobs, split, n, seed).
 
-        Draws are sequential and filtered, so a shorter list is a prefix of a longer one.
+        Draws are sequential and filtered, so a shorter list is a prefix of a longer one. Once
+        `2000 + 10 * found` draws in a row bring nothing new, the space counts as exhausted.
         """
         if split not in SPLITS:
             _fail("split", f"unknown split {split!r}; choose one of train, test")
@@ -114,16 +115,16 @@ class Task:
         rng = random.Random(f"{self.name}:{split}:{seed}")
         seen: set[str] = set()
         out: list[Problem] = []
-        max_draws = 200 * n + 2000
-        for _ in range(max_draws):
-            if len(out) == n:
-                break
+        draws = stall = 0
+        while len(out) < n and draws < 200 * n + 2000 and stall < 2000 + 10 * len(out):
             problem = self.generate(rng)
+            draws, stall = draws + 1, stall + 1
             if problem.prompt not in seen and split_of_prompt(problem.prompt) == split:
                 seen.add(problem.prompt)
                 out.append(problem)
+                stall = 0
         if len(out) < n:
-            self._too_small(split, n, len(out), max_draws)
+            self._too_small(split, n, len(out), draws)
         return out
 
     def train_batch(self, step: int, n: int, seed: int) -> list[Problem]:
