@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,6 +171,29 @@ def inspect(path: Path) -> tuple[int | None, str]:
     return (step, "") if not why else (None, why)
 
 
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the half-written `.<name>.tmp<pid>` files of writers that are no longer alive (a run
+    killed while saving); a live process's file is left alone. Returns the files removed."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp*"):
+        match = re.fullmatch(r"\..+\.tmp(\d+)", path.name)
+        if not match or not path.is_file() or _alive(int(match.group(1))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def find_resumable(folder: Path, warn: Callable[[str], None] | None = None) -> Resumable | None:
     """The sound checkpoint in `folder` with the highest step (newest file on ties), or None.
 
@@ -181,6 +205,7 @@ def find_resumable(folder: Path, warn: Callable[[str], None] | None = None) -> R
     folder = Path(folder)
     if not folder.is_dir():
         return None
+    remove_stale_temps(folder)
     found = []
     for path in folder.glob("*.ckpt"):
         if not path.is_file():

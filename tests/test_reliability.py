@@ -66,6 +66,22 @@ def test_a_write_killed_halfway_leaves_the_previous_checkpoint_intact(tmp_path, 
     assert find_resumable(tmp_path).step == 2
 
 
+def test_temporaries_of_a_killed_writer_are_removed_on_resume_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    save_atomic(_ckpt(2), tmp_path / "last.ckpt")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / f".last.ckpt.tmp{int(dead.stdout)}"  # a run SIGKILLed in the middle of a save
+    stale.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    live = tmp_path / f".step=4.ckpt.tmp{os.getpid()}"  # a writer that is still at work
+    live.write_bytes(b"PK\x03\x04")
+    assert find_resumable(tmp_path).step == 2
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", "last.ckpt.sha256", live.name])
+
+
 def test_checkpoint_io_refuses_non_finite_parameters(tmp_path):
     io = AtomicCheckpointIO()
     path = tmp_path / "step=4.ckpt"
