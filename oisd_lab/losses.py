@@ -339,6 +339,10 @@ def kl_from_logits(p_logits: Tensor, q_logits: Tensor, temperature: float = 1.0)
     return _kl_from_logps(logp, logq)
 
 
+LENS_CHECKPOINT_MIN_ELEMENTS = 1 << 22
+"""Tokens x vocabulary (16 MiB of float32 per tensor) from which the lens chunks are checkpointed."""
+
+
 def chunked_lens_jsd(
     student_hidden: Tensor,
     teacher_logits: Tensor,
@@ -360,7 +364,8 @@ def chunked_lens_jsd(
     boolean mask's `nonzero(as_tuple=True)` over [B, T, V] logits), gathered one chunk at a time
     inside the checkpointed function, so no [N, V] copy of the teacher is ever made.
     Each chunk of `chunk_size` tokens runs under non-reentrant activation checkpointing, so at
-    most one [chunk, V] block of student logits is alive in forward and in backward.
+    most one [chunk, V] block of student logits is alive in forward and in backward (unless the
+    whole [N, V] is under `LENS_CHECKPOINT_MIN_ELEMENTS`: then nothing is recomputed).
     """
     teacher_logits = teacher_logits.detach()
     if teacher_index is None:
@@ -373,9 +378,13 @@ def chunked_lens_jsd(
     def lens_chunk(h: Tensor, *index: Tensor) -> Tensor:
         return jsd(teacher_logits[index], readout(h), beta=beta, temperature=temperature)
 
+    # Below LENS_CHECKPOINT_MIN_ELEMENTS of [N, V] work in all, the saved activations are small and
+    # recomputing them in backward would only cost time.
+    use_ckpt = torch.is_grad_enabled() and student_hidden.shape[0] * teacher_logits.shape[-1] > \
+        LENS_CHECKPOINT_MIN_ELEMENTS
     pieces = [
         checkpoint(lens_chunk, h, *index, use_reentrant=False)
-        if torch.is_grad_enabled()
+        if use_ckpt
         else lens_chunk(h, *index)
         for h, *index in zip(
             student_hidden.split(chunk_size), *(i.split(chunk_size) for i in teacher_index), strict=True

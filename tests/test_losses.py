@@ -383,8 +383,13 @@ def test_kl_from_logits():
     assert torch.equal(kl_from_logits(p, p), torch.zeros(4))
 
 
-def test_chunked_lens_jsd_matches_unchunked_value_and_gradient():
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_chunked_lens_jsd_matches_unchunked_value_and_gradient(checkpointed, monkeypatch):
+    from oisd_lab import losses as losses_lib
+
     n, d, v = 7, 5, 11
+    # the threshold decides whether chunks are checkpointed: 0 always, above n * v never
+    monkeypatch.setattr(losses_lib, "LENS_CHECKPOINT_MIN_ELEMENTS", 0 if checkpointed else n * v)
     torch.manual_seed(0)
     readout = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, v, bias=False))
     hidden = torch.randn(n, d, generator=gen(12), requires_grad=True)
@@ -393,6 +398,8 @@ def test_chunked_lens_jsd_matches_unchunked_value_and_gradient():
 
     ref = jsd(teacher.detach(), readout(hidden), beta=0.3, temperature=1.5)
     ref_grads = torch.autograd.grad((ref * torch.arange(n)).sum(), params)
+    calls = []
+    readout.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
 
     saved = []
     hooks = (lambda t: saved.append(t.numel()) or t, lambda t: t)
@@ -404,6 +411,10 @@ def test_chunked_lens_jsd_matches_unchunked_value_and_gradient():
     for g_got, g_ref in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(g_got, g_ref)
     assert teacher.grad is None
+    # 3 chunks of 3 rows: a checkpointed chunk's readout runs again in backward
+    assert sorted(calls) == ([1, 1, 3, 3, 3, 3] if checkpointed else [1, 3, 3])
+    if not checkpointed:  # small work: nothing is recomputed
+        return
     assert max(saved, default=0) < n * v  # no full [N, V] activation kept for backward
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(*hooks):
