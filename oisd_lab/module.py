@@ -163,10 +163,8 @@ class OISDModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         norm = self._normalisers(rollout)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        mb = self.cfg.grpo.micro_batch_size
-        for lo in range(0, len(rollout), mb):
-            part = rollout.select(slice(lo, lo + mb))
-            terms = self._loss_terms(_to(part, self.device), adv[lo : lo + mb], norm)
+        for part, part_adv in self.micro_batches(rollout, adv):
+            terms = self._loss_terms(_to(part, self.device), part_adv, norm)
             self.manual_backward(terms.pop("loss/total"))
             for key, value in terms.items():
                 sums[key] = sums[key] + value.detach()
@@ -179,6 +177,20 @@ class OISDModule(L.LightningModule):
         out.update(grad_norm=grad_norm, learning_rate=sched.get_last_lr()[0],
                    skipped_steps=float(self.skipped_steps))
         return out
+
+    def micro_batches(self, rollout: Rollout, adv: torch.Tensor) -> list[tuple[Rollout, torch.Tensor]]:
+        """The (rows, advantages) of each forward/backward pass of one optimisation step.
+
+        Each micro-batch is trimmed to its longest completion, so rows are first sorted by
+        completion length: micro-batches of similar lengths carry less padding. The normalisers
+        are whole-batch, so the gradient is the same sum in another order. `bnpo` normalises per
+        micro-batch, so its rows keep their order (as in TRL).
+        """
+        mb = self.cfg.grpo.micro_batch_size
+        if mb < len(rollout) and self.cfg.grpo.loss_type != "bnpo":
+            order = torch.argsort(rollout.completion_mask.sum(1), stable=True)
+            rollout, adv = rollout.take(order), adv[order.to(adv.device)]
+        return [(rollout.select(slice(lo, lo + mb)), adv[lo : lo + mb]) for lo in range(0, len(rollout), mb)]
 
     def _clip_and_step(self, opt, sched) -> float:
         max_norm = self.cfg.grpo.max_grad_norm or math.inf

@@ -40,6 +40,19 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def take(self, index: torch.Tensor) -> Rollout:
+        """The rows in `index` order ([n] long); the result is no longer group-contiguous."""
+        rows = index.tolist()
+        on = self.input_ids.device
+        return Rollout(
+            input_ids=self.input_ids[index.to(on)],
+            attention_mask=self.attention_mask[index.to(on)],
+            completion_mask=self.completion_mask[index.to(self.completion_mask.device)],
+            prompt_length=self.prompt_length,
+            texts=[self.texts[i] for i in rows],
+            truncated=self.truncated[index.to(self.truncated.device)],
+        )
+
     def select(self, rows: slice) -> Rollout:
         """Rows of this rollout, trimmed to the longest completion among them."""
         mask = self.completion_mask[rows]

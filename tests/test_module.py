@@ -9,7 +9,7 @@ import torch
 from oisd_lab import losses
 from oisd_lab.config import compose
 from oisd_lab.module import OISDModule
-from oisd_lab.rollout import generate
+from oisd_lab.rollout import Rollout, generate
 from oisd_lab.sources import load_source
 
 
@@ -27,11 +27,13 @@ def _rollout(module, source, seed=0):
 
 
 def _grads(module, rollout, adv, micro):
+    """Gradient of one step's loss, micro-batched as `_optimise` does it."""
     module.policy.zero_grad(set_to_none=True)
+    module.cfg.grpo.micro_batch_size = micro
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=len(rollout),
                 max_completion_length=module.cfg.grpo.max_completion_length)
-    for lo in range(0, len(rollout), micro):
-        terms = module._loss_terms(rollout.select(slice(lo, lo + micro)), adv[lo : lo + micro], norm)
+    for part, part_adv in module.micro_batches(rollout, adv):
+        terms = module._loss_terms(part, part_adv, norm)
         terms["loss/total"].backward()
     return {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
@@ -47,6 +49,30 @@ def test_micro_batching_leaves_the_gradient_unchanged(tiny_model, char_tokenizer
     assert whole.keys() == split.keys() and len(whole) > 10
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
+def test_micro_batches_group_rows_of_similar_length(tiny_model, char_tokenizer, loss_type):
+    module, source = _module(tiny_model, char_tokenizer, f"grpo.loss_type={loss_type}", "grpo.micro_batch_size=4")
+    lengths = torch.tensor([8, 1, 5, 2, 7, 3, 8, 1, 4, 6, 2, 8, 1, 3, 5, 7.0])
+    completion_mask = (torch.arange(8)[None] < lengths[:, None]).float()
+    rollout = Rollout(input_ids=torch.randint(0, 50, (16, 11)),
+                      attention_mask=torch.cat([torch.ones(16, 3), completion_mask], 1).long(),
+                      completion_mask=completion_mask, prompt_length=3, texts=[f"row {i}" for i in range(16)],
+                      truncated=lengths == 8)
+    adv = torch.arange(16.0)
+    parts = module.micro_batches(rollout, adv)
+    rows = torch.cat([a for _, a in parts]).long()  # adv = row number: which rows went where
+    assert sorted(rows.tolist()) == list(range(16))
+    for part, part_adv in parts:  # advantages travel with their rows
+        assert part.texts == [rollout.texts[i] for i in part_adv.long().tolist()]
+        assert torch.equal(part.completion_mask.sum(1), lengths[part_adv.long()])
+    padded = sum(p.completion_mask.numel() for p, _ in parts)
+    unsorted = sum(rollout.select(slice(lo, lo + 4)).completion_mask.numel() for lo in range(0, 16, 4))
+    if loss_type == "bnpo":  # normalised per micro-batch: the grouping is part of the loss, kept
+        assert rows.tolist() == list(range(16)) and padded == unsorted
+    else:
+        assert torch.equal(lengths[rows], lengths.sort(stable=True).values) and padded < unsorted
 
 
 @pytest.mark.parametrize("method", ["grpo", "oisd", "oisd_unsigned"])
