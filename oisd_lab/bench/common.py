@@ -1,0 +1,272 @@
+"""Pieces the benchmark sections share: settings, configs and policies, the step clock, Lightning
+fits and statistics over rounds."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+PRESETS = ("grpo", "oisd_logit", "oisd_attn", "oisd", "oisd_unsigned")
+
+
+SECTIONS = ("presets", "memory", "attn512", "trl")
+
+
+@dataclass
+class Settings:
+    """Sizes of every section; `--quick` shrinks them to a smoke test."""
+
+    prompts: int = 16
+    generations: int = 8
+    max_len: int = 32
+    micro: int = 64
+    repeats: int = 5
+    steps: int = 3
+    threads: int = 1
+    seed: int = 0
+    init: str = "random"
+    mem_vocab: int = 151_936
+    mem_tokens: int = 4096
+    mem_completion: int = 256
+    attn_len: int = 512
+    attn_prompts: int = 4
+    attn_micro: int = 32
+    trl_steps: int = 4
+    presets: tuple[str, ...] = PRESETS
+    sections: tuple[str, ...] = SECTIONS
+
+
+QUICK = dict(prompts=2, generations=2, max_len=6, micro=4, repeats=1, steps=1, mem_vocab=2048,
+             mem_tokens=64, mem_completion=16, attn_len=24, attn_prompts=1, attn_micro=2, trl_steps=1)
+
+
+def stats(values: list[float]) -> dict:
+    """Median and spread of repeated measurements."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals),
+            "values": vals}
+
+
+def machine_info(s: Settings, quick: bool = False) -> dict:
+    import lightning
+    import transformers
+
+    cpu = "unknown"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "nproc": os.cpu_count(), "cpu": cpu,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "lightning": lightning.__version__, "trl": trl_version, "quick": quick,
+            "load_avg": os.getloadavg(), "settings": asdict(s)}
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    warnings.filterwarnings("ignore")
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero", "transformers", "trl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+
+
+def _cfg(s: Settings, method: str, **extra):
+    from ..config import compose
+
+    over = [f"method={method}", f"seed={s.seed}", "max_steps=1000000", "log.progress_bar=false",
+            f"grpo.prompts_per_step={extra.pop('prompts', s.prompts)}",
+            f"grpo.num_generations={s.generations}",
+            f"grpo.max_completion_length={extra.pop('max_len', s.max_len)}",
+            f"grpo.micro_batch_size={extra.pop('micro', s.micro)}"]
+    return compose(over + [f"{k}={v}" for k, v in extra.items()])
+
+
+def _start_policy(s: Settings):
+    """(policy, tokenizer) of the presets and TRL sections: `--init` random, warm or a checkpoint."""
+    from ..models import build_char_tokenizer, load_pretrained
+
+    if s.init == "random":
+        tok = build_char_tokenizer()
+        return _policy(len(tok), s.seed), tok
+    path = s.init
+    if s.init == "warm":
+        from ..pretrain import warm_start
+
+        path = warm_start(_cfg(s, "grpo"), log=lambda *a: None)
+    return load_pretrained(path)
+
+
+def _policy(vocab_size: int, seed: int = 0, max_positions: int = 512):
+    from ..models import build_tiny_model
+
+    return build_tiny_model("tiny", vocab_size=vocab_size, seed=seed, max_positions=max_positions)
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+class _Clock:
+    """Lightning callback and logger in one: per step, wall and process CPU seconds, the phases
+    recorded by `_lap`, and the module's own metric row."""
+
+    def __init__(self) -> None:
+        from lightning.pytorch.callbacks import Callback
+        from lightning.pytorch.loggers import Logger
+
+        clock = self
+        self.marks: list[tuple[float, float]] = []
+        self.phases: list[dict] = []
+        self.current: dict = {}
+        self.rows: list[dict] = []
+
+        class _Cb(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if not clock.marks:
+                    clock.marks.append(_now())
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                clock.marks.append(_now())
+                clock.phases.append(clock.current)
+                clock.current = {}
+
+        class _Log(Logger):
+            name, version = "bench", "0"
+
+            def log_hyperparams(self, params, *a, **k):
+                return None
+
+            def log_metrics(self, metrics, step=None):
+                clock.rows.append(dict(metrics))
+
+        self.callback, self.logger = _Cb(), _Log()
+
+    def lap(self, fn, key: str):
+        """`fn` wrapped so that its wall and CPU seconds add to this step's `key`."""
+
+        def wrapper(*args, **kwargs):
+            w0, c0 = _now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                w1, c1 = _now()
+                self.current[f"{key}_wall"] = self.current.get(f"{key}_wall", 0.0) + w1 - w0
+                self.current[f"{key}_cpu"] = self.current.get(f"{key}_cpu", 0.0) + c1 - c0
+
+        return wrapper
+
+    def steps(self) -> list[dict]:
+        out = []
+        for (w0, c0), (w1, c1), phases, row in zip(self.marks, self.marks[1:], self.phases, self.rows, strict=False):
+            out.append({**row, **phases, "wall": w1 - w0, "cpu": c1 - c0})
+        return out
+
+
+def _fit(module, steps: int) -> list[dict]:
+    """`steps` Lightning training steps; per step the module's metrics, `wall` and `cpu` seconds
+    (from the start of one step to the end of the next, so Lightning and logging count), and
+    `rollout_*`, `optimise_*`, `diagnostics_*` phase times."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    clock = _Clock()
+    module._rollout = clock.lap(module._rollout, "rollout")
+    module._optimise = clock.lap(module._optimise, "optimise")
+    if module.on_log_step is not None:
+        module.on_log_step = clock.lap(module.on_log_step, "diagnostics")
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=[clock.logger],
+                        callbacks=[clock.callback], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                        max_epochs=-1, default_root_dir=tempfile.gettempdir())
+    trainer.fit(module, train_dataloaders=DataLoader(list(range(steps)), batch_size=None))
+    return clock.steps()
+
+
+def _module(cfg, policy, tokenizer, source, fixed=None, hook=None):
+    from ..module import OISDModule
+
+    module = OISDModule(cfg, policy, tokenizer, source, source.reward, on_log_step=hook)
+    if fixed is not None:  # one rollout batch for every step: the optimisation step alone
+        module._rollout = lambda step, rank, world: fixed
+    return module
+
+
+def _rotated(items: tuple[str, ...], r: int) -> list[str]:
+    k = r % len(items)
+    return list(items[k:] + items[:k])
+
+
+def _median_of(rows: list[dict], key: str) -> float:
+    return statistics.median(float(r[key]) for r in rows)
+
+
+def _per_round(fits_a: list, fits_b: list, fn) -> dict:
+    return stats([fn(a, b) for a, b in zip(fits_a, fits_b, strict=True)])
+
+
+def _ratio(key: str):
+    return lambda a, b: _median_of(a, key) / _median_of(b, key)
+
+
+def _synthetic_rollout(tokenizer, batch: int, prompt_len: int, completion_len: int, seed: int = 0):
+    """A rollout of random printable tokens, every completion exactly `completion_len` long."""
+    from ..rollout import Rollout
+
+    gen = torch.Generator().manual_seed(seed)
+    low = 3  # after pad, bos, eos: never ends a completion early
+    ids = torch.randint(low, len(tokenizer), (batch, prompt_len + completion_len), generator=gen)
+    texts = ["x" * completion_len] * batch
+    return Rollout(input_ids=ids, attention_mask=torch.ones_like(ids),
+                   completion_mask=torch.ones(batch, completion_len), prompt_length=prompt_len,
+                   texts=texts, truncated=torch.ones(batch, dtype=torch.bool))
+
+
+class _NoEos:
+    """A tokenizer view whose EOS id is never sampled, so every completion runs to full length."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tok = tokenizer
+        self.eos_token_id = len(tokenizer) + 1_000_000
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+
+def _timed(fn, sink: list[tuple[float, float]]):
+    def wrapper(*args, **kwargs):
+        w0, c0 = _now()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            w1, c1 = _now()
+            sink.append((w1 - w0, c1 - c0))
+
+    return wrapper
