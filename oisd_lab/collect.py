@@ -11,7 +11,9 @@
 - `aggregate`: per method x task x other axes x metric over seeds: mean, std (ddof 1), 95%
   t-interval, n_seeds.
 - `paired`: per method x task x other axes x metric, the difference from the `grpo` run with the
-  same task, seed and other axes: mean_diff, std, 95% t-interval, n_pairs.
+  same task, seed and other axes: mean_diff, std, 95% t-interval, n_pairs. With
+  `--baseline-grid DIR`, the finished `grpo` runs of another grid join the tables and are the
+  reference (matched on task and seed) for every value of this grid's axes.
 
 Unfinished and failed cells go to `missing.csv`; `collect.json` records the grid, the run ids, the
 git commit and the command.
@@ -184,11 +186,14 @@ def aggregate(results, axes: list[str]):
 
 
 def paired(results, axes: list[str], baseline: str = BASELINE):
-    """Each method's difference from `baseline` over runs matched on task, seed and other axes."""
+    """Each method's difference from `baseline` over runs matched on task, seed and the other axes
+    that the baseline runs have values for: baseline runs from another grid (`--baseline-grid`),
+    which lack this grid's axes, are the reference for every value of those axes."""
     import pandas as pd
 
-    match = ["task", "seed", *axes, "metric"]
-    base = results[results["method"] == baseline][[*match, "value"]].rename(columns={"value": "base"})
+    base_rows = results[results["method"] == baseline]
+    match = ["task", "seed", *[a for a in axes if base_rows[a].notna().any()], "metric"]
+    base = base_rows[[*match, "value"]].rename(columns={"value": "base"})
     merged = results[results["method"] != baseline].merge(base, on=match, how="inner")
     merged["diff"] = merged["value"] - merged["base"]
     keys = ["method", "task", *axes, "metric"]
@@ -201,13 +206,20 @@ def paired(results, axes: list[str], baseline: str = BASELINE):
     return pd.DataFrame(rows, columns=[*keys, "baseline", "mean_diff", "std", "ci95_low", "ci95_high", "n_pairs"])
 
 
-def collect(grid_dir: str | Path, out: str | Path | None = None) -> dict:
-    """Write the tables of a grid folder; returns a summary (also written to collect.json)."""
+def collect(grid_dir: str | Path, out: str | Path | None = None, baseline_grid: str | Path | None = None) -> dict:
+    """Write the tables of a grid folder; returns a summary (also written to collect.json).
+
+    `baseline_grid`: another grid folder whose finished `grpo` runs join the tables as the
+    matched-seed reference (e.g. when this grid varies an OISD setting and holds no GRPO cells).
+    """
     grid_dir = Path(grid_dir)
     out = Path(out) if out else grid_dir
     manifest = read_manifest(grid_dir)
     axes = axis_columns(manifest)
     results, missing = results_table(grid_dir, manifest)
+    baseline_runs: list[str] = []
+    if baseline_grid is not None:
+        results, baseline_runs = _with_baseline(results, Path(baseline_grid), axes)
     out.mkdir(parents=True, exist_ok=True)
     tables = {"results": results, "aggregate": aggregate(results, axes), "paired": paired(results, axes)}
     for name, frame in tables.items():
@@ -219,21 +231,42 @@ def collect(grid_dir: str | Path, out: str | Path | None = None) -> dict:
     summary = {"grid": manifest["name"], "grid_dir": str(grid_dir.resolve()), "file": manifest.get("file"),
                "run_ids": sorted(results["run_id"].unique().tolist()),
                "missing": missing["cell"].tolist(), "cells": len(manifest["cells"]),
-               "rows": len(results), "git": git_commit(), "run_commits": _run_commits(grid_dir, results),
+               "rows": len(results), "git": git_commit(), "run_commits": _run_commits([grid_dir, *([Path(baseline_grid)] if baseline_grid else [])], results),
+               **({"baseline_grid": str(Path(baseline_grid).resolve()), "baseline_run_ids": baseline_runs}
+                  if baseline_grid is not None else {}),
                "command": " ".join(["oisd-lab", *sys.argv[1:]]) if sys.argv else "",
                "collected": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "collect.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _run_commits(grid_dir: Path, results) -> list[str]:
+def _with_baseline(results, baseline_grid: Path, axes: list[str]):
+    """`results` plus the finished `grpo` runs of `baseline_grid` (this grid's axes left empty)."""
+    import pandas as pd
+
+    other, _ = results_table(baseline_grid, read_manifest(baseline_grid))
+    other = other[other["method"] == BASELINE]
+    if other.empty:
+        raise ConfigError(f"--baseline-grid: {baseline_grid} has no finished {BASELINE} runs; "
+                          f"give a grid folder with {BASELINE} cells (e.g. runs/grids/reference)")
+    clash = set(other["run_id"]) & set(results["run_id"])
+    if clash:
+        raise ConfigError(f"--baseline-grid: {baseline_grid} shares runs with this grid "
+                          f"({', '.join(sorted(clash)[:3])}); give a grid without them")
+    other = other.reindex(columns=results.columns)  # this grid's axes: empty for the baseline runs
+    return pd.concat([results, other], ignore_index=True), sorted(other["run_id"].unique().tolist())
+
+
+def _run_commits(grid_dirs: list[Path], results) -> list[str]:
     """The code versions the collected runs were trained with (from their env.json)."""
     commits = set()
     for cell in results["cell"].unique():
-        try:
-            commits.add(json.loads((grid_dir / "cells" / cell / "env.json").read_text()).get("commit"))
-        except (OSError, ValueError):
-            continue
+        for grid_dir in grid_dirs:
+            try:
+                commits.add(json.loads((grid_dir / "cells" / cell / "env.json").read_text()).get("commit"))
+                break
+            except (OSError, ValueError):
+                continue
     return sorted(c for c in commits if c)
 
 
@@ -246,10 +279,12 @@ def add_arguments(parser) -> None:
     parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     parser.add_argument("grid_dir", help="a grid folder (holds grid.json), e.g. runs/grids/components")
     parser.add_argument("--out", help="where the tables go (default: the grid folder)")
+    parser.add_argument("--baseline-grid", help="a grid folder whose finished grpo runs are the matched-seed "
+                        "reference for this grid's paired table (e.g. runs/grids/reference)")
 
 
 def run(args) -> int:
-    summary = collect(args.grid_dir, args.out)
+    summary = collect(args.grid_dir, args.out, args.baseline_grid)
     out = Path(args.out or args.grid_dir)
     print(f"[collect {summary['grid']}] {len(summary['run_ids'])}/{summary['cells']} runs, "
           f"{summary['rows']} rows -> {out}/results.parquet (+ aggregate, paired)")

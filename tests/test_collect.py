@@ -178,6 +178,38 @@ def test_other_axes_become_columns_and_groups(tmp_path):
     assert pd.read_parquet(root / "paired.parquet").empty  # no grpo runs to pair with
 
 
+def test_a_baseline_grid_is_the_reference_for_every_axis_value(tmp_path, capsys):
+    axes = {"method.layers": [[1], [2]], "seed": [0, 1, 2]}
+    cells = [("oisd", s, "finished", None, {"method.layers": layers}) for layers in ([1], [2]) for s in (0, 1, 2)]
+    root = make_grid(tmp_path / "g", cells, axes=axes, name="layers")
+    ref = make_grid(tmp_path / "ref", [("grpo", s, "finished") for s in (0, 1, 2)],
+                    axes={"seed": [0, 1, 2]}, name="reference")
+    manifest = json.loads((ref / "grid.json").read_text())
+    for cell in manifest["cells"]:
+        cell["run_id"] = "b" + cell["run_id"]
+    (ref / "grid.json").write_text(json.dumps(manifest))
+
+    assert main(["collect", str(root), "--baseline-grid", str(ref)]) == 0
+    paired = pd.read_parquet(root / "paired.parquet")
+    greedy = paired[paired["metric"] == "greedy_acc"].sort_values("method.layers")
+    # oisd greedy 0.3, 0.6, 0.6 against grpo 0.2, 0.4, 0.6 by seed, for each layer alike
+    assert greedy[["method.layers", "n_pairs"]].values.tolist() == [["1", 3], ["2", 3]]
+    assert greedy["mean_diff"].tolist() == pytest.approx([0.1, 0.1])
+    agg = pd.read_parquet(root / "aggregate.parquet")
+    base = one(agg, method="grpo", metric="greedy_acc")
+    assert base["mean"] == pytest.approx(0.4) and base["n_seeds"] == 3 and pd.isna(base["method.layers"])
+    meta = json.loads((root / "collect.json").read_text())
+    assert meta["baseline_run_ids"] == ["b000000000000", "b000000000001", "b000000000002"]
+    assert len(meta["run_ids"]) == 9
+
+    # a baseline grid without grpo runs, or one sharing runs with this grid, is refused in one line
+    capsys.readouterr()
+    assert main(["collect", str(root), "--baseline-grid", str(root)]) == 2
+    assert capsys.readouterr().err.startswith("error: --baseline-grid: ")
+    with pytest.raises(C.ConfigError, match="shares runs"):
+        C.collect(ref, baseline_grid=ref)
+
+
 def test_duplicate_rows_are_refused(tmp_path):
     root = make_grid(tmp_path / "g", HAND[:2])
     manifest = json.loads((root / "grid.json").read_text())
