@@ -232,7 +232,7 @@ def collect(grid_dir: str | Path, out: str | Path | None = None, baseline_grid: 
                "run_ids": sorted(results["run_id"].unique().tolist()),
                "missing": missing["cell"].tolist(), "cells": len(manifest["cells"]),
                "rows": len(results), "git": git_commit(), "run_commits": _run_commits([grid_dir, *([Path(baseline_grid)] if baseline_grid else [])], results),
-               **({"baseline_grid": str(Path(baseline_grid).resolve()), "baseline_run_ids": baseline_runs}
+               **({"baseline_grid": str(baseline_grid), "baseline_run_ids": baseline_runs}
                   if baseline_grid is not None else {}),
                "command": " ".join(["oisd-lab", *sys.argv[1:]]) if sys.argv else "",
                "collected": time.strftime("%Y-%m-%d %H:%M:%S")}

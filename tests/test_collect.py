@@ -200,6 +200,7 @@ def test_a_baseline_grid_is_the_reference_for_every_axis_value(tmp_path, capsys)
     assert base["mean"] == pytest.approx(0.4) and base["n_seeds"] == 3 and pd.isna(base["method.layers"])
     meta = json.loads((root / "collect.json").read_text())
     assert meta["baseline_run_ids"] == ["b000000000000", "b000000000001", "b000000000002"]
+    assert meta["baseline_grid"] == str(ref)
     assert len(meta["run_ids"]) == 9
 
     # a baseline grid without grpo runs, or one sharing runs with this grid, is refused in one line

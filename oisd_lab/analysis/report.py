@@ -176,6 +176,9 @@ def _provenance(grid: GridData) -> list[str]:
     info, lines = _collect_info(grid), []
     if info.get("missing"):
         lines.append(f"- not in the tables (unfinished or failed): {', '.join(info['missing'])}")
+    if info.get("baseline_grid"):
+        lines.append(f"- GRPO reference: {len(info.get('baseline_run_ids', []))} runs of the grid in "
+                     f"`{info['baseline_grid']}` (`oisd-lab collect --baseline-grid`), matched by task and seed")
     if info.get("run_commits"):
         lines.append(f"- runs trained at commit(s): {', '.join(f'`{c}`' for c in info['run_commits'])}")
     return lines
