@@ -199,13 +199,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     run.write_status(status="running", run_id=run_id, started=status.get("started", time.time()))
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
-    before = {}
-    if _launched_rank() == 0:  # ranks started by a DDP launcher leave evaluation to rank 0
-        before = _cached_eval(cache_root(cfg), {"start": str(start_dir.resolve()), "task": to_dict(cfg)["task"],
-                                                "eval": to_dict(cfg)["eval"], "len": cfg.grpo.max_completion_length,
-                                                "chat": cfg.model.chat_template},
-                              lambda: _summary(run_eval(cfg, model, tokenizer, source)))
-        log(f"held-out before RL: greedy {before['greedy_acc']:.3f}, avg@{before['k']} {before['avg_at_k']:.3f}")
+    before = _eval_before(cfg, start_dir, model, tokenizer, source, log)
     ref = copy.deepcopy(model).eval() if cfg.grpo.beta > 0 else None
     hook = LogStepHook(cfg, run)
     module = OISDModule(cfg, model, tokenizer, source, source.reward,
@@ -234,9 +228,26 @@ def train(cfg: TrainConfig, log=print) -> Path:
     result = {"before": before, "after": after, "train_seconds": train_seconds,
               "steps": cfg.max_steps, "method": cfg.method.name, "task": cfg.task.name, "seed": cfg.seed}
     run.eval.write_text(json.dumps(result, indent=2))
+    _close_loggers([lg for lg in loggers if lg is not None], before, after)
+    run.write_status(status="finished", finished=time.time(), error=None)
+    return run.root
+
+
+def _eval_before(cfg: TrainConfig, start_dir: Path, model, tokenizer, source, log) -> dict:
+    """Held-out accuracy of the starting policy, cached by start checkpoint and eval settings;
+    empty on ranks started by a DDP launcher (rank 0 evaluates)."""
+    if _launched_rank() != 0:
+        return {}
+    key = {"start": str(start_dir.resolve()), "task": to_dict(cfg)["task"], "eval": to_dict(cfg)["eval"],
+           "len": cfg.grpo.max_completion_length, "chat": cfg.model.chat_template}
+    before = _cached_eval(cache_root(cfg), key, lambda: _summary(run_eval(cfg, model, tokenizer, source)))
+    log(f"held-out before RL: greedy {before['greedy_acc']:.3f}, avg@{before['k']} {before['avg_at_k']:.3f}")
+    return before
+
+
+def _close_loggers(loggers: list, before: dict, after: dict) -> None:
+    """Held-out results into the W&B run summary, then every logger closed."""
     for lg in loggers:
-        if lg is None:
-            continue
         if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
             for when, res in (("before", before), ("after", after)):
                 for k, v in res.items():
@@ -244,8 +255,6 @@ def train(cfg: TrainConfig, log=print) -> Path:
                         lg.experiment.summary[f"eval/{when}/{k}"] = v
         lg.finalize("success")
     _finish_wandb()
-    run.write_status(status="finished", finished=time.time(), error=None)
-    return run.root
 
 
 def evaluate_path(path: Path, overrides: list[str]) -> dict:
