@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, first_line
 
 DIGEST_SUFFIX = ".sha256"
 
@@ -81,9 +81,18 @@ def _replace_durably(tmp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
+_TEMP_NAME = re.compile(r"\..+\.tmp(\d+)")
+"""Name of a writer's temporary file: `.<target>.tmp<writer pid>` (see `_temp_path`)."""
+
+
+def _temp_path(path: Path) -> Path:
+    """Where this process writes `path` before the rename (matches `_TEMP_NAME`)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a fsynced temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temp_path(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -99,7 +108,7 @@ def save_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
         step = checkpoint.get("global_step", "?")
         raise NonFiniteError(f"checkpoint {path.name} not written: parameter {bad} is not finite at step {step}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as handle:
             writer = _HashingWriter(handle)
@@ -147,7 +156,7 @@ def _peek(path: Path) -> tuple[int | None, str, dict | None]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damage
-        first = (str(err).splitlines() or [""])[0][:120]
+        first = first_line(err)[:120]
         return None, f"it does not load ({type(err).__name__}: {first})", None
     if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:
         return None, "it is not a Lightning checkpoint", None
@@ -176,7 +185,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     killed while saving); a live process's file is left alone. Returns the files removed."""
     removed = []
     for path in Path(folder).glob(".*.tmp*"):
-        match = re.fullmatch(r"\..+\.tmp(\d+)", path.name)
+        match = _TEMP_NAME.fullmatch(path.name)
         if not match or not path.is_file() or _alive(int(match.group(1))):
             continue
         path.unlink(missing_ok=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from .errors import first_line
+
 METHODS = ("grpo", "oisd", "oisd_logit", "oisd_attn", "oisd_unsigned")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -97,8 +99,8 @@ class GRPOConfig:
     nonfinite: str = "skip"
     """A step whose gradient norm is NaN/Inf: `skip` (no update, counted in `skipped_steps`) or `stop`."""
     rollout_backend: str = "hf"
-    """`hf` (transformers `generate`) or `vllm` (a colocated vLLM engine per GPU; CUDA and the
-    `vllm` extra; weights are copied into it after every update)."""
+    """`hf` (our batched KV-cache decoding loop on the transformers model) or `vllm` (a colocated
+    vLLM engine per GPU; CUDA and the `vllm` extra; weights are copied into it after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of each GPU's memory the vLLM engine may take (the rest is the trainer's)."""
 
@@ -228,7 +230,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
 def _one_line(err: Exception) -> str:
     """Hydra/OmegaConf errors as one line naming the field."""
     inner = err.__cause__ if err.__cause__ is not None else err
-    first = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    first = first_line(inner) or type(inner).__name__
     key = getattr(inner, "full_key", None)
     if "Could not find '" in first:
         group, _, value = first.split("'")[3].partition("/")

@@ -25,6 +25,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from .errors import first_line
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
 
@@ -137,7 +139,7 @@ def load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as err:
         if Path(name).is_dir():
-            line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            line = first_line(err) or type(err).__name__
             raise ValueError(f"model.name: cannot load the checkpoint in {name} ({line})") from err
         raise ValueError(
             f"model.name: cannot load '{name_or_path}' (not a local checkpoint directory, and the "

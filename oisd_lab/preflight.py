@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, TrainConfig, load_yaml, to_dict
+from .errors import first_line
 from .lens import default_student_layer, resolve_layers
 from .models import TINY_PRESETS, is_tiny, smollm2_dir
 from .sources import TaskSource, load_source
@@ -53,7 +54,7 @@ def check_runtime(cfg: TrainConfig) -> None:
         L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     except Exception as err:  # Lightning raises ValueError, MisconfigurationException, ...
-        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        message = first_line(err) or type(err).__name__
         field = next((f for f in ("strategy", "devices", "precision", "accelerator") if f in message), "accelerator")
         raise ConfigError(f"{field}: {message}") from err
     finally:

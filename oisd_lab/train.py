@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from .checkpointing import AtomicCheckpointIO, find_resumable, truncate_jsonl
 from .config import ConfigError, TrainConfig, check_start_model, to_dict, to_yaml
+from .errors import first_line
 from .evaluate import evaluate
 from .models import is_tiny, load_pretrained
 from .module import OISDModule
@@ -163,9 +164,9 @@ def _load_start(cfg: TrainConfig, start_dir: Path):
     except ConfigError:
         raise
     except Exception as err:  # safetensors, torch and json errors all mean the files are unreadable
-        first = (str(err).strip().splitlines() or [""])[0]
+        first = first_line(err)
         cause = err.__cause__ if isinstance(err, ValueError) and err.__cause__ else err
-        line = (str(cause).strip().splitlines() or [""])[0]
+        line = first_line(cause)
         reason = f"{type(cause).__name__}: {line}" if line else type(cause).__name__
         if cfg.pretrain.init:
             raise ConfigError(f"pretrain.init: cannot load the checkpoint in {start_dir} ({reason}); save it "

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from oisd_lab.config import ConfigError
+from oisd_lab.errors import first_line
 from oisd_lab.rewards import last_boxed
 from oisd_lab.tasks.synthetic import Problem
 
@@ -177,7 +178,7 @@ def load_local(path: str | Path, config: str | None = None) -> dict[str, list[di
             try:
                 ds = datasets.load_dataset(kinds.pop(), data_files={split: files}, split=split)
             except Exception as err:
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                first = first_line(err) or type(err).__name__
                 raise ConfigError(f"task.path: cannot read {path}: {first}") from err
             out[split] = ds.to_list()
     return out
@@ -194,7 +195,7 @@ def load_hub(spec: DatasetSpec) -> dict[str, list[dict]]:
             try:
                 ds = datasets.load_dataset(spec.hub_id, spec.config, split=split)
             except Exception as err:
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                first = first_line(err) or type(err).__name__
                 raise ConfigError(
                     f"task.name: cannot load '{spec.name}' ({spec.hub_id}) from the hub or its cache "
                     f"({first}); give a local copy in the same schema: task.path=/path/to/{spec.name}.jsonl"
