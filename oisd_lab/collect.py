@@ -218,6 +218,7 @@ def collect(grid_dir: str | Path, out: str | Path | None = None, baseline_grid: 
     axes = axis_columns(manifest)
     results, missing = results_table(grid_dir, manifest)
     baseline_runs: list[str] = []
+    grid_dirs = [grid_dir] if baseline_grid is None else [grid_dir, Path(baseline_grid)]
     if baseline_grid is not None:
         results, baseline_runs = _with_baseline(results, Path(baseline_grid), axes)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +232,7 @@ def collect(grid_dir: str | Path, out: str | Path | None = None, baseline_grid: 
     summary = {"grid": manifest["name"], "grid_dir": str(grid_dir.resolve()), "file": manifest.get("file"),
                "run_ids": sorted(results["run_id"].unique().tolist()),
                "missing": missing["cell"].tolist(), "cells": len(manifest["cells"]),
-               "rows": len(results), "git": git_commit(), "run_commits": _run_commits([grid_dir, *([Path(baseline_grid)] if baseline_grid else [])], results),
+               "rows": len(results), "git": git_commit(), "run_commits": _run_commits(grid_dirs, results),
                **({"baseline_grid": str(baseline_grid), "baseline_run_ids": baseline_runs}
                   if baseline_grid is not None else {}),
                "command": " ".join(["oisd-lab", *sys.argv[1:]]) if sys.argv else "",

@@ -52,7 +52,6 @@ from .slurm import slurm_parameters, slurm_script, submit_slurm
 from .spec import (
     Cell,
     Grid,
-    check_cells,
     compact,
     config_hash,
     expand,
@@ -90,13 +89,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers: is {args.workers}; use >= 1")
-    grid = load_grid(find_grid_file(args.file), args.overrides)
+    grid = load_grid(find_grid_file(args.file), args.overrides, check=True)  # a bad cell stops all
     grid_dir = Path(args.out or Path("runs") / "grids" / grid.name)
     states = {c.id: state(cell_dir(grid_dir, c)) for c in grid.cells}
     todo = [c for c in grid.cells if states[c.id] in ("new", "unfinished")
             or (states[c.id] == "failed" and args.retry_failed)]
     kept_failed = sum(states[c.id] == "failed" and not args.retry_failed for c in grid.cells)
-    check_cells(grid)  # a bad cell stops the grid before any cell runs
     if args.dry_run:
         return _dry_run(grid, grid_dir, todo, states, args)
     grid_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +146,6 @@ def _dry_run(grid: Grid, grid_dir: Path, todo: list[Cell], states: dict, args) -
     return 0
 
 
-__all__ = ["Cell", "Grid", "add_arguments", "cell_command", "cell_dir", "check_cells", "compact", "config_hash",
+__all__ = ["Cell", "Grid", "add_arguments", "cell_command", "cell_dir", "compact", "config_hash",
            "expand", "find_grid_file", "hydra_value", "load_grid", "read_status", "run", "slurm_parameters",
            "slurm_script", "state"]

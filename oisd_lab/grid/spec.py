@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,9 @@ def find_grid_file(name: str) -> Path:
     raise ConfigError(f"{name}: no such grid file; the grids in experiments/grids are: {known}")
 
 
-def load_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Grid:
-    """Read, check and expand a grid file; every cell is composed (bad cells raise ConfigError)."""
+def load_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check: bool = False) -> Grid:
+    """Read, check and expand a grid file; every cell is composed (bad cells raise ConfigError).
+    `check`: also check each cell against its task and model, as `train` would (`CellCheck`)."""
     import yaml
 
     path = Path(path)
@@ -92,12 +94,13 @@ def load_grid(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
             raise ConfigError(f"grid.axes.{key}: expected a non-empty list of values, got {values!r}")
     grid = Grid(name=name, file=str(path.resolve()), base=list(base), axes=dict(axes),
                 overrides=list(overrides))
-    grid.cells = expand(grid)
+    grid.cells = expand(grid, CellCheck() if check else None)
     return grid
 
 
-def expand(grid: Grid) -> list[Cell]:
-    """The cells of a grid in a fixed order (cartesian product, first axis slowest)."""
+def expand(grid: Grid, check: Callable[[Any], None] | None = None) -> list[Cell]:
+    """The cells of a grid in a fixed order (cartesian product, first axis slowest); `check` is
+    called with each cell's composed config."""
     for item in [*grid.base, *grid.overrides]:
         if _key(item) in SET_BY_GRID:
             raise ConfigError(f"{_key(item)}: set by the grid (cells live in <grid dir>/cells); use --out")
@@ -109,6 +112,8 @@ def expand(grid: Grid) -> list[Cell]:
         overrides = merge_overrides(grid.base, axis_overrides, grid.overrides)
         try:
             cfg = compose(overrides)
+            if check is not None:
+                check(cfg)
         except ConfigError as err:
             raise ConfigError(f"grid {grid.name}: cell {index} ({label}): {err}") from err
         run_id = config_hash(to_dict(cfg))
@@ -121,29 +126,27 @@ def expand(grid: Grid) -> list[Cell]:
     return cells
 
 
-def check_cells(grid: Grid) -> None:
-    """Check every cell as its `train` would before starting: the task source, and the student and
-    diagnostic layers against the model's depth. Each task and model is looked at once."""
-    from ..preflight import check_layers, model_depth
-    from ..sources import load_source
+class CellCheck:
+    """Checks a cell's config as its `train` would before starting: the task source, and the student
+    and diagnostic layers against the model's depth. Each task and model is looked at once."""
 
-    tasks: set[str] = set()
-    depths: dict[str, int | None] = {}
-    for cell in grid.cells:
-        label = " ".join(_axis_override(k, v) for k, v in cell.axes.items()) or "the only cell"
-        cfg = compose(cell.overrides)
-        try:
-            task_key = json.dumps(to_dict(cfg)["task"], sort_keys=True, default=str)
-            if task_key not in tasks:
-                load_source(cfg.task)
-                tasks.add(task_key)
-            model_key = cfg.pretrain.init or cfg.model.name
-            if model_key not in depths:
-                depths[model_key] = model_depth(cfg)
-            if depths[model_key] is not None:
-                check_layers(cfg, depths[model_key])
-        except ConfigError as err:
-            raise ConfigError(f"grid {grid.name}: cell {cell.index} ({label}): {err}") from err
+    def __init__(self) -> None:
+        self.tasks: set[str] = set()
+        self.depths: dict[str, int | None] = {}
+
+    def __call__(self, cfg) -> None:
+        from ..preflight import check_layers, model_depth
+        from ..sources import load_source
+
+        task_key = json.dumps(to_dict(cfg)["task"], sort_keys=True, default=str)
+        if task_key not in self.tasks:
+            load_source(cfg.task)
+            self.tasks.add(task_key)
+        model_key = cfg.pretrain.init or cfg.model.name
+        if model_key not in self.depths:
+            self.depths[model_key] = model_depth(cfg)
+        if self.depths[model_key] is not None:
+            check_layers(cfg, self.depths[model_key])
 
 
 def _cell_name(cfg, axes: dict, run_id: str) -> str:
