@@ -92,25 +92,21 @@ def generate(
     """Sample `num_generations` completions for every prompt in one batched decoding loop."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
+    prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    eos_ids = torch.as_tensor(tokenizer.eos_token_id, device=device).flatten()
     was_training = model.training
     model.eval()
     try:
-        completion_ids = _decode(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                 num_generations, max_new_tokens, temperature, top_p, do_sample,
-                                 torch.as_tensor(eos, device=device).flatten(), tokenizer.pad_token_id)
+        completion_ids = _decode(model, prompt_ids, prompt_mask, num_generations, max_new_tokens, temperature,
+                                 top_p, do_sample, eos_ids, tokenizer.pad_token_id)
     finally:
         model.train(was_training)
-    input_ids = enc["input_ids"].to(device).repeat_interleave(num_generations, dim=0)
-    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(num_generations, dim=0)
-    out = torch.cat([input_ids, completion_ids], dim=1)
+    input_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     prompt_length = input_ids.shape[1]
-    completion_ids = out[:, prompt_length:]
     if completion_ids.shape[1] == 0:  # nothing generated at all: keep one padded slot
-        completion_ids = torch.full_like(out[:, :1], tokenizer.pad_token_id)
-        out = torch.cat([out, completion_ids], dim=1)
-    mask = completion_mask_from_ids(completion_ids, eos)
-    eos_ids = torch.as_tensor(eos, device=device).flatten()
+        completion_ids = torch.full_like(input_ids[:, :1], tokenizer.pad_token_id)
+    mask = completion_mask_from_ids(completion_ids, eos_ids)
     truncated = ~torch.isin(completion_ids, eos_ids).any(dim=1)
     completion_ids = torch.where(mask.bool(), completion_ids, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
