@@ -391,13 +391,15 @@ class _StudentJSD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, teacher: Tensor, student: Tensor, beta: float, temperature: float) -> Tensor:
-        logp = _finite_log_softmax(teacher, temperature)
-        logq = _finite_log_softmax(student, temperature)
+        # -inf logits need no clamp here (as `jsd` needs for autograd): every term they reach is
+        # selected away by a probability of exactly 0.
+        logp, logq = _log_softmax_at(teacher, temperature), _log_softmax_at(student, temperature)
         log_m = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        kl_p = _xlog_ratio_sum(logp.exp(), logp.sub_(log_m))
         q = logq.exp()
-        q_ratio = torch.where(q > 0, logq.sub_(log_m), 0.0)  # log(Q / M); logq is not needed after
+        q_ratio = torch.where(q > 0, logq.sub_(log_m), 0.0)  # log(Q / M)
         kl_q = (q * q_ratio).sum(-1)
-        raw = beta * _kl_from_logps(logp, log_m) + (1.0 - beta) * kl_q
+        raw = beta * kl_p + (1.0 - beta) * kl_q
         if ctx.needs_input_grad[1]:
             scale = ((1.0 - beta) / temperature) * (raw >= 0).to(q.dtype)  # [n]
             grad = q.mul_(q_ratio.sub_(kl_q[:, None])).mul_(scale[:, None])
@@ -410,6 +412,16 @@ class _StudentJSD(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
         return None, (grad * grad_out[:, None]).to(ctx.student_dtype), None, None
+
+
+def _log_softmax_at(logits: Tensor, temperature: float) -> Tensor:
+    z = _upcast(logits)
+    return F.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+
+
+def _xlog_ratio_sum(a: Tensor, log_ratio: Tensor) -> Tensor:
+    """sum_v a_v log_ratio_v with 0 * (-inf) = 0, in place on log_ratio ([n, V] -> [n])."""
+    return torch.where(a > 0, log_ratio.mul_(a), 0.0).sum(-1)
 
 
 def _lens_jsd_rows(teacher: Tensor, student: Tensor, beta: float, temperature: float) -> Tensor:
