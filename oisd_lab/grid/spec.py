@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, compose, config_dir, to_dict
+from ..config import compose, config_dir, to_dict
+from ..errors import ConfigError
 
 GRID_KEYS = ("name", "base", "axes")
 
