@@ -18,10 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import compose
 from .errors import ConfigError, RunError
-
-# Each subcommand imports its modules when it runs: `oisd-lab grid`, `collect` and `report` start
-# without torch, and `--help` answers at once.
 
 
 def _setup_env() -> None:
@@ -30,9 +28,9 @@ def _setup_env() -> None:
 
 
 def cmd_train(args) -> int:
+    # torch is imported by the subcommands that need it, so grid, collect and --help start without it
     from lightning.pytorch.utilities import rank_zero_only
 
-    from .config import compose
     from .run.evaluation import report
     from .train import train
 
@@ -47,7 +45,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .config import compose
+    # torch is imported by the subcommands that need it (see cmd_train)
     from .models import TINY_PRESETS, is_tiny
     from .pretrain import warm_start
 
@@ -60,6 +58,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    # torch is imported by the subcommands that need it (see cmd_train)
     from .run.evaluation import evaluate_path, summary
 
     result = evaluate_path(Path(args.path), args.overrides)

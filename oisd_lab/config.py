@@ -37,6 +37,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel for every layer; OISD recomputes only the layers it reads."""
     gradient_checkpointing: bool = False
+    """Non-reentrant activation checkpointing: less memory for a second forward per layer."""
     chat_template: bool = False
     """Wrap prompts in the tokenizer's chat template (instruct checkpoints)."""
 
@@ -64,8 +65,11 @@ class PretrainConfig:
     steps: int = 500
     """Supervised warm-start steps on worked solutions (tiny models only)."""
     batch_size: int = 64
+    """Worked solutions per warm-start step."""
     lr: float = 2e-3
+    """Warm-start AdamW learning rate."""
     seed: int = 0
+    """Seed of the warm start (its own, so every RL seed starts from the same checkpoint)."""
     cache_dir: str | None = None
     """Where warm-start checkpoints are cached (default: $OISD_LAB_CACHE or ~/.cache/oisd_lab)."""
     init: str | None = None
@@ -82,21 +86,34 @@ class GRPOConfig:
     """Completions per forward/backward pass; must divide prompts_per_step * num_generations
     (a value >= that batch means one pass)."""
     max_completion_length: int = 32
+    """Tokens generated per completion at most (a longer one is cut and counted as truncated)."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts (and of the policy log-probs, as in TRL)."""
     top_p: float = 1.0
+    """Nucleus sampling of the rollouts; 1 samples from the whole vocabulary."""
     loss_type: str = "dapo"
+    """Token-loss normaliser: dapo, grpo, dr_grpo or bnpo (TRL's names; see `losses.aggregate`)."""
     scale_rewards: str = "group"
+    """Advantage scale: `group` (divide by the group's reward std), `batch` (by the batch's) or
+    `none` (Dr. GRPO: centring only)."""
     std_ddof: int = 1
+    """Degrees-of-freedom correction of that std: 1 (Bessel, as TRL) or 0 (population)."""
     adv_eps: float = 1e-4
+    """Added to the std before dividing, so a near-constant group does not blow up."""
     epsilon_low: float = 0.2
+    """Lower clip of the probability ratio: 1 - epsilon_low."""
     epsilon_high: float = 0.2
+    """Upper clip of the probability ratio: 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
     beta: float = 0.0
     """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
     lr: float = 3e-5
     """AdamW learning rate; 1e-4 already degrades the embedded tiny model (see reports/LOG.md)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many steps (0: the full rate from the first step)."""
     max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 disables clipping."""
     nonfinite: str = "skip"
     """A step whose gradient norm is NaN/Inf: `skip` (no update, counted in `skipped_steps`) or `stop`."""
     rollout_backend: str = "hf"
@@ -116,13 +133,19 @@ class MethodConfig:
     attn_weight: float = 0.0
     """Weight of the attention-alignment loss."""
     weighting: str = "signed"
+    """Per-completion weight of both alignment losses: `signed` (the advantage A: pull toward the
+    final layer when above the group mean, push away when below), `unsigned` (|A|), `positive`
+    (max(A, 0)) or `uniform` (1: plain self-distillation)."""
     layers: list[Any] = field(default_factory=list)
     """Student layers: index, negative index or fraction of depth; empty = about 1/6 of depth."""
     jsd_beta: float = 0.5
+    """Mixture weight of the generalised JSD (0.5: symmetric; 0 and 1 give zero loss)."""
     jsd_temperature: float = 1.0
+    """Temperature applied to the student and teacher logits in the think loss."""
     attn_heads: str = "mean"
     """`mean` (head-mean rows) or `per_head`."""
     attn_exclude_sink: bool = False
+    """Drop key 0 (the attention sink) from the attention rows and renormalise them."""
     lens_grad: str = "full"
     """`full` or `hidden_only` (readout weights detached in the lens)."""
     chunk_size: int = 1024
@@ -136,12 +159,17 @@ class LogConfig:
     diag_layers: list[int] | None = None
     """Hidden-state indices to diagnose (None = all)."""
     snapshot_rollouts: int = 2
+    """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
     wandb_project: str = "oisd_lab"
+    """W&B project."""
     wandb_group: str | None = None
+    """W&B group (the grid runner sets the grid's name)."""
     tags: list[str] = field(default_factory=list)
+    """Extra W&B tags (method, task, model and seed are always tagged)."""
     progress_bar: bool = True
+    """A progress bar naming the method (turn off for logs written to files)."""
 
 
 @dataclass
@@ -149,7 +177,9 @@ class EvalConfig:
     k: int = 4
     """Samples per problem for Avg@K."""
     temperature: float = 1.0
+    """Sampling temperature of the K samples (greedy accuracy is always reported too)."""
     batch_size: int = 256
+    """Held-out prompts per generation batch."""
     max_new_tokens: int | None = None
     """Default: grpo.max_completion_length."""
 
@@ -164,16 +194,23 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    """Seed of the RL run: the prompts it draws and its sampling."""
     max_steps: int = 150
+    """Optimisation steps; each samples `grpo.prompts_per_step` new prompts."""
     run_dir: str | None = None
     """Where this run writes; the same run_dir resumes. Default: runs/<task>-<method>-s<seed>-<time>."""
     checkpoint_every: int = 50
+    """Steps between checkpoints (the last one is always kept)."""
     num_threads: int = 0
     """torch threads per process (0 = torch's default)."""
     accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu or gpu."""
     devices: Any = 1
+    """Lightning devices: a count or a list of GPU indices."""
     strategy: str = "auto"
+    """Lightning strategy: auto, ddp or fsdp (GPUs)."""
     precision: str = "32-true"
+    """Lightning precision, e.g. 32-true or bf16-mixed."""
 
 
 def config_dir() -> Path:

@@ -136,6 +136,7 @@ class CellCheck:
         self.depths: dict[str, int | None] = {}
 
     def __call__(self, cfg) -> None:
+        # these import torch: only composing a grid needs them, not running or reading one
         from ..preflight import check_layers, model_depth
         from ..sources import load_source
 
