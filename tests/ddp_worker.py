@@ -41,7 +41,7 @@ def main() -> None:
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     records: list[dict] = []
 
-    def record(module, step, problems, rollout, rewards, adv) -> dict:
+    def record(view, step, problems, rollout, rewards, adv) -> dict:
         records.append({"step": step, "prompts": [p.prompt for p in problems],
                         "rewards": rewards.clone(), "advantages": adv.clone()})
         return {}

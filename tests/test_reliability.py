@@ -169,7 +169,7 @@ def _poison_step(monkeypatch, bad_step: int):
     """The loss of one step becomes NaN (as after an overflow or a NaN reward)."""
     from oisd_lab.module import OISDModule
 
-    original = OISDModule._loss_terms
+    original = OISDModule.loss_terms
 
     def poisoned(self, part, adv, norm):
         terms = original(self, part, adv, norm)
@@ -177,7 +177,7 @@ def _poison_step(monkeypatch, bad_step: int):
             terms["loss/total"] = terms["loss/total"] * float("nan")
         return terms
 
-    monkeypatch.setattr(OISDModule, "_loss_terms", poisoned)
+    monkeypatch.setattr(OISDModule, "loss_terms", poisoned)
 
 
 def _record_updates(monkeypatch) -> dict:
