@@ -8,6 +8,7 @@ names the field and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ METHODS = ("grpo", "oisd", "oisd_logit", "oisd_attn", "oisd_unsigned")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
 WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
+OPTIMIZERS = ("adamw", "adamw_kahan")
+HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
+"""Lightning precisions that cast the weights themselves (the `-mixed` ones keep them)."""
 
 
 class ConfigError(ValueError):
@@ -32,7 +36,9 @@ class ModelConfig:
     name: str = "tiny"
     """A tiny preset (tiny, tiny6m, tiny_llama), `smollm2`, a hub id or a local checkpoint path."""
     dtype: str = "float32"
-    """float32 (CPU), bfloat16 or float16 (GPU)."""
+    """Dtype of the trained weights. Keep float32 on GPUs too and compute in bf16 with
+    `precision=bf16-mixed` (fp32 master weights); bfloat16/float16 weights need
+    `grpo.optimizer=adamw_kahan`, or small updates round away."""
     attn_implementation: str = "sdpa"
     """Attention kernel for every layer; OISD recomputes only the layers it reads."""
     gradient_checkpointing: bool = False
@@ -93,6 +99,9 @@ class GRPOConfig:
     """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
     lr: float = 3e-5
     """AdamW learning rate; 1e-4 already degrades the embedded tiny model (see reports/LOG.md)."""
+    optimizer: str = "adamw"
+    """`adamw` (torch) or `adamw_kahan` (torch-optimi's AdamW with Kahan-compensated updates, for
+    bfloat16/float16 weights when fp32 master weights do not fit; `pip install -e .[lowmem]`)."""
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -172,6 +181,8 @@ class TrainConfig:
     devices: Any = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    """Lightning precision. On GPUs use `bf16-mixed`: float32 weights and optimizer, bf16 compute.
+    `bf16-true` / `16-true` cast the weights themselves (see `grpo.optimizer`)."""
 
 
 def config_dir() -> Path:
@@ -279,6 +290,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(g.lr > 0, f"grpo.lr: is {g.lr}; use a value > 0")
     _check(g.max_grad_norm >= 0, "grpo.max_grad_norm: use a value >= 0 (0 disables clipping)")
     _choice(g.nonfinite, ("skip", "stop"), "grpo.nonfinite")
+    _choice(g.optimizer, OPTIMIZERS, "grpo.optimizer")
+    _check_weight_precision(cfg)
     _choice(m.name, METHODS, "method.name")
     _check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
     _check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
@@ -306,6 +319,23 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
     _check(not (str(cfg.strategy).startswith("fsdp") and cfg.accelerator == "cpu"),
            "strategy: fsdp runs on GPUs only (a Lightning limit); on CPU use strategy=ddp")
+
+
+def weight_dtype(cfg: TrainConfig) -> str:
+    """The dtype the optimizer updates: the precision's cast if it has one, else model.dtype."""
+    return HALF_PRECISIONS.get(str(cfg.precision), cfg.model.dtype)
+
+
+def _check_weight_precision(cfg: TrainConfig) -> None:
+    """Half-precision weights under plain AdamW lose every update below half their spacing
+    (~1e-4 near 0.02 in bf16): at lr 1e-6 almost nothing trains, with no error."""
+    dtype = weight_dtype(cfg)
+    _check(dtype == "float32" or cfg.grpo.optimizer != "adamw",
+           f"grpo.optimizer: adamw on {dtype} weights (model.dtype={cfg.model.dtype}, precision={cfg.precision}) "
+           f"rounds updates of lr {cfg.grpo.lr:g} away; use model.dtype=float32 precision=bf16-mixed "
+           "(fp32 master weights, bf16 compute) or grpo.optimizer=adamw_kahan")
+    _check(cfg.grpo.optimizer != "adamw_kahan" or importlib.util.find_spec("optimi") is not None,
+           "grpo.optimizer: adamw_kahan needs torch-optimi; run `pip install -e .[lowmem]`")
 
 
 def check_start_model(cfg: TrainConfig) -> None:
