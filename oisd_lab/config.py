@@ -141,7 +141,10 @@ class LogConfig:
     every_n_steps: int = 10
     """Per-layer diagnostics, completions and snapshots every N steps (and at the last step)."""
     diag_layers: list[int] | None = None
-    """Hidden-state indices to diagnose (None = all)."""
+    """Hidden-state indices to diagnose and log as W&B scalars. None: every layer of models up to
+    16 layers deep; deeper ones get about 12 evenly spaced layers, the embeddings and the student
+    layers (W&B scalars: the 12 spaced ones). Each adds its hidden states and q/k to a logging
+    pass's memory (see `oisd_lab/diagnostics.py`)."""
     snapshot_rollouts: int = 2
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
