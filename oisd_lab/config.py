@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 
 from .errors import ConfigError, check, check_choice, first_line
 from .options import (
+    DTYPES,
     HEAD_REDUCE,
     LENS_GRAD_MODES,
     LOSS_TYPES,
@@ -368,6 +369,7 @@ def weight_dtype(cfg: TrainConfig) -> str:
 def _check_weight_precision(cfg: TrainConfig) -> None:
     """Half-precision weights under plain AdamW lose every update below half their spacing
     (~1e-4 near 0.02 in bf16): at lr 1e-6 almost nothing trains, with no error."""
+    check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
     dtype = weight_dtype(cfg)
     check(dtype == "float32" or cfg.grpo.optimizer != "adamw",
            f"grpo.optimizer: adamw on {dtype} weights (model.dtype={cfg.model.dtype}, precision={cfg.precision}) "
