@@ -46,7 +46,7 @@ class Traced:
 
 
 def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> Traced:
-    """Trace one step (two micro-batches at most: later ones repeat the second's memory) and one
+    """Trace one step (its last micro-batch, which holds the gradients of the earlier ones) and one
     diagnostics pass of the policy cut to `layers` layers, on fake tensors."""
     run_cfg = cfg if layers == model_config.num_hidden_layers else at_depth(cfg, layers)
     mc = with_depth(model_config, layers)
@@ -58,7 +58,7 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
         for group in opt.param_groups:
             group["foreach"] = gpu or group.get("foreach")  # CUDA parameters take the foreach path
         opt_bytes = warm_optimizer(opt)
-        parts = micro_batches(shape, mc.vocab_size, count=2)
+        parts = micro_batches(shape, mc.vocab_size, count=2)  # the second stands for all later ones
         step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg))
         grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
         diag = trace_diagnostics(run_cfg, module, shape, mc.vocab_size)

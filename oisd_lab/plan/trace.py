@@ -123,12 +123,18 @@ def _with_label(trace, name, fn):
     return wrapper
 
 
-def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None) -> None:
+def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None,
+                  accumulated: bool = False) -> None:
     """What `OISDModule._optimise` does to memory: per micro-batch the loss terms and their
-    backward, then gradient clipping and the optimizer step."""
+    backward, then gradient clipping and the optimizer step. `accumulated`: start as a later
+    micro-batch does, with every gradient already allocated by the earlier ones."""
     label = trace.label if trace is not None else lambda _: contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with autocast(), labelled(trace, module.policy):
+        if accumulated:
+            with label("gradients"):
+                for p in module.policy.parameters():
+                    p.grad = torch.zeros_like(p) if p.requires_grad else None
         for part, adv, norm in parts:
             with label("loss terms"):
                 terms = module._loss_terms(part, adv, norm)
@@ -178,7 +184,9 @@ def trace(fn, label: str = "other") -> tuple[Phase, object]:
 
 
 def trace_step(module, optimizer, parts, max_norm: float, autocast) -> Phase:
+    """Peak of a step whose micro-batches all look like `parts[0]`: the second and later ones
+    hold the first's gradients, so one micro-batch is traced with its gradients allocated."""
     mode = _AllOnesMode("loss terms")
     with mode:
-        training_step(module, optimizer, parts, max_norm, autocast, trace=mode)
+        training_step(module, optimizer, parts[:1], max_norm, autocast, trace=mode, accumulated=len(parts) > 1)
     return Phase.of(mode)
