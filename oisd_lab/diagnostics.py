@@ -16,7 +16,8 @@ from collections import defaultdict
 import torch
 
 from . import losses
-from .attention import AttentionCapture
+from .attention import AttentionCapture, attention_layer_of, hidden_index_of
+from .step import policy_forward
 
 METRICS = ("lens_acc", "agree_top1", "kl", "jsd", "entropy", "attn_jsd", "attn_cos")
 
@@ -44,26 +45,21 @@ def _lens_token_metrics(readout, hidden, layer, final_logits, tokens, chunk) -> 
 @torch.no_grad()
 def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: int = 1024) -> list[dict]:
     """Rows {layer, split, metric values..., tokens} for one micro-batch `part` (a Rollout)."""
-    L = readout.num_layers
-    P, mask = part.prompt_length, part.completion_mask
-    C = mask.shape[1]
-    attn_layers = sorted({k - 1 for k in layers if k >= 1} | {L - 1})
-    with AttentionCapture(model, attn_layers) as cap:
-        out = model(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                    output_hidden_states=True, use_cache=False)
-        probs = {i: cap.probs_for(i, slice(P - 1, P - 1 + C)).float() for i in attn_layers}
+    L, mask = readout.num_layers, part.completion_mask
+    out = policy_forward(model, part, hidden_layers=layers, attn_layers=sorted({k for k in layers if k >= 1} | {L}))
+    probs = {k: out.attention_rows(k).float() for k in sorted({k for k in layers if k >= 1} | {L})}
     sel = mask.bool()
     rows_of_tok = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[sel]
-    final = out.logits[:, P - 1 : P - 1 + C][sel].float()
+    final = out.logits[sel].float()
     tokens = part.completion_ids[sel]
     keys = part.attention_mask.bool()
     splits = _splits(adv, rewards)
     rows = []
     for k in layers:
-        h = out.hidden_states[k][:, P - 1 : P - 1 + C][sel]
+        h = out.hidden[k][sel]
         per_tok = _lens_token_metrics(readout, h, k, final, tokens, chunk)
         if k >= 1:
-            teacher, student = probs[L - 1], probs[k - 1]
+            teacher, student = probs[L], probs[k]
             full = lambda v: v[sel]  # noqa: E731  [b, C] -> [N]
             per_tok["attn_jsd"] = full(losses.attention_row_jsd(teacher, student, sel, keys))
             per_tok["attn_cos"] = full(losses.attention_cosine(teacher, student, sel, keys))
@@ -129,7 +125,7 @@ def snapshot(model, readout, part, rows: list[int], student_layers: list[int], t
     probability, the sampled tokens, and head-mean attention maps of student and final layers."""
     L = readout.num_layers
     P, mask = part.prompt_length, part.completion_mask
-    attn_layers = sorted({k - 1 for k in student_layers} | {L - 1})
+    attn_layers = sorted({attention_layer_of(k) for k in student_layers} | {attention_layer_of(L)})
     with AttentionCapture(model, attn_layers) as cap:
         out = model(input_ids=part.input_ids[rows], attention_mask=part.attention_mask[rows],
                     output_hidden_states=True, use_cache=False)
@@ -152,7 +148,7 @@ def snapshot(model, readout, part, rows: list[int], student_layers: list[int], t
             "tokens": tokenizer.convert_ids_to_tokens(ids[P : P + n].tolist()),
             "context_tokens": tokenizer.convert_ids_to_tokens(ids[start : P + n].tolist()),
             "top_token": top_tok, "top_prob": top_p,
-            "attention": {f"L{i + 1}": maps[i][j, P - 1 : P - 1 + n, start : P + n].tolist() for i in attn_layers},
+            "attention": {f"L{hidden_index_of(i)}": maps[i][j, P - 1 : P - 1 + n, start : P + n].tolist() for i in attn_layers},
         })
     return result
 

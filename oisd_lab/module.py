@@ -12,7 +12,6 @@ last completion token); the completion mask is shifted accordingly.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections import defaultdict
@@ -20,30 +19,24 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from . import losses
-from .attention import AttentionCapture
+from . import step as step_lib
 from .config import TrainConfig
 from .errors import NonFiniteError
 from .lens import default_student_layer, find_readout, resolve_layers
 from .rollout import Rollout, generate
-
-VOCAB_CHUNK_ELEMENTS = 1 << 24
-"""Rows x vocabulary of one block of vocabulary-sized work (64 MiB in float32): the log-probs,
-the entropy and the lens chunks (there also capped by `method.chunk_size` tokens), so that a
-150k vocabulary stays within a few such blocks and a tiny one runs in a single block."""
-
-
-ATTN_ROW_BLOCK = 64
-"""Completion rows per block of the attention alignment (each block reads only the keys it can see)."""
+from .run_hooks import PolicyView
 
 
 class OISDModule(L.LightningModule):
     """GRPO with optional OISD alignment losses; presets only change the loss weights."""
 
     def __init__(self, cfg: TrainConfig, policy, tokenizer, task, reward_fn: Callable[[str, str], float],
-                 format_prompt: Callable[[str], str] | None = None, ref_model=None, on_log_step=None):
+                 format_prompt: Callable[[str], str] | None = None, ref_model=None, on_log_step=None,
+                 sampler: Callable[[int, int, int], tuple[list, Rollout]] | None = None):
         super().__init__()
         self.cfg = cfg
         self.policy = policy
@@ -53,11 +46,14 @@ class OISDModule(L.LightningModule):
         self.format_prompt = format_prompt or (lambda text: text)
         self._ref = [ref_model] if ref_model is not None else []  # a list keeps it out of state_dict
         self.on_log_step = on_log_step
+        self.sampler = sampler or self._rollout
+        """(step, rank, world) -> (problems, rollout); default: the task's prompts, sampled by the policy."""
         self.automatic_optimization = False
         self.readout = find_readout(policy)
         self.num_layers = self.readout.num_layers
         spec = cfg.method.layers or [default_student_layer(self.num_layers)]
         self.student_layers = resolve_layers(list(spec), self.num_layers)
+        self.objective = step_lib.Objective(cfg.grpo, cfg.method, self.readout, tuple(self.student_layers))
         self.num_tokens = 0
         self.skipped_steps = 0
 
@@ -79,7 +75,7 @@ class OISDModule(L.LightningModule):
         rank, world = self.global_rank, self.trainer.world_size
         torch.manual_seed(self.cfg.seed * 1_000_003 + step * 9_973 + rank)
         timer = _Timer()
-        problems, rollout = self._rollout(step - 1, rank, world)
+        problems, rollout = self.sampler(step - 1, rank, world)
         timer.lap("time/rollout")
         G = self.cfg.grpo.num_generations
         rewards = torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
@@ -89,7 +85,7 @@ class OISDModule(L.LightningModule):
         metrics = self._rollout_metrics(rollout, rewards)
         if self.on_log_step is not None and self._is_log_step(step):
             # before the update: the per-layer view of the policy that sampled this rollout
-            metrics.update(self.on_log_step(self, step, problems, rollout, rewards, adv))
+            metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
             timer.lap("time/diagnostics")
         metrics.update(self._optimise(rollout, adv.to(self.device)))
         timer.lap("time/forward_backward")
@@ -98,6 +94,11 @@ class OISDModule(L.LightningModule):
         for logger in self.loggers:  # direct: every row holds only this step's values
             logger.log_metrics(metrics, step=step)
         self.log("reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
+
+    def policy_view(self) -> PolicyView:
+        """What a logging step may read: the policy, its readout and where to log tables."""
+        return PolicyView(self.policy, self.readout, self.tokenizer, self.student_layers, self.device,
+                          self.global_rank == 0, [lg for lg in self.loggers if isinstance(lg, WandbLogger)])
 
     def _is_log_step(self, step: int) -> bool:
         return step == 1 or step % self.cfg.log.every_n_steps == 0 or step == self.cfg.max_steps
@@ -148,32 +149,39 @@ class OISDModule(L.LightningModule):
             return 0.0
         return reward if math.isfinite(reward) else 0.0  # a NaN reward would poison its whole group
 
-    def _normalisers(self, rollout: Rollout) -> dict:
+    def normalisers(self, rollout: Rollout) -> dict:
         """Whole-batch normalisers so that micro-batch losses add up to the batch loss; under DDP
         the token count is averaged over ranks because gradients are averaged (as TRL does)."""
         tokens = rollout.completion_mask.sum()
-        if self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             tokens = self.trainer.strategy.reduce(tokens.to(self.device), reduce_op="mean")
         return dict(num_items_in_batch=tokens.clamp(min=1.0).to(self.device),
                     num_sequences=len(rollout),
                     max_completion_length=self.cfg.grpo.max_completion_length)
 
+    def accumulate(self, rollout: Rollout, adv: torch.Tensor, backward=None) -> dict[str, torch.Tensor]:
+        """Forward and backward of every micro-batch of one step: the gradient of the whole
+        batch's loss accumulates in `.grad`. Returns the summed detached terms (no "loss/total").
+        `backward` defaults to Lightning's `manual_backward` (precision plugins, DDP)."""
+        backward = backward or self.manual_backward
+        norm = self.normalisers(rollout)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for part, part_adv in self.micro_batches(rollout, adv):
+            terms = self.loss_terms(part.to(self.device), part_adv, norm)
+            backward(terms.pop("loss/total"))
+            for key, value in terms.items():
+                sums[key] = sums[key] + value.detach()
+        return sums
+
     def _optimise(self, rollout: Rollout, adv: torch.Tensor) -> dict:
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        norm = self._normalisers(rollout)
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for part, part_adv in self.micro_batches(rollout, adv):
-            terms = self._loss_terms(_to(part, self.device), part_adv, norm)
-            self.manual_backward(terms.pop("loss/total"))
-            for key, value in terms.items():
-                sums[key] = sums[key] + value.detach()
+        sums = self.accumulate(rollout, adv)
         grad_norm = self._clip_and_step(opt, sched)
         tokens = rollout.completion_mask.sum().clamp(min=1.0).to(self.device)
         out = {k: (v / tokens if k.startswith("sum/") else v) for k, v in sums.items()}
         out = {k.replace("sum/", ""): float(v) for k, v in out.items()}
-        out["loss/total"] = out["loss/policy"] + self.cfg.method.logit_weight * out.get("loss/think", 0.0) \
-            + self.cfg.method.attn_weight * out.get("loss/attn", 0.0)
+        out["loss/total"] = self.objective.total(out)
         out.update(grad_norm=grad_norm, learning_rate=sched.get_last_lr()[0],
                    skipped_steps=float(self.skipped_steps))
         return out
@@ -217,91 +225,12 @@ class OISDModule(L.LightningModule):
         sched.step()
         return float(grad_norm)
 
-    # ---------------------------------------------------------------- losses
-    def _loss_terms(self, part: Rollout, adv: torch.Tensor, norm: dict) -> dict[str, torch.Tensor]:
-        cfg_g, cfg_m = self.cfg.grpo, self.cfg.method
-        P, mask = part.prompt_length, part.completion_mask
-        C = mask.shape[1]
-        attn_on = cfg_m.attn_weight > 0
-        capture = [layer - 1 for layer in self.student_layers] + [self.num_layers - 1] if attn_on else []
-        ctx = AttentionCapture(self.policy, capture) if attn_on else contextlib.nullcontext()
-        # Only the C positions that predict completion tokens reach the unembedding: no [b, C+1, V]
-        # tensor to slice (and to zero-fill again in backward).
-        keep = torch.arange(P - 1, P - 1 + C, device=part.input_ids.device)
-        with ctx as cap:
-            out = self.policy(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                              output_hidden_states=cfg_m.logit_weight > 0, logits_to_keep=keep,
-                              use_cache=False)
-        logits = out.logits  # [b, C, V]: position P-1+t predicts completion token t
-        ids = part.completion_ids
-        rows = max(1, VOCAB_CHUNK_ELEMENTS // logits.shape[-1])  # [rows, V] blocks of vocabulary work
-        logps = losses.token_logps(logits, ids, cfg_g.temperature, chunk_size=rows)
-        per_tok, clip = losses.clipped_surrogate(logps, logps.detach(), adv, cfg_g.epsilon_low, cfg_g.epsilon_high)
-        terms: dict[str, torch.Tensor] = {}
-        if cfg_g.beta > 0:
-            kl = losses.kl_k3(logps, self._ref_logps(part, C))
-            per_tok = per_tok + cfg_g.beta * kl
-            terms["sum/kl"] = (kl.detach() * mask).sum()
-        agg = dict(loss_type=cfg_g.loss_type, **norm)
-        terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
-        total = terms["loss/policy"]
-        if cfg_m.logit_weight > 0:
-            terms["loss/think"] = self._think_loss(out.hidden_states, logits, mask, adv, P, agg)
-            total = total + cfg_m.logit_weight * terms["loss/think"]
-        if attn_on:
-            terms["loss/attn"] = self._attn_loss(cap, part, adv, agg)
-            total = total + cfg_m.attn_weight * terms["loss/attn"]
-        with torch.no_grad():
-            ent = losses.entropy_from_logits(logits.detach(), chunk_size=rows, temperature=cfg_g.temperature)
-            terms["sum/entropy"] = (ent * mask).sum()
-            for name in ("low", "high", "region"):
-                terms[f"sum/clip_ratio/{name}_mean"] = (clip[f"is_{name}_clipped"].float() * mask).sum()
-        terms["loss/total"] = total
-        return terms
-
-    def _think_loss(self, hidden_states, logits, mask, adv, P, agg) -> torch.Tensor:
-        m, sel = self.cfg.method, mask.bool()
-        C = mask.shape[1]
-        # The final layer is the detached teacher; its rows are read chunk by chunk at the
-        # completion tokens, never copied out as a whole [N, V] tensor.
-        index = sel.nonzero(as_tuple=True)
-        chunk = max(1, min(m.chunk_size, VOCAB_CHUNK_ELEMENTS // logits.shape[-1]))
-        total = torch.zeros((), device=logits.device)
-        for layer in self.student_layers:
-            h = hidden_states[layer][:, P - 1 : P - 1 + C][sel]  # [N, D]
-            div = losses.chunked_lens_jsd(h, logits, self.readout.for_layer(layer, m.lens_grad),
-                                          m.jsd_beta, m.jsd_temperature, chunk, teacher_index=index)
-            per_tok = torch.zeros_like(mask).masked_scatter(sel, div)
-            total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)
-        return total / len(self.student_layers)
-
-    def _attn_loss(self, cap: AttentionCapture, part: Rollout, adv, agg) -> torch.Tensor:
-        m, mask = self.cfg.method, part.completion_mask
-        P, C = part.prompt_length, mask.shape[1]
-        keys = part.attention_mask.bool()
-        per_tok: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.student_layers}
-        # Blocks of completion rows: causal row P-1+t attends to keys 0..P-1+t only, so a block
-        # ending at row P-2+hi needs just the first P-1+hi keys (exact; the rest have probability 0).
-        for lo in range(0, C, ATTN_ROW_BLOCK):
-            hi = min(lo + ATTN_ROW_BLOCK, C)
-            rows, width = slice(P - 1 + lo, P - 1 + hi), P - 1 + hi
-            with torch.no_grad():  # the teacher is detached: build no graph for its rows
-                teacher = cap.probs_for(self.num_layers - 1, rows, keys=width)  # [b, H, hi-lo, width]
-            for layer in self.student_layers:
-                student = cap.probs_for(layer - 1, rows, keys=width)
-                per_tok[layer].append(losses.attention_row_jsd(
-                    teacher, student, query_mask=mask[:, lo:hi].bool(), key_mask=keys[:, :width],
-                    head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink))
-        total = torch.zeros((), device=mask.device)
-        for layer in self.student_layers:
-            total = total + losses.alignment_loss(torch.cat(per_tok[layer], dim=1), mask, adv, m.weighting, **agg)
-        return total / len(self.student_layers)
-
-    @torch.no_grad()
-    def _ref_logps(self, part: Rollout, C: int) -> torch.Tensor:
-        out = self._ref[0](input_ids=part.input_ids, attention_mask=part.attention_mask,
-                           logits_to_keep=C + 1, use_cache=False)
-        return losses.token_logps(out.logits[:, :-1], part.completion_ids, self.cfg.grpo.temperature)
+    def loss_terms(self, part: Rollout, adv: torch.Tensor, norm: dict) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch on the current policy (`step.loss_terms`)."""
+        out = self.objective.forward(self.policy, part)
+        ref = step_lib.reference_logps(self._ref[0], part, self.cfg.grpo.temperature) \
+            if self.cfg.grpo.beta > 0 else None
+        return step_lib.loss_terms(out, part, adv, norm, self.objective, ref_logps=ref)
 
     # ---------------------------------------------------------------- metrics
     def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor) -> dict:
@@ -329,22 +258,18 @@ class OISDModule(L.LightningModule):
         self.skipped_steps = counters.get("skipped_steps", 0)
 
 
-def _to(part: Rollout, device) -> Rollout:
-    if part.input_ids.device == torch.device(device):
-        return part
-    return Rollout(part.input_ids.to(device), part.attention_mask.to(device), part.completion_mask.to(device),
-                   part.prompt_length, part.texts, part.truncated.to(device))
-
-
 class _Timer:
+    """Wall seconds per stage as `name`, process CPU seconds as `name_cpu`."""
+
     def __init__(self) -> None:
         self.start = self.last = time.perf_counter()
+        self.last_cpu = time.process_time()
         self.laps: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = now - self.last
-        self.last = now
+        now, cpu = time.perf_counter(), time.process_time()
+        self.laps[name], self.laps[f"{name}_cpu"] = now - self.last, cpu - self.last_cpu
+        self.last, self.last_cpu = now, cpu
 
     @property
     def total(self) -> float:

@@ -53,6 +53,13 @@ class Rollout:
             truncated=self.truncated[index.to(self.truncated.device)],
         )
 
+    def to(self, device) -> Rollout:
+        """This rollout with its tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
+                       self.prompt_length, self.texts, self.truncated.to(device))
+
     def select(self, rows: slice) -> Rollout:
         """Rows of this rollout, trimmed to the longest completion among them."""
         mask = self.completion_mask[rows]

@@ -6,10 +6,26 @@ says, and only on rank 0."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
 from . import diagnostics
+from .lens import Readout
+
+
+@dataclass
+class PolicyView:
+    """What a logging step reads of the trainer: the policy that sampled the rollout and its
+    readout, for the per-layer view; W&B loggers for the per-head table."""
+
+    policy: torch.nn.Module
+    readout: Readout
+    tokenizer: object
+    student_layers: list[int]
+    device: torch.device
+    is_rank_zero: bool
+    wandb_loggers: list
 
 MAX_DIAG_ROWS = 64  # rollouts per diagnostics pass: enough for stable means, cheap at any scale
 
@@ -21,42 +37,40 @@ class LogStepHook:
         self.cfg = cfg
         self.run = run
 
-    def __call__(self, module, step, problems, rollout, rewards, adv) -> dict:
-        if module.global_rank != 0:
+    def __call__(self, view: PolicyView, step, problems, rollout, rewards, adv) -> dict:
+        if not view.is_rank_zero:
             return {}
         self.write_completions(step, problems, rollout, rewards, adv)
-        rows = self.diagnose(module, rollout, rewards, adv)
+        rows = self.diagnose(view, rollout, rewards, adv)
         self.write_jsonl(self.run.root / "diagnostics.jsonl", [{"step": step, **r} for r in rows])
-        self.write_snapshot(module, step, rollout, adv)
-        layers = self.cfg.log.diag_layers or diagnostics.default_diag_layers(module.num_layers)
-        self.log_table(module, step, rows)
+        self.write_snapshot(view, step, rollout, adv)
+        layers = self.cfg.log.diag_layers or diagnostics.default_diag_layers(view.readout.num_layers)
+        self.log_table(view.wandb_loggers, step, rows)
         return diagnostics.scalar_metrics(rows, list(layers))
 
-    def diagnose(self, module, rollout, rewards, adv) -> list[dict]:
+    def diagnose(self, view: PolicyView, rollout, rewards, adv) -> list[dict]:
         n = min(len(rollout), MAX_DIAG_ROWS)
         mb = self.cfg.grpo.micro_batch_size
-        all_layers = list(range(0, module.num_layers + 1))
+        all_layers = list(range(0, view.readout.num_layers + 1))
         parts = []
         for lo in range(0, n, mb):
-            part = rollout.select(slice(lo, min(lo + mb, n)))
-            part = _to_device(part, module.device)
+            part = rollout.select(slice(lo, min(lo + mb, n))).to(view.device)
             parts.append(diagnostics.layer_metrics(
-                module.policy, module.readout, part, adv[lo : lo + mb].to(module.device),
-                rewards[lo : lo + mb].to(module.device), all_layers, self.cfg.method.chunk_size))
+                view.policy, view.readout, part, adv[lo : lo + mb].to(view.device),
+                rewards[lo : lo + mb].to(view.device), all_layers, self.cfg.method.chunk_size))
         return diagnostics.combine(parts)
 
-    def write_snapshot(self, module, step, rollout, adv) -> None:
+    def write_snapshot(self, view: PolicyView, step, rollout, adv) -> None:
         k = self.cfg.log.snapshot_rollouts
         if k <= 0:
             return
         order = torch.argsort(adv, descending=True).tolist()
         picks = sorted(set(order[: (k + 1) // 2] + order[-(k // 2):] if k > 1 else order[:1]))
-        part = _to_device(rollout.select(slice(0, len(rollout))), module.device)
-        snaps = diagnostics.snapshot(module.policy, module.readout, part, picks, module.student_layers,
-                                     module.tokenizer)
+        part = rollout.select(slice(0, len(rollout))).to(view.device)
+        snaps = diagnostics.snapshot(view.policy, view.readout, part, picks, view.student_layers, view.tokenizer)
         for s in snaps:
             s["advantage"] = float(adv[s["row"]])
-            s["student_layers"] = module.student_layers
+            s["student_layers"] = view.student_layers
         self.run.snapshots.mkdir(parents=True, exist_ok=True)
         (self.run.snapshots / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "rollouts": snaps}))
 
@@ -76,19 +90,12 @@ class LogStepHook:
                 handle.write(json.dumps(row) + "\n")
 
     @staticmethod
-    def log_table(module, step, rows) -> None:
+    def log_table(wandb_loggers, step, rows) -> None:
         """Per-layer, per-head detail as a W&B table (not as thousands of scalar keys)."""
-        from lightning.pytorch.loggers import WandbLogger
-
-        for lg in module.loggers:
-            if isinstance(lg, WandbLogger):
-                cols = ["step", "layer", "split", "tokens", *diagnostics.METRICS, "attn_jsd_head"]
-                data = [[step, r["layer"], r["split"], r["tokens"], *[r.get(m) for m in diagnostics.METRICS],
-                         json.dumps(r.get("attn_jsd_head"))] for r in rows]
-                lg.log_table(key="diag/layers", columns=cols, data=data, step=module.global_step)
-
-
-def _to_device(part, device):
-    from .module import _to
-
-    return _to(part, device)
+        if not wandb_loggers:
+            return
+        cols = ["step", "layer", "split", "tokens", *diagnostics.METRICS, "attn_jsd_head"]
+        data = [[step, r["layer"], r["split"], r["tokens"], *[r.get(m) for m in diagnostics.METRICS],
+                 json.dumps(r.get("attn_jsd_head"))] for r in rows]
+        for lg in wandb_loggers:
+            lg.log_table(key="diag/layers", columns=cols, data=data, step=step - 1)  # the pre-update step

@@ -150,7 +150,7 @@ def test_loss_terms_read_the_positions_that_predict_the_completion(tiny_model, c
     part = rollout.select(slice(0, len(rollout)))
     adv = torch.linspace(-1.0, 1.0, len(part))
     mask = part.completion_mask
-    terms = module._loss_terms(part, adv, dict(num_items_in_batch=mask.sum(), num_sequences=len(part),
+    terms = module.loss_terms(part, adv, dict(num_items_in_batch=mask.sum(), num_sequences=len(part),
                                                max_completion_length=10))
     with torch.no_grad():
         full = tiny_model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
@@ -186,6 +186,7 @@ def test_token_logps_value_and_gradient_match_log_softmax(dtype):
 @pytest.mark.parametrize("heads, sink", [("mean", False), ("per_head", True)])
 def test_attention_row_blocks_are_exact(tiny_model, char_tokenizer, monkeypatch, heads, sink):
     from oisd_lab import module as module_lib
+    from oisd_lab import step as step_lib
     from oisd_lab.config import compose
     from oisd_lab.sources import load_source
 
@@ -200,9 +201,9 @@ def test_attention_row_blocks_are_exact(tiny_model, char_tokenizer, monkeypatch,
     norm = dict(num_items_in_batch=part.completion_mask.sum(), num_sequences=4, max_completion_length=12)
     results = []
     for block in (1000, 3):
-        monkeypatch.setattr(module_lib, "ATTN_ROW_BLOCK", block)
+        monkeypatch.setattr(step_lib, "ATTN_ROW_BLOCK", block)
         tiny_model.zero_grad(set_to_none=True)
-        loss = module._loss_terms(part, adv, norm)["loss/attn"]
+        loss = module.loss_terms(part, adv, norm)["loss/attn"]
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()
                                         if p.grad is not None}))

@@ -27,14 +27,10 @@ def _rollout(module, source, seed=0):
 
 
 def _grads(module, rollout, adv, micro):
-    """Gradient of one step's loss, micro-batched as `_optimise` does it."""
+    """Gradient of one step's loss, micro-batched as the training step does it."""
     module.policy.zero_grad(set_to_none=True)
     module.cfg.grpo.micro_batch_size = micro
-    norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=len(rollout),
-                max_completion_length=module.cfg.grpo.max_completion_length)
-    for part, part_adv in module.micro_batches(rollout, adv):
-        terms = module._loss_terms(part, part_adv, norm)
-        terms["loss/total"].backward()
+    module.accumulate(rollout, adv, backward=torch.Tensor.backward)
     return {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
 
@@ -96,7 +92,7 @@ def test_signed_alignment_gradient_flips_with_the_advantage(tiny_model, char_tok
     grads = []
     for sign in (1.0, -1.0):
         module.policy.zero_grad(set_to_none=True)
-        terms = module._loss_terms(part, sign * adv, norm)
+        terms = module.loss_terms(part, sign * adv, norm)
         (terms["loss/think"] + terms["loss/attn"]).backward()
         grads.append(student.grad.clone())
     assert float(grads[0].abs().max()) > 0
@@ -113,7 +109,7 @@ def test_each_preset_computes_exactly_its_loss_terms(tiny_model, char_tokenizer,
     adv = torch.linspace(-1.0, 1.0, len(rollout))
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=len(rollout),
                 max_completion_length=8)
-    terms = module._loss_terms(rollout.select(slice(0, len(rollout))), adv, norm)
+    terms = module.loss_terms(rollout.select(slice(0, len(rollout))), adv, norm)
     assert ("loss/think" in terms) == think and ("loss/attn" in terms) == attn
     m = module.cfg.method
     expected = terms["loss/policy"] + m.logit_weight * terms.get("loss/think", 0) + m.attn_weight * terms.get("loss/attn", 0)

@@ -13,8 +13,8 @@ Sections (`--sections`, default all):
   as in `oisd-lab train`). The first step of every fit is a warm-up and is dropped (it is also
   the diagnostics step, timed on its own). Presets run round-robin, the starting preset rotating
   per round, so that load changes on a shared machine hit every preset alike; ratios to `grpo`
-  are paired per round. Phases come from wrapping the module's `_rollout` and `_optimise`.
-- `memory`: peak memory of one loss forward+backward (`OISDModule._loss_terms` + backward, one
+  are paired per round. Phases are the module's own stage timers (`time/rollout`, `time/forward_backward`).
+- `memory`: peak memory of one loss forward+backward (`OISDModule.loss_terms` + backward, one
   micro-batch) at a large vocabulary, per preset, from the CPU allocator's own accounting as
   recorded by `torch.profiler` (profile_memory=True: every allocation and free made inside the
   region; the weights and inputs, allocated before, are not counted), cross-checked by sampling

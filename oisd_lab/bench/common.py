@@ -132,8 +132,8 @@ def _now() -> tuple[float, float]:
 
 
 class _Clock:
-    """Lightning callback and logger in one: per step, wall and process CPU seconds, the phases
-    recorded by `_lap`, and the module's own metric row."""
+    """Lightning callback and logger in one: per step, wall and process CPU seconds, and the
+    module's own metric row (which holds its stage timers)."""
 
     def __init__(self) -> None:
         from lightning.pytorch.callbacks import Callback
@@ -141,8 +141,6 @@ class _Clock:
 
         clock = self
         self.marks: list[tuple[float, float]] = []
-        self.phases: list[dict] = []
-        self.current: dict = {}
         self.rows: list[dict] = []
 
         class _Cb(Callback):
@@ -152,8 +150,6 @@ class _Clock:
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 clock.marks.append(_now())
-                clock.phases.append(clock.current)
-                clock.current = {}
 
         class _Log(Logger):
             name, version = "bench", "0"
@@ -166,25 +162,24 @@ class _Clock:
 
         self.callback, self.logger = _Cb(), _Log()
 
-    def lap(self, fn, key: str):
-        """`fn` wrapped so that its wall and CPU seconds add to this step's `key`."""
-
-        def wrapper(*args, **kwargs):
-            w0, c0 = _now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                w1, c1 = _now()
-                self.current[f"{key}_wall"] = self.current.get(f"{key}_wall", 0.0) + w1 - w0
-                self.current[f"{key}_cpu"] = self.current.get(f"{key}_cpu", 0.0) + c1 - c0
-
-        return wrapper
-
     def steps(self) -> list[dict]:
         out = []
-        for (w0, c0), (w1, c1), phases, row in zip(self.marks, self.marks[1:], self.phases, self.rows, strict=False):
-            out.append({**row, **phases, "wall": w1 - w0, "cpu": c1 - c0})
+        for (w0, c0), (w1, c1), row in zip(self.marks, self.marks[1:], self.rows, strict=False):
+            out.append({**row, **_phases(row), "wall": w1 - w0, "cpu": c1 - c0})
         return out
+
+
+PHASES = {"rollout": "time/rollout", "optimise": "time/forward_backward", "diagnostics": "time/diagnostics"}
+"""Bench phase names -> the module's own stage timers (wall seconds; `<timer>_cpu` for CPU seconds)."""
+
+
+def _phases(row: dict) -> dict:
+    """`<phase>_wall` / `<phase>_cpu` of one step from the module's logged stage timers."""
+    out = {}
+    for phase, key in PHASES.items():
+        if key in row:
+            out[f"{phase}_wall"], out[f"{phase}_cpu"] = row[key], row[f"{key}_cpu"]
+    return out
 
 
 def _fit(module, steps: int) -> list[dict]:
@@ -195,10 +190,6 @@ def _fit(module, steps: int) -> list[dict]:
     from torch.utils.data import DataLoader
 
     clock = _Clock()
-    module._rollout = clock.lap(module._rollout, "rollout")
-    module._optimise = clock.lap(module._optimise, "optimise")
-    if module.on_log_step is not None:
-        module.on_log_step = clock.lap(module.on_log_step, "diagnostics")
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=[clock.logger],
                         callbacks=[clock.callback], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
@@ -210,10 +201,9 @@ def _fit(module, steps: int) -> list[dict]:
 def _module(cfg, policy, tokenizer, source, fixed=None, hook=None):
     from ..module import OISDModule
 
-    module = OISDModule(cfg, policy, tokenizer, source, source.reward, on_log_step=hook)
-    if fixed is not None:  # one rollout batch for every step: the optimisation step alone
-        module._rollout = lambda step, rank, world: fixed
-    return module
+    # With `fixed`, one rollout batch for every step: the optimisation step alone.
+    sampler = (lambda step, rank, world: fixed) if fixed is not None else None
+    return OISDModule(cfg, policy, tokenizer, source, source.reward, on_log_step=hook, sampler=sampler)
 
 
 def _rotated(items: tuple[str, ...], r: int) -> list[str]:

@@ -1,0 +1,213 @@
+"""One training step's objective as two public functions: the policy forward, then the loss terms.
+
+    policy_forward(model, part, hidden_layers, attn_layers) -> PolicyOutputs
+    loss_terms(outputs, part, adv, norm, objective)           -> {"loss/policy", "loss/think", ...}
+
+Positions: the logits at position t predict token t+1, so every quantity of a completion token t
+is read at sequence position P-1+t (P = prompt length): `completion_positions`. Hidden-state
+index k (0 = embeddings, L = final, already final-normed) is the output of the decoder layer whose
+attention module has `layer_idx == k - 1` (`attention.attention_layer_of`). Both mappings live
+here and in `attention.py` only; the module, the diagnostics, the tests and the benchmarks call
+these functions instead of re-deriving them.
+
+The math is in `losses.py`; this module only decides which tensors go where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import losses
+from .attention import AttentionCapture, attention_layer_of
+from .lens import Readout
+from .rollout import Rollout
+
+VOCAB_CHUNK_ELEMENTS = 1 << 24
+"""Rows x vocabulary of one block of vocabulary-sized work (64 MiB in float32): the log-probs,
+the entropy and the lens chunks (there also capped by `method.chunk_size` tokens), so that a
+150k vocabulary stays within a few such blocks and a tiny one runs in a single block."""
+
+ATTN_ROW_BLOCK = 64
+"""Completion rows per block of the attention alignment (each block reads only the keys it can see)."""
+
+
+def completion_positions(part: Rollout) -> slice:
+    """Sequence positions whose outputs predict the completion tokens: P-1 .. P-2+C."""
+    P, C = part.prompt_length, part.completion_mask.shape[1]
+    return slice(P - 1, P - 1 + C)
+
+
+@dataclass
+class PolicyOutputs:
+    """The policy's forward at the C positions that predict completion tokens.
+
+    logits: [b, C, V]. hidden: hidden-state index k -> [b, C, D] (only the requested k; k = L is
+    the final-normed last entry). attention: the capture of the requested layers' attention, read
+    with `attention_rows`; None when no layer was requested.
+    """
+
+    logits: torch.Tensor
+    hidden: Mapping[int, torch.Tensor]
+    attention: AttentionCapture | None
+    positions: slice
+
+    def attention_rows(self, k: int, lo: int = 0, hi: int | None = None, keys: int | None = None
+                       ) -> torch.Tensor:
+        """Attention probabilities [b, H, hi-lo, S] of the layer that outputs hidden_states[k], for
+        completion rows lo..hi-1 (S = `keys` first keys, or all). Recomputed from captured q/k."""
+        if self.attention is None:
+            raise KeyError(f"no attention was captured; pass attn_layers=[{k}, ...] to policy_forward")
+        start = self.positions.start
+        stop = self.positions.stop if hi is None else start + hi
+        return self.attention.probs_for(attention_layer_of(k), slice(start + lo, stop), keys=keys)
+
+
+def policy_forward(model, part: Rollout, hidden_layers: Sequence[int] = (),
+                   attn_layers: Sequence[int] = ()) -> PolicyOutputs:
+    """Run the policy once on `part` (a Rollout on the model's device).
+
+    hidden_layers / attn_layers: hidden-state indices k whose hidden states / attention rows the
+    caller will read. Only the C completion-predicting positions reach the unembedding
+    (`logits_to_keep`), so no [b, P+C, V] tensor is made. Gradient mode is the caller's.
+    """
+    pos = completion_positions(part)
+    capture = sorted({attention_layer_of(k) for k in attn_layers})
+    ctx = AttentionCapture(model, capture) if capture else contextlib.nullcontext()
+    keep = torch.arange(pos.start, pos.stop, device=part.input_ids.device)
+    with ctx as cap:
+        out = model(input_ids=part.input_ids, attention_mask=part.attention_mask,
+                    output_hidden_states=bool(hidden_layers), logits_to_keep=keep, use_cache=False)
+    hidden = {k: out.hidden_states[k][:, pos] for k in hidden_layers}
+    return PolicyOutputs(out.logits, hidden, cap, pos)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The choices that define one step's loss: GRPO and method configs, the readout, the student
+    layers (hidden-state indices) and the model depth L."""
+
+    grpo: object  # config.GRPOConfig
+    method: object  # config.MethodConfig
+    readout: Readout
+    student_layers: tuple[int, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return self.readout.num_layers
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        """What `policy_forward` must return for the logit alignment."""
+        return list(self.student_layers) if self.method.logit_weight > 0 else []
+
+    @property
+    def attn_layers(self) -> list[int]:
+        """What `policy_forward` must capture for the attention alignment (students + final)."""
+        return [*self.student_layers, self.num_layers] if self.method.attn_weight > 0 else []
+
+    def forward(self, model, part: Rollout) -> PolicyOutputs:
+        return policy_forward(model, part, self.hidden_layers, self.attn_layers)
+
+    def total(self, terms: Mapping[str, object]):
+        """L = L_policy + w_logit L_think + w_attn L_attn, for tensors or logged floats alike."""
+        total = terms["loss/policy"]
+        if "loss/think" in terms:
+            total = total + self.method.logit_weight * terms["loss/think"]
+        if "loss/attn" in terms:
+            total = total + self.method.attn_weight * terms["loss/attn"]
+        return total
+
+
+def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mapping, objective: Objective,
+               ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser.
+
+    out: `objective.forward(model, part)`; adv [b]; norm: whole-batch normalisers for
+    `losses.aggregate` (num_items_in_batch, num_sequences, max_completion_length, and
+    num_micro_batches for `bnpo`); ref_logps [b, C] when grpo.beta > 0.
+    Returns "loss/policy", "loss/think" / "loss/attn" (when weighted), "loss/total" (with graph),
+    and detached token sums "sum/<metric>" (entropy, clip ratios, kl) for logging.
+    """
+    g, m, mask = objective.grpo, objective.method, part.completion_mask
+    logits, ids = out.logits, part.completion_ids  # position P-1+t predicts completion token t
+    rows = max(1, VOCAB_CHUNK_ELEMENTS // logits.shape[-1])  # [rows, V] blocks of vocabulary work
+    logps = losses.token_logps(logits, ids, g.temperature, chunk_size=rows)
+    per_tok, clip = losses.clipped_surrogate(logps, logps.detach(), adv, g.epsilon_low, g.epsilon_high)
+    terms: dict[str, torch.Tensor] = {}
+    if g.beta > 0:
+        kl = losses.kl_k3(logps, ref_logps)
+        per_tok = per_tok + g.beta * kl
+        terms["sum/kl"] = (kl.detach() * mask).sum()
+    agg = dict(loss_type=g.loss_type, **norm)
+    terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
+    if m.logit_weight > 0:
+        terms["loss/think"] = think_loss(out, mask, adv, agg, objective)
+    if m.attn_weight > 0:
+        terms["loss/attn"] = attn_loss(out, part, adv, agg, objective)
+    with torch.no_grad():
+        ent = losses.entropy_from_logits(logits.detach(), chunk_size=rows, temperature=g.temperature)
+        terms["sum/entropy"] = (ent * mask).sum()
+        for name in ("low", "high", "region"):
+            terms[f"sum/clip_ratio/{name}_mean"] = (clip[f"is_{name}_clipped"].float() * mask).sum()
+    terms["loss/total"] = objective.total(terms)
+    return terms
+
+
+def think_loss(out: PolicyOutputs, mask: torch.Tensor, adv: torch.Tensor, agg: dict,
+               objective: Objective) -> torch.Tensor:
+    """L_think averaged over student layers: weighted JSD(sg[p_L] || lens p_l) per completion token."""
+    m, sel = objective.method, mask.bool()
+    # The final layer is the detached teacher; its rows are read chunk by chunk at the
+    # completion tokens, never copied out as a whole [N, V] tensor.
+    index = sel.nonzero(as_tuple=True)
+    chunk = max(1, min(m.chunk_size, VOCAB_CHUNK_ELEMENTS // out.logits.shape[-1]))
+    total = torch.zeros((), device=out.logits.device)
+    for layer in objective.student_layers:
+        h = out.hidden[layer][sel]  # [N, D]
+        div = losses.chunked_lens_jsd(h, out.logits, objective.readout.for_layer(layer, m.lens_grad),
+                                      m.jsd_beta, m.jsd_temperature, chunk, teacher_index=index)
+        per_tok = torch.zeros_like(mask).masked_scatter(sel, div)
+        total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)
+    return total / len(objective.student_layers)
+
+
+def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective) -> dict[int, torch.Tensor]:
+    """Per student layer, the per-token attention-row JSD to the final layer: {k: [b, C]}."""
+    m, mask = objective.method, part.completion_mask
+    P, C = part.prompt_length, mask.shape[1]
+    keys = part.attention_mask.bool()
+    per_tok: dict[int, list[torch.Tensor]] = {layer: [] for layer in objective.student_layers}
+    # Blocks of completion rows: causal row P-1+t attends to keys 0..P-1+t only, so a block
+    # ending at row P-2+hi needs just the first P-1+hi keys (exact; the rest have probability 0).
+    for lo in range(0, C, ATTN_ROW_BLOCK):
+        hi = min(lo + ATTN_ROW_BLOCK, C)
+        width = P - 1 + hi
+        with torch.no_grad():  # the teacher is detached: build no graph for its rows
+            teacher = out.attention_rows(objective.num_layers, lo, hi, keys=width)  # [b, H, hi-lo, width]
+        for layer in objective.student_layers:
+            student = out.attention_rows(layer, lo, hi, keys=width)
+            per_tok[layer].append(losses.attention_row_jsd(
+                teacher, student, query_mask=mask[:, lo:hi].bool(), key_mask=keys[:, :width],
+                head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink))
+    return {layer: torch.cat(parts, dim=1) for layer, parts in per_tok.items()}
+
+
+def attn_loss(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, agg: dict,
+              objective: Objective) -> torch.Tensor:
+    """L_attn averaged over student layers: weighted attention-row JSD per completion token."""
+    m, mask = objective.method, part.completion_mask
+    total = torch.zeros((), device=mask.device)
+    for div in attention_divergence(out, part, objective).values():
+        total = total + losses.alignment_loss(div, mask, adv, m.weighting, **agg)
+    return total / len(objective.student_layers)
+
+
+@torch.no_grad()
+def reference_logps(ref_model, part: Rollout, temperature: float) -> torch.Tensor:
+    """Per-token log-probs [b, C] of the completion under a frozen reference model (for beta > 0)."""
+    out = policy_forward(ref_model, part)
+    return losses.token_logps(out.logits, part.completion_ids, temperature)
