@@ -49,7 +49,7 @@ def with_depth(model_config, layers: int):
 def build_policy(cfg, model_config, seed: int = 0):
     """The policy as a run trains it: the precision's parameter dtype, the attention kernel,
     gradient checkpointing, training mode."""
-    from ..train import enable_checkpointing
+    from ..run.trainer import enable_checkpointing
 
     param_dtype, _ = precision_dtypes(cfg.precision, cfg.model.dtype)
     torch.manual_seed(seed)

@@ -1,8 +1,8 @@
 """One training step of the real code, run on fake tensors (or on real ones, to measure it).
 
 The policy is built from its config inside `FakeTensorMode`: no weights, no memory, no compute.
-The step is the module's own code (`OISDModule._loss_terms`, backward, clipping, the optimizer
-step), so the traced peak follows the code as it changes. `MemoryTrace` labels every allocation by
+The step is the module's own code (`OISDModule.loss_terms`: `step.policy_forward` and
+`step.loss_terms`; then backward, clipping, the optimizer step), so the traced peak follows the code as it changes. `MemoryTrace` labels every allocation by
 the part of the step that made it (policy forward, logits, the alignment losses, ...).
 
 Data-dependent answers (`.item()`, boolean indexing) are those of the planning rollout, whose
@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .. import losses
+from .. import losses, step
 from .tracker import MemoryTrace
 
-LABELS = {  # functions of `losses` -> the part of the step their allocations belong to
-    "token_logps": "log-probs and entropy", "entropy_from_logits": "log-probs and entropy",
-    "chunked_lens_jsd": "think loss (lens JSD)", "attention_row_jsd": "attention loss",
-    "kl_k3": "reference model",
+LABELS = {  # (module, function) -> the part of the step its allocations belong to
+    ("losses", "token_logps"): "log-probs and entropy", ("losses", "entropy_from_logits"): "log-probs and entropy",
+    ("step", "think_loss"): "think loss (lens JSD)", ("step", "attn_loss"): "attention loss",
+    ("step", "reference_logps"): "reference model",
 }
 
 
@@ -91,7 +91,7 @@ def _grid(index: torch.Tensor, dim: int) -> torch.Tensor:
 @contextlib.contextmanager
 def labelled(trace: MemoryTrace | None, policy):
     """Label allocations by part of the step: the policy forward, its logits, the loss functions
-    of `losses`; a gradient counts as "gradients" once accumulated into `.grad`."""
+    of `step` and `losses`; a gradient counts as "gradients" once accumulated into `.grad`."""
     if trace is None:
         yield
         return
@@ -102,17 +102,18 @@ def labelled(trace: MemoryTrace | None, policy):
     for p in policy.parameters():
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(lambda q: trace.relabel(q.grad, "gradients")))
-    for fn, name in LABELS.items():
-        if hasattr(losses, fn):
-            saved[fn] = getattr(losses, fn)
-            setattr(losses, fn, _with_label(trace, name, saved[fn]))
+    modules = {"losses": losses, "step": step}
+    for (module, fn), name in LABELS.items():
+        if hasattr(modules[module], fn):
+            saved[module, fn] = getattr(modules[module], fn)
+            setattr(modules[module], fn, _with_label(trace, name, saved[module, fn]))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for fn, original in saved.items():
-            setattr(losses, fn, original)
+        for (module, fn), original in saved.items():
+            setattr(modules[module], fn, original)
 
 
 def _with_label(trace, name, fn):
@@ -137,7 +138,7 @@ def training_step(module, optimizer, parts, max_norm: float, autocast, trace: Me
                     p.grad = torch.zeros_like(p) if p.requires_grad else None
         for part, adv, norm in parts:
             with label("loss terms"):
-                terms = module._loss_terms(part, adv, norm)
+                terms = module.loss_terms(part, adv, norm)
             with label("backward"):
                 terms.pop("loss/total").backward()
             del terms
