@@ -82,7 +82,7 @@ def trace_diagnostics(cfg, module, shape: StepShape, vocab_size: int) -> Phase:
             diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
                                       cfg.method.chunk_size)
 
-    return trace(run, "diagnostics")[0]
+    return trace(run, "diagnostics", module.policy)[0]
 
 
 def trace_model(cfg, model_config, shape: StepShape, gpu: bool, max_layers: int = FULL_DEPTH_LIMIT) -> tuple[Traced, str]:
@@ -167,8 +167,15 @@ def default_prompt_length(cfg) -> tuple[int, str]:
     return DEFAULT_PROMPT_LENGTH, "assumed (--prompt-length)"
 
 
-def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPTH_LIMIT) -> Plan:
-    """The memory plan of `cfg` per device; nothing is downloaded and no memory is used."""
+def trace_key(cfg, gpu: bool, prompt_length, max_layers: int) -> str:
+    """What a trace depends on (the strategy and device count only move the persistent state)."""
+    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, gpu, prompt_length, max_layers))
+
+
+def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPTH_LIMIT,
+              cache: dict | None = None) -> Plan:
+    """The memory plan of `cfg` per device; nothing is downloaded and no memory is used.
+    `cache`: traces by `trace_key`, shared between plans of variants of one config."""
     from .model_config import load_model_config
 
     start = time.time()
@@ -179,7 +186,11 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
     shape = step_shape(cfg, prompt_length)
     gpu, world = on_gpu(cfg), world_size(cfg)
     fsdp = str(cfg.strategy).startswith("fsdp")
-    traced, how = trace_model(cfg, mc, shape, gpu, max_layers)
+    key = trace_key(cfg, gpu, prompt_length, max_layers)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = trace_model(cfg, mc, shape, gpu, max_layers)
+    traced, how = cache[key]
     param_dtype, low = formulas.precision_dtypes(cfg.precision, cfg.model.dtype)
     state, estimated = _state(traced, world, fsdp)
     phases = _phases(cfg, mc, shape, traced, state, fsdp, param_dtype, low)

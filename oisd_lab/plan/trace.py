@@ -176,10 +176,11 @@ def fake_mode():
         yield
 
 
-def trace(fn, label: str = "other") -> tuple[Phase, object]:
-    """(peak of `fn()` above what was live before, its result) with the all-ones answers."""
+def trace(fn, label: str = "other", policy=None) -> tuple[Phase, object]:
+    """(peak of `fn()` above what was live before, its result) with the all-ones answers;
+    allocations of `policy`'s forward are labelled as in a step."""
     mode = _AllOnesMode(label)
-    with mode:
+    with mode, labelled(mode, policy) if policy is not None else contextlib.nullcontext():
         result = fn()
     return Phase.of(mode), result
 
