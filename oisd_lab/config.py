@@ -184,6 +184,9 @@ class LogConfig:
     """Extra W&B tags (method, task, model and seed are always tagged)."""
     progress_bar: bool = True
     """A progress bar naming the method (turn off for logs written to files)."""
+    plan: bool = False
+    """Print the memory plan before training (`oisd-lab plan`), keep it in plan.json, and record
+    the measured peak of each phase of the first steps beside it in memory.json."""
 
 
 @dataclass
