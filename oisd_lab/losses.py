@@ -37,10 +37,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
-HEAD_REDUCE = ("mean", "per_head")
+from .options import HEAD_REDUCE, LOSS_TYPES, SCALE_REWARDS, WEIGHTINGS
+
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
 
 
