@@ -73,13 +73,48 @@ def trl(r):
     return out
 
 
+def smollm2(r):
+    b, f, pre = r["batch"], r["floor"], r["presets"]
+    out = [f"\n{r['model']} ({r['parameters'] / 1e6:.1f}M parameters, {r['num_layers']} layers, V = {r['vocab_size']}), "
+           f"task `{b['task']}` with the chat template, {b['prompts']} prompts x {b['generations']} completions x "
+           f"{b['max_completion_length']} tokens, one micro-batch; prompt {f['prompt_len']} tokens.\n",
+           f"Floor of one extra unembedding: per token (L x {f['layer_macs'] / 1e6:.2f}M + {f['head_macs'] / 1e6:.1f}M) "
+           f"= {f['per_token_macs'] / 1e6:.1f}M multiply-adds, + {f['head_macs'] / 1e6:.1f}M -> "
+           f"{f['floor_per_token']:.3f}x; for this batch (prompt positions have no head) {f['floor_this_batch']:.3f}x.\n",
+           "| preset | fwd/bwd s (cpu) | fwd/bwd / grpo (cpu) | full / grpo (cpu) | fwd/bwd / grpo (wall) | "
+           "full / grpo (wall) |", "|---|---|---|---|---|---|"]
+    for m, v in pre["per_preset"].items():
+        out.append(f"| {m} | {fmt(v['cpu']['forward_backward_s'])} | {fmt(v['cpu']['ratio_fb_vs_grpo'])} | "
+                   f"{fmt(v['cpu']['ratio_full_vs_grpo'])} | {fmt(v['wall']['ratio_fb_vs_grpo'])} | "
+                   f"{fmt(v['wall']['ratio_full_vs_grpo'])} |")
+    out += ["\n| decoding (full length) | ours s | `model.generate` s | ours / generate |", "|---|---|---|---|"]
+    for c in ("cpu", "wall"):
+        out.append(f"| {c} | {fmt(pre['decode_s']['ours'][c])} | {fmt(pre['decode_s']['hf'][c])} | "
+                   f"{fmt(pre['decode_ours_vs_hf'][c])} |")
+    d = r["diagnostics"]
+    out += ["\n| diagnostics (one logging step) | s | full step s | amortised over "
+            f"{d['log_every_n_steps']} steps |", "|---|---|---|---|"]
+    for c in ("cpu", "wall"):
+        out.append(f"| {c} | {d[c]['diagnostics_per_log_step_s']:.2f} | {d[c]['full_step_s']:.2f} | "
+                   f"{100 * d[c]['amortised_share_of_step']:.1f}% |")
+    if "cpu" in r["trl"]:
+        out += trl(r["trl"])
+    m = r["memory"]
+    out += [f"\nLoss forward+backward peak, {m['rows']} x {m['completion_length']} completion tokens "
+            f"(prompt {m['prompt_length']}; one logits tensor is {m['logits_bytes'] / 2**20:.0f} MiB):\n",
+            "| preset | profiler peak MiB | / grpo |", "|---|---|---|"]
+    out += [f"| {k} | {v['peak_bytes'] / 2**20:.0f} | {v['ratio_vs_grpo']:.3f} |" for k, v in m["per_preset"].items()]
+    return out
+
+
 def main() -> None:
     for path in sys.argv[1:]:
         result = json.loads(open(path).read())
         meta = result["meta"]
         print(f"\n### {path}\n\n{meta['date']}, {meta['cpu']}, nproc {meta['nproc']}, torch threads "
               f"{meta['torch_threads']}, init {meta['settings'].get('init', 'random')}")
-        for name, fn in (("presets", presets), ("memory", memory), ("attn512", attn), ("trl", trl)):
+        for name, fn in (("presets", presets), ("memory", memory), ("attn512", attn), ("trl", trl),
+                         ("smollm2", smollm2)):
             if name in result and "skipped" not in result[name]:
                 load = result[name]["load_avg"]
                 print("\n".join(fn(result[name])))
