@@ -389,18 +389,18 @@ class _StudentJSD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, teacher: Tensor, student: Tensor, beta: float, temperature: float) -> Tensor:
-        # -inf logits need no clamp here (as `jsd` needs for autograd): every term they reach is
-        # selected away by a probability of exactly 0.
         logp, logq = _log_softmax_at(teacher, temperature), _log_softmax_at(student, temperature)
-        log_m = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-        kl_p = _xlog_ratio_sum(logp.exp(), logp.sub_(log_m))
-        q = logq.exp()
-        q_ratio = torch.where(q > 0, logq.sub_(log_m), 0.0)  # log(Q / M)
-        kl_q = (q * q_ratio).sum(-1)
+        p, q = logp.exp(), logq.exp()
+        # log M from the probabilities (one log instead of logaddexp). Terms of probability 0
+        # (-inf logits, or M underflowing next to a denormal) come out as NaN or inf and are 0.
+        log_m = torch.add(p, q, alpha=(1.0 - beta) / beta).mul_(beta).log_()
+        kl_p = _zero_nonfinite(logp.sub_(log_m).mul_(p)).sum(-1)
+        q_ratio = logq.sub_(log_m)  # log(Q / M)
+        kl_q = _zero_nonfinite(q * q_ratio).sum(-1)
         raw = beta * kl_p + (1.0 - beta) * kl_q
         if ctx.needs_input_grad[1]:
             scale = ((1.0 - beta) / temperature) * (raw >= 0).to(q.dtype)  # [n]
-            grad = q.mul_(q_ratio.sub_(kl_q[:, None])).mul_(scale[:, None])
+            grad = _zero_nonfinite(q.mul_(q_ratio.sub_(kl_q[:, None]))).mul_(scale[:, None])
             ctx.save_for_backward(grad)
             ctx.student_dtype = student.dtype
         return raw.clamp(min=0.0)
@@ -417,9 +417,9 @@ def _log_softmax_at(logits: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
 
 
-def _xlog_ratio_sum(a: Tensor, log_ratio: Tensor) -> Tensor:
-    """sum_v a_v log_ratio_v with 0 * (-inf) = 0, in place on log_ratio ([n, V] -> [n])."""
-    return torch.where(a > 0, log_ratio.mul_(a), 0.0).sum(-1)
+def _zero_nonfinite(x: Tensor) -> Tensor:
+    """In place: NaN and +-inf -> 0 (the terms of `_StudentJSD` whose probability is 0)."""
+    return x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _lens_jsd_rows(teacher: Tensor, student: Tensor, beta: float, temperature: float) -> Tensor:
