@@ -5,7 +5,7 @@ Per round, side by side in one process: decoding the rollout (our loop and `mode
 every preset's optimisation step on one fixed rollout of full-length completions (the module's
 `time/forward_backward` timer: every micro-batch's forward and backward, clipping and AdamW), and
 the same GRPO work through our Lightning loop and TRL's `GRPOTrainer` (as the `trl` section).
-Once: a logging step's per-layer diagnostics over all 31 hidden states, and the peak memory of
+Once: a logging step's per-layer diagnostics (the layers the logging hook picks), and the peak memory of
 one loss forward and backward at 256-token completions.
 """
 
@@ -148,12 +148,20 @@ def _diagnostics(sm, cfg, policy, tok, source, fmt) -> dict:
         hook = LogStepHook(cfg, RunDir(Path(tmp)))
         rows = _fit(_module(cfg, policy, tok, source, hook=hook, format_prompt=fmt), 2)
     every = cfg.log.every_n_steps
-    out = {"log_every_n_steps": every, "layers_diagnosed": cfg.log.diag_layers or "all"}
+    module = _module(cfg, policy, tok, source)
+    out = {"log_every_n_steps": every, "layers_diagnosed": _diagnosed(cfg, module)}
     for c in ("cpu", "wall"):
         diag, step = rows[0][f"diagnostics_{c}"], rows[1][c]
         out[c] = {"diagnostics_per_log_step_s": diag, "full_step_s": step, "rollout_s": rows[1][f"rollout_{c}"],
                   "amortised_share_of_step": diag / every / step}
     return out
+
+
+def _diagnosed(cfg, module) -> list[int]:
+    """The hidden-state indices a logging step diagnoses, as the logging hook chooses them."""
+    from ..diagnostics import diagnosed_layers
+
+    return diagnosed_layers(module.num_layers, cfg.log.diag_layers, module.student_layers)
 
 
 def _versus_trl(sm, cfg, policy, tok, source, fmt) -> dict:
