@@ -95,6 +95,16 @@ def _lens_token_metrics(readout, hidden: dict[int, torch.Tensor], final: torch.T
     return {k: {name: torch.cat(v) for name, v in d.items()} for k, d in out.items()}
 
 
+def _per_head_jsd(teacher: torch.Tensor, student: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                  ) -> torch.Tensor:
+    """Attention-row JSD of every head on its own: [b, H, n, S] x2 -> [H, b, n] (heads as rows
+    of one batch: one call instead of H)."""
+    b, H, n, S = teacher.shape
+    flat = losses.attention_row_jsd(teacher.reshape(b * H, 1, n, S), student.reshape(b * H, 1, n, S),
+                                    query.repeat_interleave(H, 0), key.repeat_interleave(H, 0))
+    return flat.view(b, H, n).transpose(0, 1)
+
+
 def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num_layers: int
                              ) -> dict[int, dict[str, torch.Tensor]]:
     """{k: {"attn_jsd": [b, C], "attn_cos": [b, C], "heads": [H, b, C]}}, recomputed from the
@@ -112,8 +122,7 @@ def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num
             student = teacher if k == num_layers else cap.probs_for(attention_layer_of(k), rows, keys=width).float()
             out[k]["attn_jsd"].append(losses.attention_row_jsd(teacher, student, query, key))
             out[k]["attn_cos"].append(losses.attention_cosine(teacher, student, query, key))
-            out[k]["heads"].append(torch.stack([losses.attention_row_jsd(teacher[:, i : i + 1], student[:, i : i + 1], query, key)
-                                                for i in range(teacher.shape[1])]))
+            out[k]["heads"].append(_per_head_jsd(teacher, student, query, key))
             del student
     return {k: {name: torch.cat(v, dim=-1) for name, v in d.items()} for k, d in out.items()}
 
