@@ -1,7 +1,8 @@
 """The GPU check, `bash benchmarks/gpu/run.sh`: the paper's setting at real width, in minutes, offline.
 
-Models are built from the real configs of Qwen3-0.6B and Qwen3-4B (written out below) with random
-weights: vocabulary, width, heads and head size are real, the 4B's depth is cut to fit the time.
+Models are built from the real configs of Qwen3-0.6B and Qwen3-4B (the config.json files shipped
+in `oisd_lab/plan/configs/`) with random weights: vocabulary, width, heads and head size are
+real, the 4B's depth is cut to fit the time.
 Weights are float32 and compute is bf16 (Lightning `bf16-mixed`, the paper recipe's precision),
 with gradient checkpointing. Per model:
 
@@ -36,14 +37,16 @@ from types import SimpleNamespace
 
 import torch
 
-QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-                  max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                  tie_word_embeddings=True, attention_bias=False, bos_token_id=151643, eos_token_id=151645)
-"""config.json of Qwen/Qwen3-0.6B (the fields that shape the model)."""
-QWEN3_4B = {**QWEN3_0_6B, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-            "num_attention_heads": 32}
-"""config.json of Qwen/Qwen3-4B: as the 0.6B's but wider and deeper (same vocabulary, head size, KV heads)."""
+
+def shipped_config(name: str) -> dict:
+    """A model's config.json as shipped with the package (`oisd_lab/plan/configs/`), as a dict."""
+    from ..plan.model_config import CONFIGS
+
+    return json.loads((CONFIGS / f"{name}.json").read_text())
+
+
+QWEN3_0_6B = shipped_config("Qwen3-0.6B")
+QWEN3_4B = shipped_config("Qwen3-4B")
 TINY_QWEN3 = {**QWEN3_0_6B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
               "bos_token_id": 1, "eos_token_id": 2}
@@ -121,12 +124,13 @@ def build_model(case: Case, device: torch.device, seed: int = 0):
     """Random float32 weights from the case's config, built on the device, checkpointing on."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
+    from ..run.trainer import enable_checkpointing
+
     config = Qwen3Config(**{**case.config, "num_hidden_layers": case.layers})
     torch.manual_seed(seed)
     with device:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    # non-reentrant: the attention capture needs it (as `oisd-lab train` enables it)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     return model
 
 
