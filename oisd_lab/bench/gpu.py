@@ -39,10 +39,9 @@ import torch
 
 
 def shipped_config(name: str) -> dict:
-    """A model's config.json as shipped with the package (`oisd_lab/plan/configs/`), as a dict."""
-    from ..plan.model_config import CONFIGS
-
-    return json.loads((CONFIGS / f"{name}.json").read_text())
+    """A model's config.json as shipped with the package (`oisd_lab/plan/configs/`), as a dict.
+    Read by path: `plan` imports `bench` (its memory measure), so `bench` does not import `plan`."""
+    return json.loads((Path(__file__).resolve().parents[1] / "plan" / "configs" / f"{name}.json").read_text())
 
 
 QWEN3_0_6B = shipped_config("Qwen3-0.6B")
