@@ -22,6 +22,7 @@ tiny Qwen3 on CPU in seconds (the test suite does), so the check cannot rot betw
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -267,6 +268,7 @@ def check_case(case: Case, device: torch.device, workdir: Path, log=print) -> di
     out["methods"] = {}
     for method in ("grpo", "oisd"):
         out["methods"][method] = run_method(model, case, method, device, rollout, workdir)
+        gc.collect()  # the Trainer and module hold the optimizer state in reference cycles
         if device.type == "cuda":
             torch.cuda.empty_cache()
         step = out["methods"][method]["phases"]["forward_backward"]["seconds"]
