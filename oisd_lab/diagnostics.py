@@ -113,7 +113,7 @@ def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num
     mask, keys = part.completion_mask, part.attention_mask.bool()
     P, C = part.prompt_length, mask.shape[1]
     out = {k: defaultdict(list) for k in layers}
-    for lo in range(0, C, ATTN_ROW_BLOCK):
+    for lo in range(0, C if layers else 0, ATTN_ROW_BLOCK):
         hi = min(lo + ATTN_ROW_BLOCK, C)
         rows, width = slice(P - 1 + lo, P - 1 + hi), P - 1 + hi
         query, key = mask[:, lo:hi].bool(), keys[:, :width]
@@ -136,7 +136,8 @@ def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: 
     """
     L, mask = readout.num_layers, part.completion_mask
     sel = mask.bool()
-    attn = sorted({k for k in layers if k >= 1} | {L})
+    with_attn = sorted({k for k in layers if k >= 1})  # the embeddings (k = 0) have no attention
+    attn = sorted({*with_attn, L}) if with_attn else []
     with HiddenCapture(model, readout, {*layers, L}, completion_positions(part)) as hc, \
             AttentionCapture(model, [attention_layer_of(k) for k in attn], lazy=True) as cap:
         backbone_of(model)(input_ids=part.input_ids, attention_mask=part.attention_mask, use_cache=False)
@@ -145,7 +146,7 @@ def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: 
     per_tok = _lens_token_metrics(readout, hidden, final, part.completion_ids[sel],
                                   vocab_chunk(chunk, readout.unembed.weight.shape[0]))
     del hidden, final
-    for k, values in _attention_token_metrics(cap, part, [k for k in attn if k in layers], L).items():
+    for k, values in _attention_token_metrics(cap, part, with_attn, L).items():
         per_tok[k].update(attn_jsd=values["attn_jsd"][sel], attn_cos=values["attn_cos"][sel],
                           heads=values["heads"][:, sel])
     cap.clear()
