@@ -169,9 +169,9 @@ class LogConfig:
     """Per-layer diagnostics, completions and snapshots every N steps (and at the last step)."""
     diag_layers: list[int] | None = None
     """Hidden-state indices to diagnose and log as W&B scalars. None: every layer of models up to
-    16 layers deep; deeper ones get about 12 evenly spaced layers, the embeddings and the student
-    layers (W&B scalars: the 12 spaced ones). Each adds its hidden states and q/k to a logging
-    pass's memory (see `oisd_lab/diagnostics.py`)."""
+    32 layers deep (SmolLM2: 30); deeper ones get about 12 evenly spaced layers, the embeddings
+    and the student layers (W&B scalars: the 12 spaced ones). Each adds its hidden states and q/k
+    to a logging pass's memory (see `oisd_lab/diagnostics.py`)."""
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     wandb_mode: str = "offline"

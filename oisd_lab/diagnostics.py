@@ -41,7 +41,7 @@ LENS_METRICS = METRICS[:5]
 DIAG_TOKENS = 8192
 """Sequence positions (rows x padded length) per diagnostics forward: at 2.3k-token rollouts,
 three rows per pass; at tiny lengths the micro-batch decides."""
-ALL_LAYERS_UP_TO = 16
+ALL_LAYERS_UP_TO = 32
 """Models up to this depth are diagnosed at every layer 0..L by default."""
 SNAPSHOT_TOKENS = 512
 """Completion tokens per snapshot rollout (the top-token and attention-map view for notebooks)."""
