@@ -203,13 +203,14 @@ def run_method(model, case: Case, method: str, device: torch.device, rollout, wo
     from torch.utils.data import DataLoader
 
     from ..module import OISDModule
+    from ..run.folder import RunDir
     from ..run_hooks import LogStepHook
 
     cfg = method_config(method, case, device)
     G = case.generations
     problems = [SimpleNamespace(prompt="", answer="right")] * (case.rows // G)
-    run = SimpleNamespace(root=workdir, completions=workdir / f"{method}_completions.jsonl",
-                          snapshots=workdir / f"{method}_snapshots")
+    run = RunDir(workdir / method)  # where the logging hook writes diagnostics, completions, snapshots
+    run.root.mkdir(parents=True, exist_ok=True)
     module = OISDModule(cfg, model, _IdTokenizer(), task=None, reward_fn=lambda text, answer: float(text == answer),
                         sampler=lambda step, rank, world: (problems, rollout), on_log_step=LogStepHook(cfg, run))
     phases = Phases(device)
