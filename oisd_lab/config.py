@@ -20,7 +20,7 @@ from .errors import first_line
 METHODS = ("grpo", "oisd", "oisd_logit", "oisd_attn", "oisd_unsigned")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
-WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
+WEIGHTINGS = ("signed", "unsigned", "positive", "uniform", "reward")
 
 
 class ConfigError(ValueError):
@@ -114,15 +114,34 @@ class MethodConfig:
     attn_weight: float = 0.0
     """Weight of the attention-alignment loss."""
     weighting: str = "signed"
+    """Per-rollout weight of both alignment losses: signed (A), positive (max(A, 0)), unsigned
+    (|A|), uniform (1) or reward (the rollout's reward)."""
+    think_weighting: str | None = None
+    """Weighting of the logit channel alone (same choices); None = `weighting`."""
+    attn_weighting: str | None = None
+    """Weighting of the attention channel alone (same choices); None = `weighting`."""
+    align_loss_type: str | None = None
+    """Aggregator of both alignment losses (dapo, grpo, dr_grpo, bnpo); None = grpo.loss_type."""
     layers: list[Any] = field(default_factory=list)
     """Student layers: index, negative index or fraction of depth; empty = about 1/6 of depth."""
     jsd_beta: float = 0.5
     jsd_temperature: float = 1.0
     attn_heads: str = "mean"
-    """`mean` (head-mean rows) or `per_head`."""
+    """`mean` (head-mean rows), `per_head` (student head i vs teacher head i) or `per_head_to_mean`
+    (each student head vs the teacher's head mean)."""
+    attn_head_reduce: str = "mean"
+    """`mean` or `sum` of the per-head JSDs (`sum` = heads x `mean`; needs a per-head attn_heads)."""
     attn_exclude_sink: bool = False
+    """Drop the first real key of each row (the attention sink) and renormalise."""
     lens_grad: str = "full"
     """`full` or `hidden_only` (readout weights detached in the lens)."""
+    lens_norm: bool = True
+    """Apply the final norm in the student's lens (the paper); false decodes unembed(h) (BuPO)."""
+    align_schedule: str = "constant"
+    """Multiplier of both alignment weights over training: constant, stop (1 for the first
+    `align_schedule_steps` steps, then 0) or linear (1 at step 1, 0 from step N + 1 on)."""
+    align_schedule_steps: int = 0
+    """N of the `stop` and `linear` schedules."""
     chunk_size: int = 1024
     """Tokens per chunk for vocabulary-sized work."""
 
@@ -134,6 +153,9 @@ class LogConfig:
     diag_layers: list[int] | None = None
     """Hidden-state indices to diagnose (None = all)."""
     snapshot_rollouts: int = 2
+    gradient_view: bool = True
+    """On logging steps, log each loss term's gradient norm, its cosine with the policy gradient,
+    per-channel divergences by advantage sign and the rollout statistics that shape them (`grad/*`)."""
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
     wandb_project: str = "oisd_lab"
@@ -283,7 +305,18 @@ def validate(cfg: TrainConfig) -> None:
     _check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
     _check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
     _choice(m.weighting, WEIGHTINGS, "method.weighting")
-    _choice(m.attn_heads, ("mean", "per_head"), "method.attn_heads")
+    for name in ("think_weighting", "attn_weighting"):
+        if getattr(m, name) is not None:
+            _choice(getattr(m, name), WEIGHTINGS, f"method.{name}")
+    if m.align_loss_type is not None:
+        _choice(m.align_loss_type, LOSS_TYPES, "method.align_loss_type")
+    _choice(m.attn_heads, ("mean", "per_head", "per_head_to_mean"), "method.attn_heads")
+    _choice(m.attn_head_reduce, ("mean", "sum"), "method.attn_head_reduce")
+    _check(m.attn_head_reduce == "mean" or m.attn_heads != "mean",
+           "method.attn_head_reduce: sum needs per-head rows; set method.attn_heads=per_head or per_head_to_mean")
+    _choice(m.align_schedule, ("constant", "stop", "linear"), "method.align_schedule")
+    _check(m.align_schedule == "constant" or m.align_schedule_steps >= 1,
+           f"method.align_schedule_steps: is {m.align_schedule_steps}; schedule '{m.align_schedule}' needs >= 1")
     _choice(m.lens_grad, ("full", "hidden_only"), "method.lens_grad")
     _check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
     _check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")
