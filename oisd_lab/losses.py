@@ -23,7 +23,7 @@ Where this module departs from, or fills gaps in, the paper (arXiv 2605.29089) a
   rounding of the group mean would leave a residue.
 - `aggregate(loss_type="grpo")` accepts `num_sequences` so that micro-batch values sum to the
   whole-batch value (TRL instead divides by the number of accumulation steps, exact only for
-  equal-sized micro-batches).
+  equal-sized micro-batches). `bnpo` takes `num_micro_batches` and divides by it, as TRL does.
 """
 
 from __future__ import annotations
@@ -462,7 +462,8 @@ def attention_row_jsd(
     teacher_attn, student_attn: [B, H, T, S] post-softmax probabilities (rows over keys; the
     teacher is detached here). query_mask [B, T] bool: rows outside it give 0. key_mask [B, S]
     bool (False = padding): those keys are zeroed and rows renormalised. exclude_sink drops the
-    first real key of each row (the attention sink: key 0 only on unpadded rows) and renormalises; a row with no remaining mass (<= eps) gives 0.
+    first real key of each row (the attention sink: key 0 only on unpadded rows) and renormalises;
+    a row with no remaining mass (<= eps) gives 0.
     head_reduce `mean`: average the H rows, then one JSD per row (the paper's default reading);
     `per_head`: JSD of student head i against teacher head i (>= `mean` after a mean over heads,
     by joint convexity of JSD); `per_head_to_mean`: JSD of each student head against the
