@@ -36,12 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-WEIGHTINGS = ("signed", "unsigned", "positive", "uniform", "reward")
-HEAD_REDUCE = ("mean", "per_head", "per_head_to_mean")
-HEAD_AGG = ("mean", "sum")
-SCHEDULES = ("constant", "stop", "linear")
+from .options import HEAD_AGG, HEAD_REDUCE, LOSS_TYPES, SCALE_REWARDS, SCHEDULES, WEIGHTINGS
+
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
 
 
