@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 
 from .errors import ConfigError, check, check_choice, first_line
 from .options import (
+    DTYPES,
     HEAD_AGG,
     HEAD_REDUCE,
     LENS_GRAD_MODES,
@@ -204,6 +205,9 @@ class LogConfig:
     """Extra W&B tags (method, task, model and seed are always tagged)."""
     progress_bar: bool = True
     """A progress bar naming the method (turn off for logs written to files)."""
+    plan: bool = False
+    """Print the memory plan before training (`oisd-lab plan`), keep it in plan.json, and record
+    the measured peak of each phase of the first steps beside it in memory.json."""
 
 
 @dataclass
@@ -400,6 +404,7 @@ def weight_dtype(cfg: TrainConfig) -> str:
 def _check_weight_precision(cfg: TrainConfig) -> None:
     """Half-precision weights under plain AdamW lose every update below half their spacing
     (~1e-4 near 0.02 in bf16): at lr 1e-6 almost nothing trains, with no error."""
+    check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
     dtype = weight_dtype(cfg)
     check(dtype == "float32" or cfg.grpo.optimizer != "adamw",
            f"grpo.optimizer: adamw on {dtype} weights (model.dtype={cfg.model.dtype}, precision={cfg.precision}) "
