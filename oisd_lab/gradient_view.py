@@ -17,8 +17,11 @@ is retained until the ordinary backward), summed over micro-batches, and logs un
   rollouts with positive, negative and zero advantage;
 - `grad/cov_adv_length` (covariance of advantage and completion length: under `dapo` a
   rollout weighs by its length) and `grad/frac_zero_adv_groups`.
-Cost: one extra backward pass per term on logging steps only, and one parameter-sized buffer
-per term while the step runs.
+Cost, on logging steps only: one extra backward pass per alignment term (each reaches only the
+layers up to the student and the readout) and one parameter-sized buffer per term. The policy
+term's gradient is the accumulated `.grad` minus the alignment terms' (`derive_policy`), exact
+when `.grad` holds this process's unscaled sum; under data parallelism or a loss scaler it gets
+its own backward pass instead.
 """
 
 from __future__ import annotations
@@ -91,12 +94,15 @@ class GradientView:
     """Per-term gradients of one optimisation step, summed over its micro-batches.
 
     `add(terms)` after each micro-batch's forward (before its backward): the weighted terms'
-    gradients w.r.t. `params`; `metrics(...)` at the end of the step.
+    gradients w.r.t. `params`; `finish(total)` with the accumulated `.grad` of `params` (before
+    clipping); then `metrics(...)`. derive_policy: take the policy term's gradient as the total
+    minus the alignment terms' instead of from its own backward pass.
     """
 
-    def __init__(self, params: Sequence[Tensor], weights: Mapping[str, float]):
+    def __init__(self, params: Sequence[Tensor], weights: Mapping[str, float], derive_policy: bool = False):
         self.params = list(params)
         self.weights = dict(weights)  # term -> its weight in the total (policy 1)
+        self.derive_policy = derive_policy
         self.grads: dict[str, list[Tensor | None]] = {}
         self.seconds = 0.0
 
@@ -106,6 +112,8 @@ class GradientView:
             loss = terms.get(f"loss/{name}")
             if loss is None or not loss.requires_grad or not self.weights.get(name):
                 continue
+            if name == "policy" and self.derive_policy:
+                continue
             grads = torch.autograd.grad(self.weights[name] * loss, self.params, retain_graph=True,
                                         allow_unused=True)
             seen = self.grads.setdefault(name, [None] * len(self.params))
@@ -113,6 +121,16 @@ class GradientView:
                 if g is not None:
                     seen[i] = g.detach() if seen[i] is None else seen[i] + g.detach()
         self.seconds += time.perf_counter() - start
+
+    def finish(self, total: Grads) -> None:
+        """With derive_policy: policy = total - sum of the alignment terms, per parameter."""
+        if not self.derive_policy:
+            return
+        policy = []
+        for i, g in enumerate(total):
+            others = [grads[i] for grads in self.grads.values() if grads[i] is not None]
+            policy.append(None if g is None else (g.detach() - sum(others) if others else g.detach()))
+        self.grads = {"policy": policy, **self.grads}
 
     def metrics(self, stats: Mapping[str, Tensor], advantages: Tensor, lengths: Tensor,
                 num_generations: int) -> dict[str, float]:

@@ -205,13 +205,17 @@ class OISDModule(L.LightningModule):
         if not self.cfg.log.gradient_view:
             return None
         weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
-        return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights)
+        # .grad is this process's unscaled sum unless DDP averages it or a GradScaler scales it
+        plain = self._trainer is None or (self.trainer.world_size == 1 and
+                                          getattr(self.trainer.precision_plugin, "scaler", None) is None)
+        return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain)
 
     def gradient_view_metrics(self, view: GradientView | None, stats: dict, rollout: Rollout,
                               adv: torch.Tensor) -> dict:
         """The `grad/*` metrics of a finished accumulation (empty without a view)."""
         if view is None:
             return {}
+        view.finish([p.grad for p in view.params])
         lengths = rollout.completion_mask.sum(1).to(adv.device)
         return view.metrics(stats, adv, lengths, self.cfg.grpo.num_generations)
 

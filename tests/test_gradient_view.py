@@ -59,8 +59,8 @@ def _naive(module, rollout, adv, micro):
     return grads
 
 
-@pytest.mark.parametrize("lens_grad", ["full", "hidden_only"])
-def test_gradient_view_matches_separate_backward_passes(tiny_model, char_tokenizer, lens_grad):
+@pytest.mark.parametrize("lens_grad, derive_policy", [("full", True), ("hidden_only", True), ("full", False)])
+def test_gradient_view_matches_separate_backward_passes(tiny_model, char_tokenizer, lens_grad, derive_policy):
     module = _module(tiny_model, char_tokenizer, "method=oisd", "method.attn_weight=10",
                      f"method.lens_grad={lens_grad}")
     rollout = _rollout([6, 3, 8, 5, 2, 7, 8, 4] * 2, [0, 1, 2, 0] * 4)
@@ -68,6 +68,8 @@ def test_gradient_view_matches_separate_backward_passes(tiny_model, char_tokeniz
     ref = _naive(module, rollout, adv, micro=4)
     module.policy.zero_grad(set_to_none=True)
     view = module.gradient_view()
+    assert view.derive_policy  # one process, no loss scaler: the policy gradient is .grad minus the rest
+    view.derive_policy = derive_policy  # False: its own backward pass (DDP, GradScaler)
     sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward, view=view)
     got = module.gradient_view_metrics(view, {k: v for k, v in sums.items() if k.startswith("stat/")},
                                        rollout, adv)
