@@ -3,7 +3,8 @@
 rollout -> rewards -> advantages -> per micro-batch: policy forward (hidden states of the student
 layers, attention of student and final layers only) -> policy / think / attention losses, all
 aggregated with the policy loss's normaliser -> backward -> one optimizer step. Every N steps:
-per-layer diagnostics, completions and snapshots. The math lives in `losses.py`.
+per-layer diagnostics, completions and snapshots, and the gradient view (each term's gradient,
+`gradient_view.py`). The math lives in `losses.py`.
 
 Positions: the logits at position t predict token t+1, so both alignment channels act on the
 positions that produced the completion tokens (the last prompt position up to the one before the
