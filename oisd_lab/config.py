@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 from .errors import ConfigError, check, check_choice, first_line
 from .options import (
     DTYPES,
+    HEAD_AGG,
     HEAD_REDUCE,
     LENS_GRAD_MODES,
     LOSS_TYPES,
@@ -26,6 +27,7 @@ from .options import (
     OPTIMIZERS,
     ROLLOUT_BACKENDS,
     SCALE_REWARDS,
+    SCHEDULES,
     WANDB_MODES,
     WEIGHTINGS,
 )
@@ -146,7 +148,13 @@ class MethodConfig:
     weighting: str = "signed"
     """Per-completion weight of both alignment losses: `signed` (the advantage A: pull toward the
     final layer when above the group mean, push away when below), `unsigned` (|A|), `positive`
-    (max(A, 0)) or `uniform` (1: plain self-distillation)."""
+    (max(A, 0)), `uniform` (1: plain self-distillation) or `reward` (the completion's reward)."""
+    think_weighting: str | None = None
+    """Weighting of the logit channel alone (same choices); None = `weighting`."""
+    attn_weighting: str | None = None
+    """Weighting of the attention channel alone (same choices); None = `weighting`."""
+    align_loss_type: str | None = None
+    """Aggregator of both alignment losses (dapo, grpo, dr_grpo, bnpo); None = grpo.loss_type."""
     layers: list[Any] = field(default_factory=list)
     """Student layers: index, negative index or fraction of depth; empty = about 1/6 of depth."""
     jsd_beta: float = 0.5
@@ -154,11 +162,21 @@ class MethodConfig:
     jsd_temperature: float = 1.0
     """Temperature applied to the student and teacher logits in the think loss."""
     attn_heads: str = "mean"
-    """`mean` (head-mean rows) or `per_head`."""
+    """`mean` (head-mean rows), `per_head` (student head i vs teacher head i) or `per_head_to_mean`
+    (each student head vs the teacher's head mean)."""
+    attn_head_reduce: str = "mean"
+    """`mean` or `sum` of the per-head JSDs (`sum` = heads x `mean`; needs a per-head attn_heads)."""
     attn_exclude_sink: bool = False
-    """Drop key 0 (the attention sink) from the attention rows and renormalise them."""
+    """Drop the first real key of each row (the attention sink) and renormalise."""
     lens_grad: str = "full"
     """`full` or `hidden_only` (readout weights detached in the lens)."""
+    lens_norm: bool = True
+    """Apply the final norm in the student's lens (the paper); false decodes unembed(h) (BuPO)."""
+    align_schedule: str = "constant"
+    """Multiplier of both alignment weights over training: constant, stop (1 for the first
+    `align_schedule_steps` steps, then 0) or linear (1 at step 1, 0 from step N + 1 on)."""
+    align_schedule_steps: int = 0
+    """N of the `stop` and `linear` schedules."""
     chunk_size: int = 1024
     """Tokens per chunk for vocabulary-sized work."""
 
@@ -174,6 +192,9 @@ class LogConfig:
     to a logging pass's memory (see `oisd_lab/diagnostics.py`)."""
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
+    gradient_view: bool = True
+    """On logging steps, log each loss term's gradient norm, its cosine with the policy gradient,
+    per-channel divergences by advantage sign and the rollout statistics that shape them (`grad/*`)."""
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
     wandb_project: str = "oisd_lab"
@@ -346,7 +367,18 @@ def validate(cfg: TrainConfig) -> None:
     check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
     check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
     check_choice(m.weighting, WEIGHTINGS, "method.weighting")
+    for name in ("think_weighting", "attn_weighting"):
+        if getattr(m, name) is not None:
+            check_choice(getattr(m, name), WEIGHTINGS, f"method.{name}")
+    if m.align_loss_type is not None:
+        check_choice(m.align_loss_type, LOSS_TYPES, "method.align_loss_type")
     check_choice(m.attn_heads, HEAD_REDUCE, "method.attn_heads")
+    check_choice(m.attn_head_reduce, HEAD_AGG, "method.attn_head_reduce")
+    check(m.attn_head_reduce == "mean" or m.attn_heads != "mean",
+          "method.attn_head_reduce: sum needs per-head rows; set method.attn_heads=per_head or per_head_to_mean")
+    check_choice(m.align_schedule, SCHEDULES, "method.align_schedule")
+    check(m.align_schedule == "constant" or m.align_schedule_steps >= 1,
+          f"method.align_schedule_steps: is {m.align_schedule_steps}; schedule '{m.align_schedule}' needs >= 1")
     check_choice(m.lens_grad, LENS_GRAD_MODES, "method.lens_grad")
     check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
     check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")

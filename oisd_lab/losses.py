@@ -23,7 +23,7 @@ Where this module departs from, or fills gaps in, the paper (arXiv 2605.29089) a
   rounding of the group mean would leave a residue.
 - `aggregate(loss_type="grpo")` accepts `num_sequences` so that micro-batch values sum to the
   whole-batch value (TRL instead divides by the number of accumulation steps, exact only for
-  equal-sized micro-batches).
+  equal-sized micro-batches). `bnpo` takes `num_micro_batches` and divides by it, as TRL does.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .options import HEAD_REDUCE, LOSS_TYPES, SCALE_REWARDS, WEIGHTINGS
+from .options import HEAD_AGG, HEAD_REDUCE, LOSS_TYPES, SCALE_REWARDS, SCHEDULES, WEIGHTINGS
 
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
 
@@ -90,13 +90,19 @@ def group_advantages(
     return torch.where(constant, 0.0, scaled).reshape(-1)
 
 
-def advantage_weights(advantages: Tensor, mode: str) -> Tensor:
+def advantage_weights(advantages: Tensor, mode: str, rewards: Tensor | None = None) -> Tensor:
     """OISD per-sequence weight w_i for the alignment losses (docs/oisd-method.md, section 3).
 
     advantages: any shape; returns the same shape.
     `signed`: A (pull toward the teacher when above average, push away when below);
-    `unsigned`: |A|; `positive`: max(A, 0); `uniform`: 1 (plain self-distillation).
+    `unsigned`: |A|; `positive`: max(A, 0); `uniform`: 1 (plain self-distillation);
+    `reward`: the rollout's reward r_i (same shape as advantages; pulls on every rewarded
+    rollout, also in groups whose rewards are all equal, where A = 0).
     """
+    if mode == "reward":
+        if rewards is None:
+            raise ValueError("weighting 'reward' needs the rollouts' rewards; pass rewards=")
+        return rewards.to(advantages.dtype)
     if mode == "signed":
         return advantages
     if mode == "unsigned":
@@ -264,13 +270,14 @@ def aggregate(
     num_items_in_batch: int | Tensor | None = None,
     max_completion_length: int | None = None,
     num_sequences: int | None = None,
+    num_micro_batches: int = 1,
 ) -> Tensor:
     """Reduce a per-token loss [B, T] with completion mask [B, T] to a scalar (grpo-conventions.md).
 
     With l = per_token, M = mask (masked slots are ignored through torch.where, so they may hold
     1e4, inf or NaN):
     - `grpo`:    sum_i (sum_t M l / max(sum_t M, 1)) / num_sequences     (TRL loss_type="grpo")
-    - `bnpo`:    sum M l / max(sum M, 1), over this micro-batch            (TRL "bnpo")
+    - `bnpo`:    sum M l / max(sum M, 1) / num_micro_batches, over this micro-batch (TRL "bnpo")
     - `dapo`:    sum M l / num_items_in_batch                              (TRL and verl default)
     - `dr_grpo`: sum M l / (num_sequences * max_completion_length)         (TRL "dr_grpo")
     Defaults: num_items_in_batch = sum M of this call, num_sequences = B, max_completion_length = T.
@@ -278,8 +285,9 @@ def aggregate(
     Micro-batching contract: for `grpo`, `dapo` and `dr_grpo`, pass the whole accumulated batch's
     num_sequences / num_items_in_batch (and the configured max_completion_length) to every
     micro-batch call; the SUM of the micro-batch values (and of their gradients) then equals the
-    whole-batch value. `bnpo` is local by definition: the MEAN of its micro-batch values equals the
-    whole-batch value only when micro-batches hold equal token counts (as in TRL). Under data
+    whole-batch value. `bnpo` is local by definition: pass the number of micro-batches K (TRL divides
+    by its gradient accumulation steps), so that the SUM of the K micro-batch values is their
+    mean, which equals the whole-batch value when micro-batches hold equal token counts. Under data
     parallelism the caller also divides by the world size, or passes global counts.
     A sequence with no mask tokens contributes 0 (never NaN).
     """
@@ -298,7 +306,7 @@ def aggregate(
         return seq_means.sum() / n_seq
     total = masked.sum()
     if loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1)
+        return total / mask.sum().clamp(min=1) / max(int(num_micro_batches), 1)
     if loss_type == "dapo":
         n_items = mask.sum() if num_items_in_batch is None else num_items_in_batch
         return total / torch.as_tensor(n_items, device=total.device).clamp(min=1)
@@ -474,12 +482,18 @@ def chunked_lens_jsd(
 def _attention_rows(
     attn: Tensor, key_mask: Tensor | None, exclude_sink: bool, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """Zero dropped keys and renormalise rows. attn [B, h, T, S] -> (rows [B, h, T, S], ok [B, h, T])."""
+    """Zero dropped keys and renormalise rows. attn [B, h, T, S] -> (rows [B, h, T, S], ok [B, h, T]).
+
+    The sink is the first real key of each row: prompts are left-padded, so on shorter rows key 0
+    is padding and the sink sits further right (key 0 when there is no key_mask)."""
     keep = torch.ones(attn.shape[-1], dtype=torch.bool, device=attn.device)
-    if exclude_sink:
-        keep[0] = False
     if key_mask is not None:
-        keep = keep & key_mask.bool()[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
+        keep = key_mask.bool()  # [B, S]
+    if exclude_sink:
+        first = keep.int().argmax(-1, keepdim=True) if keep.dim() == 2 else 0  # [B, 1]: first True
+        keep = keep & (torch.arange(attn.shape[-1], device=attn.device) != first)
+    if keep.dim() == 2:
+        keep = keep[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
     rows = torch.where(keep, attn, 0.0)
     mass = rows.sum(-1, keepdim=True)
     ok = mass > eps
@@ -512,34 +526,41 @@ def attention_row_jsd(
     exclude_sink: bool = False,
     beta: float = 0.5,
     eps: float = 1e-12,
+    head_agg: str = "mean",
 ) -> Tensor:
     """OISD attention alignment: JSD_beta(sg[a_L(t, :)] || a_l(t, :)) per query row. -> [B, T].
 
     teacher_attn, student_attn: [B, H, T, S] post-softmax probabilities (rows over keys; the
     teacher is detached here). query_mask [B, T] bool: rows outside it give 0. key_mask [B, S]
-    bool (False = padding): those keys are zeroed and rows renormalised. exclude_sink drops key 0
-    (the attention sink) and renormalises; a row with no remaining mass (<= eps) gives 0.
+    bool (False = padding): those keys are zeroed and rows renormalised. exclude_sink drops the
+    first real key of each row (the attention sink: key 0 only on unpadded rows) and renormalises;
+    a row with no remaining mass (<= eps) gives 0.
     head_reduce `mean`: average the H rows, then one JSD per row (the paper's default reading);
-    `per_head`: JSD per head, then mean over heads (>= `mean` by joint convexity of JSD).
+    `per_head`: JSD of student head i against teacher head i (>= `mean` after a mean over heads,
+    by joint convexity of JSD); `per_head_to_mean`: JSD of each student head against the
+    teacher's head mean (pairing head i with head i across layers is arbitrary).
+    head_agg: `mean` or `sum` of the per-head JSDs (sum = H x mean; one row under `mean`).
     Computed on probabilities with 0 log 0 = 0; beta in {0, 1} gives 0, as in `jsd`.
     """
     if head_reduce not in HEAD_REDUCE:
         raise ValueError(f"unknown head_reduce {head_reduce!r}; choose one of {HEAD_REDUCE}")
+    if head_agg not in HEAD_AGG:
+        raise ValueError(f"unknown head_agg {head_agg!r}; choose one of {HEAD_AGG}")
     query_mask = query_mask.bool()
     if _degenerate_beta(beta):
         return torch.zeros(query_mask.shape, device=query_mask.device).requires_grad_(
             student_attn.requires_grad
         )
     teacher, student = _upcast(teacher_attn.detach()), _upcast(student_attn)
+    if head_reduce != "per_head":
+        teacher = teacher.mean(1, keepdim=True)  # [B, 1, T, S], broadcast against student heads
     if head_reduce == "mean":
-        teacher, student = (
-            teacher.mean(1, keepdim=True),
-            student.mean(1, keepdim=True),
-        )  # [B, 1, T, S]
+        student = student.mean(1, keepdim=True)
     teacher, teacher_ok = _attention_rows(teacher, key_mask, exclude_sink, eps)
     student, student_ok = _attention_rows(student, key_mask, exclude_sink, eps)
     div = torch.where(teacher_ok & student_ok, _prob_jsd(teacher, student, beta), 0.0)  # [B, h, T]
-    return torch.where(query_mask, div.mean(1), 0.0)
+    div = div.sum(1) if head_agg == "sum" else div.mean(1)
+    return torch.where(query_mask, div, 0.0)
 
 
 def attention_cosine(
@@ -573,16 +594,56 @@ def alignment_loss(
     advantages: Tensor,
     weighting: str = "signed",
     loss_type: str = "dapo",
+    rewards: Tensor | None = None,
     **agg_kwargs,
 ) -> Tensor:
     """L_think / L_attn: aggregate over tokens of w_i * d_{i,t}, with the policy loss's normaliser.
 
     per_token_div [B, T] (from `chunked_lens_jsd` scattered back to [B, T], or
     `attention_row_jsd`), mask [B, T], advantages [B] (detached here) or [B, T]; weighting in
-    WEIGHTINGS (`advantage_weights`); loss_type and agg_kwargs as in `aggregate`, so the same
-    micro-batching contract holds.
+    WEIGHTINGS (`advantage_weights`; rewards [B] for `reward`); loss_type and agg_kwargs as in
+    `aggregate`, so the same micro-batching contract holds.
     """
-    weights = advantage_weights(advantages.detach(), weighting)
+    weights = advantage_weights(advantages.detach(), weighting, rewards)
     if weights.dim() == per_token_div.dim() - 1:
         weights = weights.unsqueeze(-1)  # [B] -> [B, 1]
     return aggregate(weights * per_token_div, mask, loss_type, **agg_kwargs)
+
+
+def alignment_scale(step: int, schedule: str = "constant", steps: int = 0) -> float:
+    """Multiplier of both alignment weights at optimisation step `step` (1-based).
+
+    `constant`: 1 (the paper). `stop`: 1 for steps 1..N, then 0 (BuPO-like early phase; HASTE
+    finds that alignment helps early and conflicts later). `linear`: 1 - (step - 1) / N, down
+    to 0 at step N + 1 and after. N = `steps` (>= 1 for `stop` and `linear`).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown alignment schedule {schedule!r}; choose one of {SCHEDULES}")
+    if schedule == "constant":
+        return 1.0
+    if steps < 1:
+        raise ValueError(f"alignment schedule {schedule!r} needs steps >= 1, got {steps}")
+    if schedule == "stop":
+        return 1.0 if step <= steps else 0.0
+    return max(0.0, 1.0 - (step - 1) / steps)
+
+
+ADVANTAGE_SIGNS = ("pos", "neg", "zero")
+
+
+def divergence_sums(per_token_div: Tensor, mask: Tensor, advantages: Tensor) -> dict[str, Tensor]:
+    """Token sums of an unweighted per-token divergence, split by the sign of the advantage.
+
+    per_token_div [B, T], mask [B, T], advantages [B]. Returns detached scalars
+    `div_<s>` = sum over masked tokens of rollouts with sign s of d_{i,t}, and `tokens_<s>` = their
+    count, for s in pos (A > 0), neg (A < 0), zero (A == 0). Sums (not means) so that
+    micro-batches add up; the mean of split s is div_s / tokens_s.
+    """
+    mask = mask.bool()
+    adv = advantages.detach().reshape(-1, 1)  # [B, 1]
+    masked = torch.where(mask, per_token_div.detach(), 0.0)
+    out = {}
+    for sign, rows in zip(ADVANTAGE_SIGNS, (adv > 0, adv < 0, adv == 0), strict=True):
+        out[f"div_{sign}"] = (masked * rows).sum()
+        out[f"tokens_{sign}"] = (mask & rows).sum().to(masked.dtype)
+    return out

@@ -11,10 +11,16 @@ NONFINITE = ("skip", "stop")
 """grpo.nonfinite: what a step with a NaN/Inf gradient norm does."""
 ROLLOUT_BACKENDS = ("hf", "vllm")
 """grpo.rollout_backend."""
-WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
-"""method.weighting: per-completion weight of the alignment losses (see `losses.advantage_weights`)."""
-HEAD_REDUCE = ("mean", "per_head")
-"""method.attn_heads: attention rows averaged over heads, or compared head by head."""
+WEIGHTINGS = ("signed", "unsigned", "positive", "uniform", "reward")
+"""method.weighting (and think_/attn_weighting): per-completion weight of the alignment losses (see
+`losses.advantage_weights`)."""
+HEAD_REDUCE = ("mean", "per_head", "per_head_to_mean")
+"""method.attn_heads: attention rows averaged over heads, compared head by head, or each student
+head against the teacher's head mean."""
+HEAD_AGG = ("mean", "sum")
+"""method.attn_head_reduce: how per-head attention divergences combine."""
+SCHEDULES = ("constant", "stop", "linear")
+"""method.align_schedule: the alignment weights' multiplier over training (see `losses.alignment_scale`)."""
 LENS_GRAD_MODES = ("full", "hidden_only")
 """method.lens_grad: whether the logit lens passes gradient to its readout weights."""
 WANDB_MODES = ("offline", "online", "disabled")

@@ -16,6 +16,7 @@ The math is in `losses.py`; this module only decides which tensors go where.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,26 +89,44 @@ def policy_forward(model, part: Rollout, hidden_layers: Sequence[int] = (),
 @dataclass(frozen=True)
 class Objective:
     """The choices that define one step's loss: GRPO and method configs, the readout, the student
-    layers (hidden-state indices) and the model depth L."""
+    layers (hidden-state indices) and the model depth L; `align_scale` is this step's value of
+    the alignment schedule (`scheduled`)."""
 
     grpo: object  # config.GRPOConfig
     method: object  # config.MethodConfig
     readout: Readout
     student_layers: tuple[int, ...]
+    align_scale: float = 1.0
 
     @property
     def num_layers(self) -> int:
         return self.readout.num_layers
 
     @property
+    def logit_weight(self) -> float:
+        """This step's weight of L_think: method.logit_weight x the schedule."""
+        return self.method.logit_weight * self.align_scale
+
+    @property
+    def attn_weight(self) -> float:
+        """This step's weight of L_attn: method.attn_weight x the schedule."""
+        return self.method.attn_weight * self.align_scale
+
+    def scheduled(self, step: int) -> Objective:
+        """This objective at optimisation step `step` (1-based) of `method.align_schedule`."""
+        m = self.method
+        scale = losses.alignment_scale(step, m.align_schedule, m.align_schedule_steps)
+        return dataclasses.replace(self, align_scale=scale)
+
+    @property
     def hidden_layers(self) -> list[int]:
         """What `policy_forward` must return for the logit alignment."""
-        return list(self.student_layers) if self.method.logit_weight > 0 else []
+        return list(self.student_layers) if self.logit_weight > 0 else []
 
     @property
     def attn_layers(self) -> list[int]:
         """What `policy_forward` must capture for the attention alignment (students + final)."""
-        return [*self.student_layers, self.num_layers] if self.method.attn_weight > 0 else []
+        return [*self.student_layers, self.num_layers] if self.attn_weight > 0 else []
 
     def forward(self, model, part: Rollout) -> PolicyOutputs:
         return policy_forward(model, part, self.hidden_layers, self.attn_layers)
@@ -116,21 +135,24 @@ class Objective:
         """L = L_policy + w_logit L_think + w_attn L_attn, for tensors or logged floats alike."""
         total = terms["loss/policy"]
         if "loss/think" in terms:
-            total = total + self.method.logit_weight * terms["loss/think"]
+            total = total + self.logit_weight * terms["loss/think"]
         if "loss/attn" in terms:
-            total = total + self.method.attn_weight * terms["loss/attn"]
+            total = total + self.attn_weight * terms["loss/attn"]
         return total
 
 
 def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mapping, objective: Objective,
-               ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               ref_logps: torch.Tensor | None = None, rewards: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
     """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser.
 
     out: `objective.forward(model, part)`; adv [b]; norm: whole-batch normalisers for
     `losses.aggregate` (num_items_in_batch, num_sequences, max_completion_length, and
-    num_micro_batches for `bnpo`); ref_logps [b, C] when grpo.beta > 0.
+    num_micro_batches for `bnpo`); ref_logps [b, C] when grpo.beta > 0; rewards [b] for the
+    `reward` weighting.
     Returns "loss/policy", "loss/think" / "loss/attn" (when weighted), "loss/total" (with graph),
-    and detached token sums "sum/<metric>" (entropy, clip ratios, kl) for logging.
+    detached token sums "sum/<metric>" (entropy, clip ratios, kl) for logging, and per-channel
+    divergence sums by advantage sign "stat/<channel>/..." (`divergence_sums`).
     """
     g, m, mask = objective.grpo, objective.method, part.completion_mask
     logits, ids = out.logits, part.completion_ids  # position P-1+t predicts completion token t
@@ -144,10 +166,13 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
         terms["sum/kl"] = (kl.detach() * mask).sum()
     agg = dict(loss_type=g.loss_type, **norm)
     terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
-    if m.logit_weight > 0:
-        terms["loss/think"] = think_loss(out, mask, adv, agg, objective)
-    if m.attn_weight > 0:
-        terms["loss/attn"] = attn_loss(out, part, adv, agg, objective)
+    align = Alignment(mask, adv, rewards, dict(agg, loss_type=m.align_loss_type or g.loss_type))
+    if objective.logit_weight > 0:
+        terms["loss/think"] = align.loss("think", think_divergence(out, mask, objective),
+                                         m.think_weighting or m.weighting, terms)
+    if objective.attn_weight > 0:
+        terms["loss/attn"] = align.loss("attn", attention_divergence(out, part, objective),
+                                        m.attn_weighting or m.weighting, terms)
     with torch.no_grad():
         ent = losses.entropy_from_logits(logits.detach(), chunk_size=rows, temperature=g.temperature)
         terms["sum/entropy"] = (ent * mask).sum()
@@ -157,22 +182,43 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     return terms
 
 
-def think_loss(out: PolicyOutputs, mask: torch.Tensor, adv: torch.Tensor, agg: dict,
-               objective: Objective) -> torch.Tensor:
-    """L_think averaged over student layers: weighted JSD(sg[p_L] || lens p_l) per completion token."""
+@dataclass
+class Alignment:
+    """How one micro-batch's per-token divergences become an alignment loss: weights from the
+    advantages (or rewards), the alignment aggregator `agg` (kwargs of `losses.aggregate`)."""
+
+    mask: torch.Tensor
+    adv: torch.Tensor
+    rewards: torch.Tensor | None
+    agg: dict
+
+    def loss(self, channel: str, divs: Mapping[int, torch.Tensor], weighting: str,
+             stats: dict) -> torch.Tensor:
+        """Weighted, aggregated loss averaged over student layers; adds the layer-mean
+        divergence's sums by advantage sign to `stats` under "stat/<channel>/"."""
+        total = sum(losses.alignment_loss(d, self.mask, self.adv, weighting, rewards=self.rewards, **self.agg)
+                    for d in divs.values())
+        mean_div = sum(d.detach() for d in divs.values()) / len(divs)
+        for key, value in losses.divergence_sums(mean_div, self.mask, self.adv).items():
+            stats[f"stat/{channel}/{key}"] = value
+        return total / len(divs)
+
+
+def think_divergence(out: PolicyOutputs, mask: torch.Tensor, objective: Objective) -> dict[int, torch.Tensor]:
+    """Per student layer, the per-token JSD(sg[p_L] || lens p_l): {k: [b, C]}, 0 off the mask."""
     m, sel = objective.method, mask.bool()
     # The final layer is the detached teacher; its rows are read chunk by chunk at the
     # completion tokens, never copied out as a whole [N, V] tensor.
     index = sel.nonzero(as_tuple=True)
     chunk = max(1, min(m.chunk_size, VOCAB_CHUNK_ELEMENTS // out.logits.shape[-1]))
-    total = torch.zeros((), device=out.logits.device)
+    per_tok = {}
     for layer in objective.student_layers:
         h = out.hidden[layer][sel]  # [N, D]
-        div = losses.chunked_lens_jsd(h, out.logits, objective.readout.for_layer(layer, m.lens_grad),
-                                      m.jsd_beta, m.jsd_temperature, chunk, teacher_index=index)
-        per_tok = torch.zeros_like(mask).masked_scatter(sel, div)
-        total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)
-    return total / len(objective.student_layers)
+        lens = objective.readout.for_layer(layer, m.lens_grad, norm=m.lens_norm)
+        div = losses.chunked_lens_jsd(h, out.logits, lens, m.jsd_beta, m.jsd_temperature, chunk,
+                                      teacher_index=index)
+        per_tok[layer] = torch.zeros_like(mask).masked_scatter(sel, div)
+    return per_tok
 
 
 def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective) -> dict[int, torch.Tensor]:
@@ -192,18 +238,8 @@ def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective
             student = out.attention_rows(layer, lo, hi, keys=width)
             per_tok[layer].append(losses.attention_row_jsd(
                 teacher, student, query_mask=mask[:, lo:hi].bool(), key_mask=keys[:, :width],
-                head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink))
+                head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink, head_agg=m.attn_head_reduce))
     return {layer: torch.cat(parts, dim=1) for layer, parts in per_tok.items()}
-
-
-def attn_loss(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, agg: dict,
-              objective: Objective) -> torch.Tensor:
-    """L_attn averaged over student layers: weighted attention-row JSD per completion token."""
-    m, mask = objective.method, part.completion_mask
-    total = torch.zeros((), device=mask.device)
-    for div in attention_divergence(out, part, objective).values():
-        total = total + losses.alignment_loss(div, mask, adv, m.weighting, **agg)
-    return total / len(objective.student_layers)
 
 
 @torch.no_grad()
