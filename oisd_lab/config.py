@@ -17,8 +17,10 @@ from omegaconf import MISSING, OmegaConf
 
 from .errors import first_line
 
-METHODS = ("grpo", "oisd", "oisd_logit", "oisd_attn", "oisd_unsigned")
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+METHODS = ("grpo", "oisd", "oisd_logit", "oisd_attn", "oisd_unsigned", "bupo")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
+IS_LEVELS = ("token", "sequence")
+SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SCALE_REWARDS = ("group", "batch", "none")
 WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
 
@@ -84,11 +86,29 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     loss_type: str = "dapo"
+    """Aggregation (dapo, grpo, dr_grpo, bnpo; grpo-conventions.md) with the clipped surrogate, or
+    `cispo` (capped, detached ratio times A log pi; dapo normaliser) or `sapo` (soft sigmoid gate;
+    grpo normaliser), as TRL defines them (`losses.policy_loss`)."""
+    importance_sampling_level: str = "token"
+    """`token` (one ratio per token) or `sequence` (GSPO: the geometric mean of a completion's
+    token ratios). With num_iterations=1 the ratio is 1 and both give the same gradient."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout batch (TRL's mu). The rollout's log-probs, computed once before
+    its first update, are the old policy of every step; from the second step the ratio and the
+    clip act. `max_steps` counts optimizer steps, so a run samples max_steps / num_iterations batches."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
     scale_rewards: str = "group"
     std_ddof: int = 1
     adv_eps: float = 1e-4
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
+    """Upper clip distance (DAPO clip-higher: 0.28); for loss_type=cispo the cap on the ratio itself
+    (TRL recommends 5.0)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO gate temperature for tokens with A > 0."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO gate temperature for tokens with A <= 0."""
     beta: float = 0.0
     """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
     lr: float = 3e-5
@@ -103,12 +123,22 @@ class GRPOConfig:
     vLLM engine per GPU; CUDA and the `vllm` extra; weights are copied into it after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of each GPU's memory the vLLM engine may take (the rest is the trainer's)."""
+    vllm_importance_sampling_correction: bool = True
+    """Weight the policy loss by the trainer/sampler probability ratio of the rollout when the
+    sampler reports its own log-probs (the vLLM backend does), as TRL does by default."""
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    """token_truncate, token_mask, sequence_truncate or sequence_mask (TRL's default): per-token or
+    per-sequence ratio; clamped into [clip_min, clip_max], or set to 0 outside it."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """Lower bound of the sampler ratio (None: none)."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """Upper bound of the sampler ratio (TRL's default 3.0; None: none)."""
 
 
 @dataclass
 class MethodConfig:
     name: str = "grpo"
-    """Preset name used in W&B tags and reports: grpo, oisd, oisd_logit, oisd_attn, oisd_unsigned."""
+    """Preset name used in W&B tags and reports: grpo, oisd, oisd_logit, oisd_attn, oisd_unsigned, bupo."""
     logit_weight: float = 0.0
     """Weight of the logit-alignment (think) loss."""
     attn_weight: float = 0.0
@@ -125,6 +155,14 @@ class MethodConfig:
     """`full` or `hidden_only` (readout weights detached in the lens)."""
     chunk_size: int = 1024
     """Tokens per chunk for vocabulary-sized work."""
+    bupo_steps: float = 0.0
+    """BuPO (arXiv 2512.19673): for the first steps, the policy-gradient loss is computed on the
+    logit lens of the student layer (`layers`, one layer) instead of the final layer; rollouts
+    still come from the final layer. >= 1: a number of steps; in (0, 1): a fraction of max_steps
+    (the recipe's 30 of 300 is 0.1); 0: off."""
+    bupo_final_norm: bool = False
+    """BuPO's lens: False decodes the layer with the unembedding only (BuPO's code); True applies
+    the final norm first (the OISD lens)."""
 
 
 @dataclass
@@ -253,6 +291,20 @@ def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
     _check(value in choices, f"{name}: unknown value '{value}'; choose one of {', '.join(choices)}")
 
 
+def _check_policy_loss(g: GRPOConfig) -> None:
+    _choice(g.importance_sampling_level, IS_LEVELS, "grpo.importance_sampling_level")
+    _check(g.num_iterations >= 1, f"grpo.num_iterations: is {g.num_iterations}; use >= 1")
+    _check(g.loss_type != "cispo" or g.epsilon_high >= 1,
+           f"grpo.epsilon_high: is {g.epsilon_high}; loss_type=cispo caps the ratio itself at epsilon_high "
+           "(TRL recommends 5.0); use a value >= 1")
+    _check(g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0,
+           "grpo.sapo_temperature_pos/neg: use values > 0")
+    _choice(g.vllm_importance_sampling_mode, SAMPLER_IS_MODES, "grpo.vllm_importance_sampling_mode")
+    lo, hi = g.vllm_importance_sampling_clip_min, g.vllm_importance_sampling_clip_max
+    _check(lo is None or hi is None or lo <= hi,
+           f"grpo.vllm_importance_sampling_clip_min: {lo} is above clip_max {hi}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings with the arithmetic in the message."""
     g, m = cfg.grpo, cfg.method
@@ -269,6 +321,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(g.temperature > 0, f"grpo.temperature: is {g.temperature}; use a value > 0")
     _check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
     _choice(g.loss_type, LOSS_TYPES, "grpo.loss_type")
+    _check_policy_loss(g)
     _choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
     _choice(g.rollout_backend, ("hf", "vllm"), "grpo.rollout_backend")
     _check(0 < g.vllm_gpu_memory_utilization < 1, "grpo.vllm_gpu_memory_utilization: use a value in (0, 1)")
@@ -288,6 +341,9 @@ def validate(cfg: TrainConfig) -> None:
     _check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
     _check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")
     _check(m.chunk_size >= 1, "method.chunk_size: use >= 1")
+    _check(m.bupo_steps >= 0, f"method.bupo_steps: is {m.bupo_steps}; use 0 (off), a fraction in (0, 1) or a step count")
+    _check(m.bupo_steps == 0 or len(m.layers) <= 1,
+           f"method.layers: BuPO trains one internal layer; got {len(m.layers)} (use e.g. method.layers=[1])")
     for layer in m.layers:
         _check(
             isinstance(layer, (int, float)) and not isinstance(layer, bool),
