@@ -275,6 +275,8 @@ def importance_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str 
     exp(sum_t M (logps - old) / max(sum_t M, 1)), the geometric mean of its token ratios, with
     gradient to every token. Mirrors TRL `importance_sampling_level`. The log-ratio is clamped to
     [-20, 20] and zeroed outside the mask, so padded garbage never reaches the sequence mean.
+    verl's GSPO writes the same ratio per token as sg[s_i] * pi_t / sg[pi_t] (equal value and
+    gradient) and clamps the sequence log-ratio at 10.
     """
     if level not in IS_LEVELS:
         raise ValueError(f"unknown importance_sampling_level {level!r}; choose one of {IS_LEVELS}")
@@ -338,7 +340,8 @@ def sampler_importance_weights(
     `sequence_mask`, clip_max 3.0, clip_min None).
 
     old_logps: the trainer's log-probs of the rollout before any update; sampler_logps: the
-    sampler's, both [B, T]; mask [B, T]. d = M (old - sampler); token modes: w = exp(d) [B, T];
+    sampler's, both [B, T]; mask [B, T]. verl's counterpart is token-level truncation only
+    (`tis_imp_ratio_cap`). d = M (old - sampler); token modes: w = exp(d) [B, T];
     sequence modes: w = exp(sum_t d) [B, 1] (a sum, as TRL: the sequence's probability ratio).
     `*_truncate`: w clamped to [clip_min, clip_max] (None = unbounded); `*_mask`: w outside that
     range set to 0. The per-token policy loss is multiplied by w (before the KL term is added).
