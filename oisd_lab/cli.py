@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError
-from .errors import RunError
+from .config import compose
+from .errors import ConfigError, RunError
 
 
 def _setup_env() -> None:
@@ -28,36 +28,24 @@ def _setup_env() -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import compose
+    # torch is imported by the subcommands that need it, so grid, collect and --help start without it
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from .run.evaluation import report
     from .train import train
 
     cfg = compose(args.overrides, config_name=args.config)
     start = time.time()
     run_dir = train(cfg)
-    from lightning.pytorch.utilities import rank_zero_only
-
     if rank_zero_only.rank != 0:  # other DDP ranks: rank 0 evaluates and reports
         return 0
-    print_summary(Path(run_dir), time.time() - start)
+    print(report(Path(run_dir), time.time() - start))
     print(run_dir)
     return 0
 
 
-def print_summary(run_dir: Path, seconds: float) -> None:
-    result = json.loads((run_dir / "eval.json").read_text())
-    b, a = result["before"], result["after"]
-    k = a["k"]
-    print()
-    print(f"{result['method']} on {result['task']} (seed {result['seed']}), {result['steps']} steps, "
-          f"{seconds:.0f} s wall ({result['train_seconds']:.0f} s RL)")
-    print(f"held-out ({a['n']} problems)   before   after")
-    print(f"  greedy accuracy          {b['greedy_acc']:.3f}    {a['greedy_acc']:.3f}")
-    print(f"  avg@{k}                    {b['avg_at_k']:.3f}    {a['avg_at_k']:.3f}")
-    print("run directory:")
-
-
 def cmd_pretrain(args) -> int:
-    from .config import compose
+    # torch is imported by the subcommands that need it (see cmd_train)
     from .models import TINY_PRESETS, is_tiny
     from .pretrain import warm_start
 
@@ -70,10 +58,11 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .train import evaluate_path
+    # torch is imported by the subcommands that need it (see cmd_train)
+    from .run.evaluation import evaluate_path, summary
 
     result = evaluate_path(Path(args.path), args.overrides)
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_problem")}, indent=2))
+    print(json.dumps(summary(result), indent=2))
     return 0
 
 

@@ -28,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
+from .grid import compact
 from .provenance import git_commit
+from .run.folder import GRID_MANIFEST, RunDir, cell_folder, read_json, read_jsonl
 
 ID_COLUMNS = ("grid", "run_id", "cell", "method", "task", "seed")
 EVAL_METRICS = (("greedy_acc", "after"), ("avg_at_k", "after"),
@@ -77,33 +79,22 @@ def mean_ci(values) -> dict:
 # ---------------------------------------------------------------------------- one run
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line of a killed run
-    return rows
-
-
 def run_metrics(folder: Path) -> list[tuple[str, float, int]]:
     """(metric, value, step) of one finished run."""
-    result = json.loads((folder / "eval.json").read_text())
+    run = RunDir(folder)
+    result = json.loads(run.eval.read_text())
     steps = int(result.get("steps", 0))
     out = [(name, result[when][name.removesuffix("_before")], 0 if when == "before" else steps)
            for name, when in EVAL_METRICS]
     out.append(("train_seconds", result["train_seconds"], steps))
-    diag = [r for r in _jsonl(folder / "diagnostics.jsonl") if r.get("split") == "all"]
+    diag = [r for r in read_jsonl(run.diagnostics) if r.get("split") == "all"]
     if diag:
         last = max(r["step"] for r in diag)
         for row in (r for r in diag if r["step"] == last):
             out += [(f"layer/{k}/L{int(row['layer']):02d}", v, last) for k, v in row.items()
                     if k not in DIAG_SKIP and _number(v)]
     by_step: dict[int, dict] = {}
-    for row in _jsonl(folder / "metrics.jsonl"):
+    for row in read_jsonl(run.metrics):
         if row.get("step") is not None:
             by_step.setdefault(int(row["step"]), {}).update(row)
     window = [by_step[s] for s in sorted(by_step)[-WINDOW:]]
@@ -122,9 +113,9 @@ def _number(value) -> bool:
 
 
 def read_manifest(grid_dir: Path) -> dict:
-    path = Path(grid_dir) / "grid.json"
+    path = Path(grid_dir) / GRID_MANIFEST
     if not path.is_file():
-        raise ConfigError(f"{grid_dir}: no grid.json; run `oisd-lab grid FILE --out {grid_dir}` first")
+        raise ConfigError(f"{grid_dir}: no {GRID_MANIFEST}; run `oisd-lab grid FILE --out {grid_dir}` first")
     return json.loads(path.read_text())
 
 
@@ -137,21 +128,19 @@ def results_table(grid_dir: Path, manifest: dict):
     """(results, missing) data frames of a grid folder."""
     import pandas as pd
 
-    from .grid import compact
-
     axes = axis_columns(manifest)
     rows, missing = [], []
     for cell in manifest["cells"]:
-        folder = Path(grid_dir) / "cells" / cell["id"]
-        status = _status(folder)
-        if status.get("status") != "finished" or not (folder / "eval.json").is_file():
+        folder = cell_folder(grid_dir, cell["id"])
+        status = RunDir(folder).read_status()
+        if status.get("status") != "finished" or not RunDir(folder).eval.is_file():
             missing.append({"cell": cell["id"], "run_id": cell["run_id"],
                             "status": status.get("status", "not started"),
                             "error": status.get("error", ""), "path": str(folder)})
             continue
         ids = {"grid": manifest["name"], "run_id": cell["run_id"], "cell": cell["id"],
                "method": cell["method"], "task": cell["task"], "seed": cell["seed"],
-               **{k: _cell_value(cell["axes"][k], compact) for k in axes}}
+               **{k: _cell_value(cell["axes"][k]) for k in axes}}
         rows += [{**ids, "metric": m, "value": v, "step": s} for m, v, s in run_metrics(folder)]
     columns = [*ID_COLUMNS, *axes, "metric", "value", "step"]
     results = pd.DataFrame(rows, columns=columns)
@@ -161,15 +150,8 @@ def results_table(grid_dir: Path, manifest: dict):
     return results, pd.DataFrame(missing, columns=["cell", "run_id", "status", "error", "path"])
 
 
-def _cell_value(value, compact):
+def _cell_value(value):
     return value if isinstance(value, (int, float, str, bool)) else compact(value)
-
-
-def _status(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def aggregate(results, axes: list[str]):
@@ -228,7 +210,7 @@ def collect(grid_dir: str | Path, out: str | Path | None = None, baseline_grid: 
         frame.to_csv(out / f"{name}.csv", index=False)
     missing.to_csv(out / "missing.csv", index=False)
     if out.resolve() != grid_dir.resolve():
-        shutil.copyfile(grid_dir / "grid.json", out / "grid.json")
+        shutil.copyfile(grid_dir / GRID_MANIFEST, out / GRID_MANIFEST)
     summary = {"grid": manifest["name"], "grid_dir": str(grid_dir.resolve()), "file": manifest.get("file"),
                "run_ids": sorted(results["run_id"].unique().tolist()),
                "missing": missing["cell"].tolist(), "cells": len(manifest["cells"]),
@@ -263,11 +245,10 @@ def _run_commits(grid_dirs: list[Path], results) -> list[str]:
     commits = set()
     for cell in results["cell"].unique():
         for grid_dir in grid_dirs:
-            try:
-                commits.add(json.loads((grid_dir / "cells" / cell / "env.json").read_text()).get("commit"))
+            env = read_json(RunDir(cell_folder(grid_dir, cell)).env)
+            if env:
+                commits.add(env.get("commit"))
                 break
-            except (OSError, ValueError):
-                continue
     return sorted(c for c in commits if c)
 
 

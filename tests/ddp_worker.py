@@ -28,8 +28,9 @@ def main() -> None:
     from oisd_lab.config import compose
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
     from oisd_lab.module import OISDModule
+    from oisd_lab.run.folder import RunDir
+    from oisd_lab.run.trainer import make_trainer
     from oisd_lab.sources import load_source
-    from oisd_lab.train import RunDir, _trainer
 
     out = Path(sys.argv[1])
     cfg = compose([f"run_dir={out / 'run'}", "log.progress_bar=false", "checkpoint_every=1000",
@@ -48,7 +49,7 @@ def main() -> None:
     module = OISDModule(cfg, model, tokenizer, source, digit_fraction,
                         format_prompt=lambda text: source.format_prompt(text, tokenizer, False),
                         on_log_step=record)
-    trainer = _trainer(cfg, RunDir(Path(cfg.run_dir)), [])
+    trainer = make_trainer(cfg, RunDir(Path(cfg.run_dir)), [])
     loader = torch.utils.data.DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
     params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from oisd_lab.config import METHODS, ConfigError, compose, config_dir, load_yaml, to_yaml
+from oisd_lab.config import ConfigError, compose, config_dir, load_yaml, method_presets, to_yaml
 
 PRESETS = {
     "grpo": (0.0, 0.0, "signed"),
@@ -24,7 +25,7 @@ def test_defaults_are_the_main_job():
     assert cfg.grpo.loss_type == "dapo" and cfg.grpo.num_generations == 8
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", method_presets())
 def test_method_presets_match_the_method_table(name):
     cfg = compose([f"method={name}"])
     assert (cfg.method.logit_weight, cfg.method.attn_weight, cfg.method.weighting) == PRESETS[name]
@@ -97,3 +98,27 @@ def test_bad_settings_fail_in_one_line_naming_the_field(overrides, field):
 def test_batch_arithmetic_is_in_the_message():
     with pytest.raises(ConfigError, match="3 prompts x 5 generations = 15 completions"):
         compose(["grpo.prompts_per_step=3", "grpo.num_generations=5", "grpo.micro_batch_size=4"])
+
+
+def test_a_new_method_preset_is_a_yaml_file_and_nothing_else(tmp_path, monkeypatch):
+    configs = tmp_path / "experiments"
+    shutil.copytree(config_dir(), configs)
+    (configs / "method" / "oisd_half.yaml").write_text("name: oisd_half\nlogit_weight: 0.5\nattn_weight: 0.05\n")
+    monkeypatch.setenv("OISD_LAB_CONFIG_DIR", str(configs))
+    assert "oisd_half" in method_presets()
+    cfg = compose(["method=oisd_half"])
+    assert (cfg.method.name, cfg.method.logit_weight, cfg.method.attn_weight) == ("oisd_half", 0.5, 0.05)
+    with pytest.raises(ConfigError, match=r"^method\.name: unknown value 'half'; choose one of .*oisd_half"):
+        compose(["method=oisd_half", "method.name=half"])
+
+
+def test_the_debug_preset_holds_the_small_settings():
+    cfg = compose(["debug=quick"])
+    assert (cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.max_steps, cfg.checkpoint_every) == (30, 16, 3, 2)
+    g = cfg.grpo
+    assert (g.prompts_per_step, g.num_generations, g.micro_batch_size, g.max_completion_length) == (4, 4, 8, 12)
+    assert (cfg.task.num_test, cfg.eval.k, cfg.log.every_n_steps, cfg.log.progress_bar) == (16, 2, 2, False)
+    # a preset is a starting point: the method and explicit overrides still apply on top of it
+    cfg = compose(["debug=quick", "method=oisd", "max_steps=5"])
+    assert (cfg.method.name, cfg.max_steps, cfg.grpo.num_generations) == ("oisd", 5, 4)
+    assert compose([]).max_steps == 150  # and it is off by default

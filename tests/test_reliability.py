@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from oisd_lab import checkpointing
-from oisd_lab.checkpointing import (
+from oisd_lab.run import checkpointing
+from oisd_lab.run.checkpointing import (
     AtomicCheckpointIO,
     CheckpointWarning,
     NonFiniteError,
@@ -423,7 +423,7 @@ def test_a_run_whose_model_writes_hostile_text_finishes(cache_dir, tmp_path, mon
 def test_wandb_table_logging_takes_hostile_text(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
-    from oisd_lab.tracking import wandb_env
+    from oisd_lab.run.tracking import wandb_env
 
     wandb_env(tmp_path)
     logger = WandbLogger(project="oisd_lab_tests", save_dir=str(tmp_path), mode="offline")
@@ -458,7 +458,7 @@ def _cfg(run, *extra):
 
 
 def test_wandb_without_credentials_falls_back_offline_and_says_how_to_sync(no_wandb_service, tmp_path):
-    from oisd_lab.tracking import make_wandb_logger
+    from oisd_lab.run.tracking import make_wandb_logger
 
     said: list[str] = []
     logger = make_wandb_logger(_cfg(tmp_path / "run", "log.wandb_mode=online"), tmp_path / "run", "abc12345",
@@ -470,13 +470,13 @@ def test_wandb_without_credentials_falls_back_offline_and_says_how_to_sync(no_wa
 
 def _logged_in(monkeypatch) -> None:
     """As if credentials were found (a real key would stay cached in wandb for the whole process)."""
-    from oisd_lab import tracking
+    from oisd_lab.run import tracking
 
     monkeypatch.setattr(tracking, "resolve_wandb_mode", lambda mode, log=print: mode)
 
 
 def test_wandb_server_unreachable_falls_back_offline_fast(no_wandb_service, tmp_path, monkeypatch):
-    from oisd_lab.tracking import make_wandb_logger
+    from oisd_lab.run.tracking import make_wandb_logger
 
     _logged_in(monkeypatch)
     said: list[str] = []
@@ -492,7 +492,7 @@ def test_wandb_server_unreachable_falls_back_offline_fast(no_wandb_service, tmp_
 def test_wandb_online_start_failure_falls_back_offline(no_wandb_service, tmp_path, monkeypatch):
     import wandb
 
-    from oisd_lab import tracking
+    from oisd_lab.run import tracking
 
     _logged_in(monkeypatch)
     monkeypatch.setattr(tracking, "wandb_reachable", lambda timeout=3.0: True)

@@ -120,8 +120,8 @@ def test_killed_after_a_checkpoint_then_the_same_command_resumes_exactly(sig, rc
 
 
 def test_damaged_checkpoints_are_skipped_with_a_warning_and_the_previous_one_is_used(reference, tmp_path):
-    from oisd_lab.checkpointing import CheckpointWarning
     from oisd_lab.config import compose
+    from oisd_lab.run.checkpointing import CheckpointWarning
     from oisd_lab.train import train
 
     run = tmp_path / "run"

@@ -56,10 +56,11 @@ def test_smollm2_grpo_oisd_steps_and_lens_by_depth(smollm2, tmp_path):
 
     from oisd_lab.config import compose
     from oisd_lab.module import OISDModule
+    from oisd_lab.run.folder import RunDir
+    from oisd_lab.run.tracking import TableLogger
+    from oisd_lab.run.trainer import enable_checkpointing
     from oisd_lab.run_hooks import LogStepHook
     from oisd_lab.sources import load_source
-    from oisd_lab.tracking import TableLogger
-    from oisd_lab.train import RunDir, enable_checkpointing
 
     model, tokenizer = smollm2
     cfg = compose([
@@ -108,8 +109,8 @@ def _one_oisd_step(checkpointing: bool, tmp_path) -> dict:
     from oisd_lab.config import compose
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
     from oisd_lab.module import OISDModule
+    from oisd_lab.run.trainer import enable_checkpointing
     from oisd_lab.sources import load_source
-    from oisd_lab.train import enable_checkpointing
 
     cfg = compose(["method=oisd", "method.weighting=uniform", "max_steps=1", "grpo.prompts_per_step=2",
                    "grpo.num_generations=4", "grpo.micro_batch_size=4", "grpo.max_completion_length=10",

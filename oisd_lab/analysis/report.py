@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from ..collect import collect
 from ..provenance import commit_label
 from . import figures, tables
 from .runs import COLLECTED, GridData, load_grid
@@ -42,8 +43,6 @@ def ensure_collected(grid_dir: str | Path, results_dir: str | Path | None = None
     """The grid with its collected tables, running `oisd_lab.collect.collect` when they are missing."""
     grid = load_grid(grid_dir, results_dir)
     if not grid.collected:
-        from ..collect import collect
-
         collect(Path(grid_dir), out=results_dir)
         grid = load_grid(grid_dir, results_dir)
     return grid

@@ -1,8 +1,6 @@
 """Load run directories, grid directories and collected results tables into pandas frames.
 
-A run directory holds `config.yaml`, `eval.json`, `metrics.jsonl`, `diagnostics.jsonl`,
-`snapshots/step_XXXXXX.json` and `completions.jsonl` (see `oisd_lab.train.RunDir`). A grid
-directory holds `grid.json` and one run directory per cell under `cells/<cell id>/`; `oisd-lab
+The files of run and grid directories are named in `oisd_lab.run.folder`. `oisd-lab
 collect` adds the `results`, `aggregate` and `paired` tables (parquet and CSV) to the grid folder or
 to `--out`.
 Everything here only reads: nothing in training imports this package.
@@ -17,6 +15,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ..grid import compact
+from ..run.folder import GRID_MANIFEST, RunDir, cell_folders, read_json
+from ..run.folder import read_jsonl as _read_rows
 from .tables import row_label
 
 RUN_KEYS = ("run_id", "cell", "method", "task", "seed")
@@ -24,22 +25,8 @@ COLLECTED = ("results", "aggregate", "paired")
 
 
 def read_jsonl(path: Path) -> pd.DataFrame:
-    """Rows of a JSON-lines file; a torn last line (a killed writer) is skipped."""
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return pd.DataFrame(rows)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+    """Rows of a JSON-lines file as a frame; a torn last line (a killed writer) is skipped."""
+    return pd.DataFrame(_read_rows(path))
 
 
 @dataclass
@@ -57,7 +44,7 @@ class RunData:
     @property
     def info(self) -> dict:
         """method, task, seed and run id, from eval.json when finished, else from the config."""
-        status = _read_json(self.root / "status.json")
+        status = RunDir(self.root).read_status()
         return {"run_id": status.get("run_id", self.root.name),
                 "method": self.eval.get("method", self.config.get("method", {}).get("name")),
                 "task": self.eval.get("task", self.config.get("task", {}).get("name")),
@@ -81,7 +68,7 @@ def flat_eval(result: dict) -> dict:
 
 
 def snapshot_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("_")[1]) for p in (Path(run_dir) / "snapshots").glob("step_*.json"))
+    return RunDir(run_dir).snapshot_steps()
 
 
 def load_snapshot(run_dir: Path, step: int | None = None) -> dict:
@@ -89,16 +76,16 @@ def load_snapshot(run_dir: Path, step: int | None = None) -> dict:
     if not steps:
         raise FileNotFoundError(f"{run_dir}: no snapshots (set log.snapshot_rollouts > 0)")
     step = steps[-1] if step is None else step
-    return json.loads((Path(run_dir) / "snapshots" / f"step_{step:06d}.json").read_text())
+    return json.loads(RunDir(run_dir).snapshot(step).read_text())
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
-        raise FileNotFoundError(f"{root}: not a run directory (no config.yaml)")
-    return RunData(root=root, config=yaml.safe_load((root / "config.yaml").read_text()) or {},
-                   eval=_read_json(root / "eval.json"), metrics=read_jsonl(root / "metrics.jsonl"),
-                   diagnostics=read_jsonl(root / "diagnostics.jsonl"), snapshot_steps=snapshot_steps(root))
+    run = RunDir(Path(run_dir))
+    if not run.config.is_file():
+        raise FileNotFoundError(f"{run.root}: not a run directory (no {run.config.name})")
+    return RunData(root=run.root, config=yaml.safe_load(run.config.read_text()) or {},
+                   eval=read_json(run.eval), metrics=read_jsonl(run.metrics),
+                   diagnostics=read_jsonl(run.diagnostics), snapshot_steps=run.snapshot_steps())
 
 
 def read_table(folder: Path, name: str) -> pd.DataFrame | None:
@@ -170,8 +157,6 @@ def _manifest_cells(manifest: dict) -> dict[str, dict]:
 
 def _axis_values(cell: dict) -> dict:
     """A cell's grid axes other than method/task/seed, in the text form `collect` gives them."""
-    from ..grid import compact
-
     values = cell.get("axes") or {}
     return {k: v if isinstance(v, (int, float, str, bool)) else compact(v)
             for k, v in values.items() if k not in RUN_KEYS}
@@ -202,10 +187,10 @@ def load_grid(grid_dir: str | Path, results_dir: str | Path | None = None) -> Gr
     """Every cell run of a grid, plus its collected tables from `results_dir` (default: see
     `results_location`)."""
     root = Path(grid_dir)
-    manifest = _read_json(root / "grid.json")
+    manifest = read_json(root / GRID_MANIFEST)
     cells = _manifest_cells(manifest)
     runs, metrics, diags, evals = [], [], [], []
-    for cell_dir in sorted(p for p in (root / "cells").glob("*") if (p / "config.yaml").is_file()):
+    for cell_dir in cell_folders(root):
         run = load_run(cell_dir)
         cell = cells.get(cell_dir.name, {})
         info = {**run.info, "cell": cell_dir.name, **{k: cell[k] for k in RUN_KEYS if k in cell}}

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..collect import mean_ci as collect_mean_ci
+
 METHOD_ORDER = ("grpo", "oisd_logit", "oisd_attn", "oisd", "oisd_unsigned")
 METHOD_LABELS = {"grpo": "GRPO", "oisd_logit": "+ logit alignment only",
                  "oisd_attn": "+ attention alignment only", "oisd": "OISD (both)",
@@ -32,8 +34,6 @@ PAPER_QWEN3_4B = pd.DataFrame(
 def mean_ci(values: Iterable[float]) -> dict:
     """Mean, std (ddof 1), 95% t-interval and n of the non-missing values: `collect.mean_ci`, so
     figure bands and collected tables use one definition."""
-    from ..collect import mean_ci as collect_mean_ci
-
     return collect_mean_ci([v for v in values if v is not None and not pd.isna(v)])
 
 

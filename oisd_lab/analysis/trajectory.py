@@ -18,6 +18,7 @@ def lens_trajectory(model, tokenizer, prompt: str, max_new_tokens: int = 16,
     """Greedy-generate up to `max_new_tokens`, then read every layer with the model's own logit lens:
     `top_token[k][i]` / `top_prob[k][i]` are layer k's top-1 prediction for completion token i;
     `attention` holds head-mean maps of the student layers and the final layer."""
+    # imported here: the rest of `analysis` reads files and must load without torch
     import torch
 
     from ..diagnostics import snapshot

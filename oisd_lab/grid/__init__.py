@@ -46,8 +46,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from ..config import ConfigError
-from .local import Progress, cell_command, cell_dir, read_status, run_local, state
+from ..errors import ConfigError
+from ..run.folder import GRID_MANIFEST, RunDir
+from .local import Progress, cell_command, cell_dir, run_local, state
 from .slurm import slurm_parameters, slurm_script, submit_slurm
 from .spec import (
     Cell,
@@ -98,7 +99,7 @@ def run(args) -> int:
     if args.dry_run:
         return _dry_run(grid, grid_dir, todo, states, args)
     grid_dir.mkdir(parents=True, exist_ok=True)
-    (grid_dir / "grid.json").write_text(json.dumps(grid.manifest(), indent=2, default=str))
+    (grid_dir / GRID_MANIFEST).write_text(json.dumps(grid.manifest(), indent=2, default=str))
     if args.launcher == "slurm":
         submit_slurm(grid, grid_dir, todo, args)
         print(f"collect when the jobs are done: oisd-lab collect {grid_dir}")
@@ -122,7 +123,7 @@ def _summary(grid: Grid, grid_dir: Path, outcome: dict, skipped: int, seconds: f
           f"{sum(v == 'finished' for v in outcome.values())} ran now), {len(failed)} failed, {seconds:.0f} s")
     for cell in failed:
         folder = cell_dir(grid_dir, cell)
-        print(f"  failed {cell.id}: {read_status(folder).get('error')}  (log: {folder / 'log.txt'})")
+        print(f"  failed {cell.id}: {RunDir(folder).read_status().get('error')}  (log: {RunDir(folder).log})")
     if failed:
         print("run the same command again to retry the failed cells")
     print(f"collect: oisd-lab collect {grid_dir}")
@@ -147,5 +148,5 @@ def _dry_run(grid: Grid, grid_dir: Path, todo: list[Cell], states: dict, args) -
 
 
 __all__ = ["Cell", "Grid", "add_arguments", "cell_command", "cell_dir", "compact", "config_hash",
-           "expand", "find_grid_file", "hydra_value", "load_grid", "read_status", "run", "slurm_parameters",
+           "expand", "find_grid_file", "hydra_value", "load_grid", "run", "slurm_parameters",
            "slurm_script", "state"]

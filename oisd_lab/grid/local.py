@@ -15,36 +15,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..run.folder import RunDir, cell_folder
 from .spec import Cell, Grid, _key, hydra_value
 
 TAIL_LINES = 20
 
 
 def cell_dir(grid_dir: Path, cell: Cell) -> Path:
-    return Path(grid_dir) / "cells" / cell.id
-
-
-def read_status(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_status(folder: Path, **fields) -> None:
-    """Merge fields into `status.json` (the format of `train.RunDir`; None deletes a field).
-
-    Written here rather than through RunDir so that the runner does not import torch."""
-    data = {**read_status(folder), **fields, "updated": time.time()}
-    data = {k: v for k, v in data.items() if v is not None}
-    tmp = Path(folder) / "status.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, Path(folder) / "status.json")
+    return cell_folder(grid_dir, cell.id)
 
 
 def state(folder: Path) -> str:
     """finished, failed, new (never started) or unfinished (running, interrupted, submitted)."""
-    status = read_status(folder).get("status")
+    status = RunDir(folder).read_status().get("status")
     return status if status in ("finished", "failed") else ("new" if status is None else "unfinished")
 
 
@@ -86,26 +69,27 @@ class Launch:
 def launch(grid: Grid, cell: Cell, folder: Path, threads: int = 1) -> Launch | None:
     """Start a cell's process; None when another runner holds the cell."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / ".grid.lock", "w")
+    run = RunDir(folder)
+    lock = open(run.lock, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
         return None
     command = cell_command(grid, cell, folder, threads)
-    (folder / "cell.json").write_text(json.dumps({**asdict(cell), "grid": grid.name,
-                                                  "command": shlex.join(command)}, indent=2))
-    attempts = int(read_status(folder).get("attempts", 0)) + 1
-    write_status(folder, status="starting", attempts=attempts, grid=grid.name, cell=cell.id,
-                 returncode=None, error=None, log_tail=None, failed=None)
-    with open(folder / "log.txt", "ab") as log:
+    run.cell_info.write_text(json.dumps({**asdict(cell), "grid": grid.name, "command": shlex.join(command)},
+                                        indent=2))
+    attempts = int(run.read_status().get("attempts", 0)) + 1
+    run.write_status(status="starting", attempts=attempts, grid=grid.name, cell=cell.id,
+                     returncode=None, error=None, log_tail=None, failed=None)
+    with open(run.log, "ab") as log:
         log.write(f"==== attempt {attempts}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                   f"{shlex.join(command)}\n".encode())
         log.flush()
         offset = log.tell()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=_child_env(threads), start_new_session=True, preexec_fn=_die_with_parent)
-    write_status(folder, pid=proc.pid)  # the child's first status write comes seconds later
+    run.write_status(pid=proc.pid)  # the child's first status write comes seconds later
     return Launch(cell, folder, proc, offset, time.time(), lock)
 
 
@@ -121,15 +105,16 @@ def _die_with_parent() -> None:
 
 def settle(folder: Path, log_offset: int, returncode: int) -> str:
     """Record how a cell's process ended: finished, or failed with the tail of its log."""
-    if returncode == 0 and read_status(folder).get("status") == "finished":
-        write_status(folder, pid=None)
+    run = RunDir(folder)
+    if returncode == 0 and run.read_status().get("status") == "finished":
+        run.write_status(pid=None)
         return "finished"
-    tail = _tail(folder / "log.txt", log_offset)
+    tail = _tail(run.log, log_offset)
     reason = f"killed by signal {-returncode}" if returncode < 0 else (tail[-1] if tail else "no output")
     if returncode == 0:
         reason = "exited without finishing"
-    write_status(folder, status="failed", returncode=returncode, error=reason, log_tail=tail,
-                 failed=time.time(), pid=None)
+    run.write_status(status="failed", returncode=returncode, error=reason, log_tail=tail,
+                     failed=time.time(), pid=None)
     return "failed"
 
 
@@ -146,7 +131,7 @@ def stop(job: Launch, grace_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             continue
     job.proc.wait()
-    write_status(job.folder, status="interrupted", pid=None)
+    RunDir(job.folder).write_status(status="interrupted", pid=None)
     job.lock.close()
 
 

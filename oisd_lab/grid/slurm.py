@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
-from .local import _child_env, cell_command, cell_dir, read_status, settle, write_status
+from ..errors import ConfigError
+from ..run.folder import RunDir
+from .local import _child_env, cell_command, cell_dir, settle
 from .spec import Cell, Grid
 
 
@@ -34,16 +35,16 @@ def slurm_script(params: dict, folder: Path) -> str:
 
 def run_cell_job(folder: str, command: list[str], threads: int) -> str:
     """Body of a cell's SLURM job: the cell's command, recorded like a local cell."""
-    folder_path = Path(folder)
-    attempts = int(read_status(folder_path).get("attempts", 0)) + 1
-    with open(folder_path / "log.txt", "ab") as log:
+    folder_path, run = Path(folder), RunDir(folder)
+    attempts = int(run.read_status().get("attempts", 0)) + 1
+    with open(run.log, "ab") as log:
         log.write(f"==== attempt {attempts} (slurm): {shlex.join(command)}\n".encode())
         log.flush()
         offset = log.tell()
-        write_status(folder_path, attempts=attempts, returncode=None, error=None, log_tail=None)
+        run.write_status(attempts=attempts, returncode=None, error=None, log_tail=None)
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads)).returncode
     if settle(folder_path, offset, code) != "finished":
-        raise RuntimeError(f"cell {folder_path.name} failed: {read_status(folder_path).get('error')}")
+        raise RuntimeError(f"cell {folder_path.name} failed: {run.read_status().get('error')}")
     return "finished"
 
 
@@ -69,8 +70,8 @@ def submit_slurm(grid: Grid, grid_dir: Path, todo: list[Cell], args) -> dict:
     jobs = {}
     for cell in todo:
         here = cell_dir(grid_dir, cell)
-        if _slurm_active(folder, read_status(here).get("slurm_job_id")):
-            print(f"[grid {grid.name}] {cell.id}: job {read_status(here)['slurm_job_id']} still queued or running")
+        if _slurm_active(folder, RunDir(here).read_status().get("slurm_job_id")):
+            print(f"[grid {grid.name}] {cell.id}: job {RunDir(here).read_status()['slurm_job_id']} still queued or running")
             continue
         try:
             executor = submitit.SlurmExecutor(folder=folder)
@@ -80,7 +81,7 @@ def submit_slurm(grid: Grid, grid_dir: Path, todo: list[Cell], args) -> dict:
         here.mkdir(parents=True, exist_ok=True)
         command = cell_command(grid, cell, here, args.slurm_cpus)
         job = executor.submit(run_cell_job, str(here), command, args.slurm_cpus)
-        write_status(here, status="submitted", slurm_job_id=job.job_id,
+        RunDir(here).write_status(status="submitted", slurm_job_id=job.job_id,
                      grid=grid.name, cell=cell.id)
         jobs[cell.id] = job.job_id
         print(f"[grid {grid.name}] submitted {cell.id} as job {job.job_id}", flush=True)

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, compose, config_dir, to_dict
+from ..config import compose, config_dir, to_dict
+from ..errors import ConfigError
 
 GRID_KEYS = ("name", "base", "axes")
 
@@ -135,6 +136,7 @@ class CellCheck:
         self.depths: dict[str, int | None] = {}
 
     def __call__(self, cfg) -> None:
+        # these import torch: only composing a grid needs them, not running or reading one
         from ..preflight import check_layers, model_depth
         from ..sources import load_source
 

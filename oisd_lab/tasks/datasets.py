@@ -41,8 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oisd_lab.config import ConfigError
-from oisd_lab.errors import first_line
+from oisd_lab.errors import ConfigError, first_line
 from oisd_lab.rewards import last_boxed
 from oisd_lab.tasks.synthetic import Problem
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from .errors import NonFiniteError, first_line
+from ..errors import NonFiniteError, first_line
 
 DIGEST_SUFFIX = ".sha256"
 

@@ -1,4 +1,5 @@
-"""Run tracking: the local metrics table, Weights & Biases (offline by default), environment info."""
+"""Run tracking: the local metrics table, Weights & Biases (offline by default; opened and closed
+here), environment info."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import os
 import platform
 import socket
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -14,7 +16,9 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from .provenance import git_commit
+from ..config import to_dict
+from ..provenance import git_commit
+from .folder import RunDir
 
 
 class TableLogger(Logger):
@@ -69,7 +73,7 @@ def _plain(value):
 
 def wandb_env(root: Path) -> None:
     """Keep every file wandb writes inside the run directory."""
-    base = root / "wandb"
+    base = RunDir(root).wandb
     for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", ".cache"), ("WANDB_DATA_DIR", ".data"),
                      ("WANDB_CONFIG_DIR", ".config")):
         path = base / sub if sub else root
@@ -145,14 +149,30 @@ def _wandb_logger(cfg, root: Path, run_id: str, mode: str):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from .config import to_dict
-
     tags = [f"method:{cfg.method.name}", f"task:{cfg.task.name}", f"model:{cfg.model.name}",
             f"seed:{cfg.seed}", *cfg.log.tags]
     return WandbLogger(project=cfg.log.wandb_project, name=root.name, save_dir=str(root), id=run_id,
                        group=cfg.log.wandb_group, tags=tags, mode=mode, resume="allow",
                        config=to_dict(cfg), log_model=False,
                        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT))
+
+
+def close_loggers(loggers: list, before: dict, after: dict) -> None:
+    """Held-out results into the W&B run summary, then every logger closed."""
+    for lg in loggers:
+        if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
+            for when, res in (("before", before), ("after", after)):
+                for k, v in res.items():
+                    if isinstance(v, (int, float)):
+                        lg.experiment.summary[f"eval/{when}/{k}"] = v
+        lg.finalize("success")
+    finish_wandb()
+
+
+def finish_wandb() -> None:
+    """Close this run's W&B run, so that a later `train()` in the same process starts its own."""
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 def environment_info() -> dict:

@@ -1,0 +1,92 @@
+"""The package's shape: the grid runner and the analysis load without torch, and imports (those
+inside functions included) never form a cycle, between modules or between sub-packages, so the
+package can be read in one order with no import pointing back up."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "oisd_lab"
+
+
+def test_the_grid_runner_collect_and_analysis_import_without_torch():
+    code = ("import sys, oisd_lab.grid, oisd_lab.grid.local, oisd_lab.collect, oisd_lab.analysis, "
+            "oisd_lab.run.folder; assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=PACKAGE.parent, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
+    """Package modules that `path` imports anywhere in its body (its own ancestor packages aside:
+    Python loads those first anyway)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            subs = {f"{module}.{a.name}" for a in node.names} & modules
+            found |= subs or {module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found & modules if m != name and not name.startswith(m + ".")}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt):], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: _imports(path, name, set(files)) for name, path in files.items()}
+
+
+def _room(name: str) -> str:
+    """A sub-package counts as one room (`oisd_lab.tasks.datasets` -> `oisd_lab.tasks`)."""
+    return ".".join(name.split(".")[:2])
+
+
+def test_package_imports_form_no_cycle():
+    graph = _graph()
+    assert "oisd_lab.run.folder" in graph["oisd_lab.grid.local"]  # the graph sees relative imports
+    assert _cycle(graph) == []
+
+
+def test_sub_packages_and_modules_form_no_cycle():
+    rooms: dict[str, set[str]] = {}
+    for name, targets in _graph().items():
+        rooms.setdefault(_room(name), set()).update(_room(t) for t in targets if _room(t) != _room(name))
+    assert {"oisd_lab.run", "oisd_lab.config"} <= rooms["oisd_lab.grid"]
+    assert _cycle(rooms) == []
