@@ -245,3 +245,20 @@ def test_bupo_loss_is_the_lens_policy_and_trains_only_what_is_below_it(tiny_mode
     module.policy.zero_grad(set_to_none=True)
     module.loss_terms(rollout, adv, _norm(rollout))["loss/total"].backward()
     assert float(module.policy.model.layers[5].mlp.down_proj.weight.grad.abs().max()) > 0
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["grpo.loss_type=cispo"], "grpo.epsilon_high: is 0.2; loss_type=cispo caps the ratio itself"),
+    (["grpo.importance_sampling_level=group"], "grpo.importance_sampling_level: unknown value 'group'"),
+    (["grpo.num_iterations=0"], "grpo.num_iterations: is 0; use >= 1"),
+    (["grpo.loss_type=ppo"], "grpo.loss_type: unknown value 'ppo'"),
+    (["grpo.vllm_importance_sampling_mode=token"], "grpo.vllm_importance_sampling_mode: unknown value"),
+    (["method=bupo", "method.layers=[1,2]"], "method.layers: BuPO trains one internal layer; got 2"),
+    (["method.bupo_steps=-1"], "method.bupo_steps: is -1.0"),
+])
+def test_bad_settings_name_the_field(overrides, message):
+    from oisd_lab.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
