@@ -7,6 +7,7 @@
     oisd-lab collect GRID_DIR           one tidy results table (+ aggregates) for a grid
     oisd-lab report GRID_DIR --out DIR  figures and tables of a grid
     oisd-lab bench                      step-time and memory benchmarks
+    oisd-lab plan [key=value ...]       peak memory per device before launch, and settings that fit
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ LAZY = {
     "collect": ("oisd_lab.collect", "collect a grid's runs into results tables"),
     "report": ("oisd_lab.analysis.report", "write a grid's figures and tables"),
     "bench": ("oisd_lab.bench", "benchmark step time, memory and the TRL comparison"),
+    "plan": ("oisd_lab.plan", "memory plan of a config: peak per device, where it comes from, what fits"),
 }
 
 

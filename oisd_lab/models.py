@@ -67,8 +67,8 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_tiny_model(preset: str, vocab_size: int, seed: int = 0, max_positions: int = 512):
-    """A randomly initialised tiny decoder from a preset in `TINY_PRESETS`."""
+def tiny_config(preset: str, vocab_size: int, max_positions: int = 512):
+    """The transformers config of a preset in `TINY_PRESETS` (no weights)."""
     if preset not in TINY_PRESETS:
         raise ValueError(
             f"model.name: unknown tiny preset '{preset}'; choose one of {', '.join(TINY_PRESETS)}"
@@ -87,9 +87,13 @@ def build_tiny_model(preset: str, vocab_size: int, seed: int = 0, max_positions:
         eos_token_id=2,
     )
     if spec.arch == "qwen2":
-        config = Qwen2Config(tie_word_embeddings=True, **common)
-    else:
-        config = LlamaConfig(tie_word_embeddings=False, **common)
+        return Qwen2Config(tie_word_embeddings=True, **common)
+    return LlamaConfig(tie_word_embeddings=False, **common)
+
+
+def build_tiny_model(preset: str, vocab_size: int, seed: int = 0, max_positions: int = 512):
+    """A randomly initialised tiny decoder from a preset in `TINY_PRESETS`."""
+    config = tiny_config(preset, vocab_size, max_positions)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model.generation_config.pad_token_id = 0

@@ -49,9 +49,12 @@ class LogStepHook:
         return diagnostics.scalar_metrics(rows, list(layers))
 
     def diagnose(self, view: PolicyView, rollout, rewards, adv) -> list[dict]:
+        """Metrics of the diagnosed layers on the first `MAX_DIAG_ROWS` rollouts, in passes of
+        `diagnostics.diag_rows` rollouts (bounded memory: see `diagnostics`)."""
         n = min(len(rollout), MAX_DIAG_ROWS)
-        mb = self.cfg.grpo.micro_batch_size
-        all_layers = list(range(0, view.readout.num_layers + 1))
+        mb = diagnostics.diag_rows(rollout.input_ids.shape[1], self.cfg.grpo.micro_batch_size)
+        all_layers = diagnostics.diagnosed_layers(view.readout.num_layers, self.cfg.log.diag_layers,
+                                                  view.student_layers)
         parts = []
         for lo in range(0, n, mb):
             part = rollout.select(slice(lo, min(lo + mb, n))).to(view.device)
@@ -67,7 +70,8 @@ class LogStepHook:
         order = torch.argsort(adv, descending=True).tolist()
         picks = sorted(set(order[: (k + 1) // 2] + order[-(k // 2):] if k > 1 else order[:1]))
         part = rollout.select(slice(0, len(rollout))).to(view.device)
-        snaps = diagnostics.snapshot(view.policy, view.readout, part, picks, view.student_layers, view.tokenizer)
+        snaps = diagnostics.snapshot(view.policy, view.readout, part, picks, view.student_layers, view.tokenizer,
+                                     self.cfg.method.chunk_size)
         for s in snaps:
             s["advantage"] = float(adv[s["row"]])
             s["student_layers"] = view.student_layers

@@ -64,6 +64,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     module = OISDModule(cfg, model, tokenizer, source, source.reward,
                         format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template),
                         ref_model=ref, on_log_step=hook)
+    if cfg.log.plan:  # the memory plan, and the measured peaks of the first steps beside it
+        from .plan.run_hook import plan_run
+
+        plan_run(cfg, run, module, log)
     resume_step = checkpoint_step(resume) if resume else 0
     for path in run.step_logs:  # a resumed run writes the steps after its checkpoint again
         truncate_jsonl(path, resume_step)

@@ -14,6 +14,7 @@ A run folder (`RunDir`)::
     final_model/        the trained policy and tokenizer (save_pretrained)
     eval.json           held-out results before and after RL
     eval_cli.json       `oisd-lab eval` of this folder
+    plan.json           the memory plan (`log.plan=true`) and memory.json, the measured peaks beside it
     wandb/              the W&B run (offline by default)
     log.txt, cell.json  grid cells only: the run's output, and the cell and its command
 
@@ -71,6 +72,14 @@ class RunDir:
         """Logs with rows of logging steps that a resumed run writes again (metrics.jsonl is
         trimmed by its own logger)."""
         return (self.completions, self.diagnostics)
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def memory(self) -> Path:
+        return self.root / "memory.json"
 
     @property
     def snapshots(self) -> Path:

@@ -1,0 +1,249 @@
+"""The memory plan of a resolved config: trace the step on fake tensors (at full depth, or at two
+cut depths extrapolated per layer), add what tracing cannot see, and sum the phases per device."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import formulas
+from .setup import (StepShape, at_depth, autocast_for, build_module, build_policy, micro_batches,
+                    reference_model, step_shape, with_depth)
+from .trace import Phase, fake_mode, tensor_bytes, trace, trace_step, warm_optimizer
+
+FULL_DEPTH_LIMIT = 12
+"""Models up to this many layers are traced whole; deeper ones at two cut depths."""
+
+
+@dataclass
+class Traced:
+    """Bytes of one traced depth (single device, nothing sharded)."""
+
+    layers: int
+    params: int
+    grads: int
+    optimizer: int
+    reference: int
+    step: Phase
+    diagnostics: Phase
+
+    def scaled(self, other: Traced, layers: int) -> Traced:
+        """Linear in depth through (self.layers, self) and (other.layers, other)."""
+        f = (layers - self.layers) / (other.layers - self.layers)
+
+        def lin(a: int, b: int) -> int:
+            return round(a + f * (b - a))
+
+        def phase(a: Phase, b: Phase) -> Phase:
+            keys = set(a.at_peak) | set(b.at_peak)
+            return Phase(lin(a.peak, b.peak), {k: lin(a.at_peak.get(k, 0), b.at_peak.get(k, 0)) for k in keys})
+
+        return Traced(layers, lin(self.params, other.params), lin(self.grads, other.grads),
+                      lin(self.optimizer, other.optimizer), lin(self.reference, other.reference),
+                      phase(self.step, other.step), phase(self.diagnostics, other.diagnostics))
+
+
+def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> Traced:
+    """Trace one step (its last micro-batch, which holds the gradients of the earlier ones) and one
+    diagnostics pass of the policy cut to `layers` layers, on fake tensors."""
+    run_cfg = cfg if layers == model_config.num_hidden_layers else at_depth(cfg, layers)
+    mc = with_depth(model_config, layers)
+    with fake_mode():
+        policy = build_policy(run_cfg, mc)
+        ref = reference_model(run_cfg, mc)
+        module = build_module(run_cfg, policy, ref)
+        opt = module.configure_optimizers()["optimizer"]
+        for group in opt.param_groups:
+            group["foreach"] = gpu or group.get("foreach")  # CUDA parameters take the foreach path
+        opt_bytes = warm_optimizer(opt)
+        parts = micro_batches(shape, mc.vocab_size, count=2)  # the second stands for all later ones
+        step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg))
+        grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
+        diag = trace_diagnostics(run_cfg, module, shape, mc.vocab_size)
+        return Traced(layers, tensor_bytes(policy.parameters()), grads, opt_bytes,
+                      tensor_bytes(ref.parameters()) if ref is not None else 0, step, diag)
+
+
+def trace_diagnostics(cfg, module, shape: StepShape, vocab_size: int) -> Phase:
+    """One micro-batch of the per-layer diagnostics pass (no grad, every layer), as `LogStepHook`
+    runs it on logging steps."""
+    from .. import diagnostics
+    from ..run_hooks import MAX_DIAG_ROWS
+
+    rows = min(shape.micro_batch, MAX_DIAG_ROWS, shape.rows)
+    (part, adv, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
+                                    vocab_size, count=1)
+    layers = list(range(module.num_layers + 1))
+
+    def run():
+        with torch.no_grad(), autocast_for(cfg)():
+            diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
+                                      cfg.method.chunk_size)
+
+    return trace(run, "diagnostics", module.policy)[0]
+
+
+def trace_model(cfg, model_config, shape: StepShape, gpu: bool, max_layers: int = FULL_DEPTH_LIMIT) -> tuple[Traced, str]:
+    """(traced bytes at the model's depth, how they were obtained)."""
+    depth = model_config.num_hidden_layers
+    if depth <= max_layers:
+        return trace_depth(cfg, model_config, depth, shape, gpu), f"traced at full depth ({depth} layers)"
+    low = (len(cfg.method.layers) or 1) + 1
+    a = trace_depth(cfg, model_config, low, shape, gpu)
+    b = trace_depth(cfg, model_config, low + 2, shape, gpu)
+    return a.scaled(b, depth), (f"traced at {low} and {low + 2} layers, extrapolated per layer to {depth}")
+
+
+@dataclass
+class Plan:
+    """Per-device bytes of a run: persistent state, each phase's peak and where it comes from."""
+
+    setup: dict
+    state: dict[str, int]
+    phases: dict[str, dict[str, int]]
+    estimated: list[str]
+    method: str
+    seconds: float = 0.0
+    suggestions: list[dict] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda k: self.phases[k]["total"])
+
+    @property
+    def peak(self) -> int:
+        return self.phases[self.peak_phase]["total"]
+
+    @property
+    def required(self) -> int:
+        """Peak plus allocator fragmentation and the process's fixed overheads (GPU runs)."""
+        s = self.setup
+        if not s["gpu"]:
+            return self.peak
+        extra = formulas.CUDA_CONTEXT_BYTES + (formulas.NCCL_BYTES if s["world"] > 1 else 0)
+        return round(self.peak * (1 + formulas.FRAGMENTATION)) + extra
+
+    def fits(self, memory_bytes: int) -> bool:
+        return self.required <= memory_bytes
+
+    def to_dict(self) -> dict:
+        return {"setup": self.setup, "state": self.state, "phases": self.phases, "estimated": self.estimated,
+                "method": self.method, "peak_phase": self.peak_phase, "peak_bytes": self.peak,
+                "required_bytes": self.required, "seconds": self.seconds, "suggestions": self.suggestions}
+
+
+DEFAULT_PROMPT_LENGTH = 512
+"""Prompt tokens assumed for real datasets (chat template plus a competition problem)."""
+
+
+def world_size(cfg) -> int:
+    devices = cfg.devices
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    return torch.cuda.device_count() or 1 if str(devices) in ("auto", "-1") else 1
+
+
+def on_gpu(cfg) -> bool:
+    return cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+
+
+def default_prompt_length(cfg) -> tuple[int, str]:
+    """(prompt tokens, where the number comes from): the longest of 64 training prompts of a
+    synthetic task for a tiny model (character tokens), else an assumed length."""
+    from ..models import is_tiny
+    from ..tasks import TASKS
+
+    if is_tiny(cfg.model.name) and cfg.task.name in TASKS:
+        from ..sources import load_source
+
+        problems = load_source(cfg.task).train_batch(0, 64, cfg.seed)
+        return max(len(p.prompt) for p in problems), "longest of 64 training prompts"
+    return DEFAULT_PROMPT_LENGTH, "assumed (--prompt-length)"
+
+
+def trace_key(cfg, gpu: bool, prompt_length, max_layers: int) -> str:
+    """What a trace depends on (the strategy and device count only move the persistent state)."""
+    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, gpu, prompt_length, max_layers))
+
+
+def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPTH_LIMIT,
+              cache: dict | None = None) -> Plan:
+    """The memory plan of `cfg` per device; nothing is downloaded and no memory is used.
+    `cache`: traces by `trace_key`, shared between plans of variants of one config."""
+    from .model_config import load_model_config
+
+    start = time.time()
+    mc = load_model_config(cfg.model.name)
+    source = "given"
+    if prompt_length is None:
+        prompt_length, source = default_prompt_length(cfg)
+    shape = step_shape(cfg, prompt_length)
+    gpu, world = on_gpu(cfg), world_size(cfg)
+    fsdp = str(cfg.strategy).startswith("fsdp")
+    key = trace_key(cfg, gpu, prompt_length, max_layers)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = trace_model(cfg, mc, shape, gpu, max_layers)
+    traced, how = cache[key]
+    param_dtype, low = formulas.precision_dtypes(cfg.precision, cfg.model.dtype)
+    state, estimated = _state(traced, world, fsdp)
+    phases = _phases(cfg, mc, shape, traced, state, fsdp, param_dtype, low)
+    estimated += ["KV cache and decoding step of the rollout (formula)"]
+    if gpu:
+        estimated += [f"allocator fragmentation (+{formulas.FRAGMENTATION:.0%}), CUDA context"
+                      + (" and NCCL buffers" if world > 1 else "") + " (fixed sizes)"]
+    setup = {
+        "model": cfg.model.name, "layers": mc.num_hidden_layers, "vocab_size": mc.vocab_size,
+        "parameters": traced.params // param_dtype.itemsize, "precision": cfg.precision,
+        "param_dtype": str(param_dtype).removeprefix("torch."),
+        "compute_dtype": str(low or param_dtype).removeprefix("torch."),
+        "strategy": "fsdp" if fsdp else ("ddp" if world > 1 else "single device"), "world": world, "gpu": gpu,
+        "rows": shape.rows, "micro_batch": shape.micro_batch, "micro_batches": shape.num_micro,
+        "prompt_length": prompt_length, "prompt_length_source": source,
+        "completion_length": shape.completion_length, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "logit_weight": cfg.method.logit_weight, "attn_weight": cfg.method.attn_weight, "beta": cfg.grpo.beta,
+    }
+    return Plan(setup, state, phases, estimated, how, seconds=time.time() - start)
+
+
+def _state(traced: Traced, world: int, fsdp: bool) -> tuple[dict[str, int], list[str]]:
+    """Persistent bytes per device: traced sizes, sharded by FSDP, or with DDP's buckets."""
+    shard = (lambda b: formulas.fsdp_shard(b, world)) if fsdp else (lambda b: b)
+    state = {"parameters": shard(traced.params), "gradients": shard(traced.grads),
+             "optimizer state": shard(traced.optimizer), "reference model": traced.reference}
+    estimated = []
+    if fsdp:
+        estimated.append("FSDP sharding of parameters, gradients and optimizer state (1/world each) "
+                         "and the gathered full parameters (formula)")
+    elif world > 1:
+        state["DDP gradient buckets"] = formulas.ddp_bucket_bytes(traced.grads, world)
+        estimated.append("DDP gradient buckets (one flat copy of the gradients, formula)")
+    return state, estimated
+
+
+def _phases(cfg, mc, shape: StepShape, traced: Traced, state: dict, fsdp: bool, param_dtype, low) -> dict:
+    """Bytes of each phase by source, and their total."""
+    n_params = traced.params // param_dtype.itemsize
+    gathered = {"FSDP gathered parameters": n_params * (low or param_dtype).itemsize} if fsdp else {}
+    act = (low or param_dtype).itemsize
+    kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    tokens = shape.prompt_length + shape.completion_length
+    geometry = (mc.num_hidden_layers, kv_heads, head_dim, shape.rows, tokens, act)
+    between_steps = {**state, **gathered}  # gradients live from one step's backward to the next's zero_grad
+    without_grads = {k: v for k, v in between_steps.items() if k != "gradients"}
+    phases = {
+        "rollout": {**between_steps, "KV cache": formulas.kv_cache_bytes(*geometry),
+                    "decoding step": formulas.decode_step_bytes(*geometry, mc.vocab_size)},
+        "diagnostics": {**between_steps, **{f"diagnostics: {k}": v for k, v in traced.diagnostics.at_peak.items()}},
+        "policy step": {**without_grads, **traced.step.at_peak},
+    }
+    for parts in phases.values():
+        parts["total"] = sum(parts.values())
+    return phases

@@ -1,0 +1,193 @@
+"""The memory plan: the tracker on hand-made sequences, the fake-tensor step against a real CPU
+step measured as the benchmarks measure it, depth extrapolation against a full trace, the
+formulas, the shipped configs (offline), the CLI and the run-folder files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from oisd_lab.config import compose
+from oisd_lab.plan import formulas, plan
+from oisd_lab.plan.measure import measure_step
+from oisd_lab.plan.model_config import load_model_config, shipped_name
+from oisd_lab.plan.planner import make_plan
+from oisd_lab.plan.trace import _AllOnesMode, fake_mode
+from oisd_lab.plan.tracker import MemoryTrace
+
+NOT_TRACED = ("parameters", "optimizer state", "reference model", "total")
+
+
+def _narrow_qwen3(tmp_path) -> str:
+    """A 2-layer, 64-wide Qwen3 with the real 151,936-token vocabulary, as a checkpoint folder."""
+    folder = tmp_path / "qwen3-narrow"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "tie_word_embeddings": True, "max_position_embeddings": 1024}))
+    return str(folder)
+
+
+def test_tracker_counts_storages_once_and_frees_them():
+    with MemoryTrace() as trace:
+        a = torch.ones(1000)  # 4000 bytes
+        view = a[10:20]  # same storage: nothing new
+        with trace.label("b"):
+            b = a * 2  # 4000 more
+        assert trace.current == 8000 and trace.by_label == {"other": 4000, "b": 4000}
+        del a  # the view still holds the storage
+        assert trace.current == 8000
+        del view
+        assert trace.current == 4000
+        c = torch.ones(250, dtype=torch.float64)  # 2000: below the peak
+        del b, c
+    assert trace.peak == 8000 and trace.at_peak == {"other": 4000, "b": 4000} and trace.current == 0
+
+
+def test_all_ones_answers_match_a_real_all_true_mask():
+    h, sel = torch.randn(3, 5, 4), torch.ones(3, 5, dtype=torch.bool)
+    with fake_mode():
+        fh, fsel = torch.randn(3, 5, 4), torch.ones(3, 5, dtype=torch.bool)
+        with _AllOnesMode():
+            picked, where, count = fh[fsel], fsel.nonzero(as_tuple=True), int(fsel.sum())
+    assert picked.shape == h[sel].shape and [w.shape for w in where] == [w.shape for w in sel.nonzero(as_tuple=True)]
+    assert count == 1  # the all-ones answer for any scalar read: only shapes matter to memory
+
+
+CASES = {
+    "tiny oisd, 2 micro-batches": ["method=oisd"],
+    "tiny6m, 256-token completions": ["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2",
+                                      "grpo.num_generations=4", "grpo.micro_batch_size=4",
+                                      "grpo.max_completion_length=256"],
+    "tiny, checkpointing, KL to a reference": ["method=oisd_logit", "grpo.beta=0.04",
+                                               "model.gradient_checkpointing=true"],
+}
+
+
+@pytest.mark.parametrize("case", [*CASES, "qwen3 vocabulary 151,936"])
+def test_planned_step_peak_is_within_15_percent_of_a_measured_cpu_step(case, tmp_path):
+    over = CASES.get(case) or [f"model={_narrow_qwen3(tmp_path)}", "method=oisd", "grpo.prompts_per_step=2",
+                               "grpo.num_generations=2", "grpo.micro_batch_size=2",
+                               "grpo.max_completion_length=32"]
+    cfg = compose([*over, "accelerator=cpu"])
+    planned = make_plan(cfg, prompt_length=24)
+    step = planned.phases["policy step"]
+    traced = sum(v for k, v in step.items() if k not in NOT_TRACED)
+    measured = measure_step(cfg, prompt_length=24)
+    assert abs(traced / measured["step"] - 1) < 0.15, (traced, measured["step"])
+    total = measured["step"] + measured["parameters"] + measured["optimizer"]
+    assert abs(step["total"] - step.get("reference model", 0) - total) / total < 0.15
+    assert planned.state["parameters"] == measured["parameters"]
+    assert planned.state["optimizer state"] == measured["optimizer"]
+
+
+def test_depth_extrapolation_matches_the_full_trace():
+    cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48"])
+    full, cut = make_plan(cfg, 20), make_plan(cfg, 20, max_layers=4)
+    assert "full depth (8 layers)" in full.method and "2 and 4 layers" in cut.method
+    assert cut.state == full.state  # parameters, gradients, optimizer state: linear in depth, exactly
+    for phase, parts in full.phases.items():
+        assert cut.phases[phase]["total"] == pytest.approx(parts["total"], rel=0.02)
+
+
+def test_precisions_set_parameter_optimizer_and_activation_dtypes():
+    assert formulas.precision_dtypes("bf16-true", "float32") == (torch.bfloat16, None)
+    assert formulas.precision_dtypes("bf16-mixed", "float32") == (torch.float32, torch.bfloat16)
+    assert formulas.precision_dtypes("bf16-mixed", "bfloat16") == (torch.bfloat16, torch.bfloat16)
+    with pytest.raises(ValueError, match="precision: unknown value 'fp8'"):
+        formulas.precision_dtypes("fp8", "float32")
+    true = make_plan(compose(["precision=bf16-true", "accelerator=cpu"]), 20)
+    mixed = make_plan(compose(["precision=bf16-mixed", "accelerator=cpu"]), 20)
+    n = true.setup["parameters"]
+    assert true.state["parameters"] == 2 * n and mixed.state["parameters"] == 4 * n  # fp32 master weights
+    assert true.state["optimizer state"] < 4.01 * n and mixed.state["optimizer state"] > 8 * n
+    # the KV cache is in the compute dtype: bf16 for both
+    assert true.phases["rollout"]["KV cache"] == mixed.phases["rollout"]["KV cache"]
+
+
+def test_kv_cache_formula_by_hand():
+    # Qwen3-4B: 36 layers x 8 KV heads x 128 dims, keys and values, bf16: 147,456 bytes a token
+    assert formulas.kv_cache_bytes(36, 8, 128, 1, 1, 2) == 147_456
+    assert formulas.kv_cache_bytes(36, 8, 128, 64, 2560, 2) == 147_456 * 64 * 2560
+    assert formulas.ddp_bucket_bytes(100, 1) == 0 and formulas.ddp_bucket_bytes(100, 8) == 100
+    assert formulas.fsdp_shard(10, 4) == 3
+
+
+def test_strategies_share_the_trace_and_move_the_state():
+    cache: dict = {}
+    base = ["accelerator=gpu", "devices=8", "precision=bf16-true"]
+    ddp = make_plan(compose([*base, "strategy=ddp"]), 20, cache=cache)
+    fsdp = make_plan(compose([*base, "strategy=fsdp"]), 20, cache=cache)
+    assert len(cache) == 1  # one trace for both
+    assert ddp.state["DDP gradient buckets"] == ddp.state["gradients"]
+    assert fsdp.state["parameters"] == -(-ddp.state["parameters"] // 8)
+    assert fsdp.phases["policy step"]["FSDP gathered parameters"] == ddp.state["parameters"]
+    assert ddp.required > ddp.peak * 1.1  # fragmentation, CUDA context and NCCL on GPU
+
+
+# Parameter counts published with each model.
+SHIPPED = {"Qwen/Qwen3-4B": 4_022_468_096, "Qwen/Qwen3-8B": 8_190_735_360, "Qwen/Qwen3-0.6B": 596_049_920,
+           "OctoThinker/OctoThinker-3B-Long-Base": 3_212_749_824, "HuggingFaceTB/SmolLM2-135M": 134_515_008}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_offline_with_the_published_sizes(name, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert shipped_name(name) is not None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_model_config(name))
+    assert sum(p.numel() for p in model.parameters()) == SHIPPED[name]
+
+
+def test_an_unknown_model_is_a_one_line_error(monkeypatch):
+    from oisd_lab.config import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"^model.name: no config for 'someone/unknown-7b' offline"):
+        load_model_config("someone/unknown-7b")
+
+
+def test_settings_found_to_fit_do_fit_when_planned_again():
+    from oisd_lab.plan.suggest import with_overrides
+
+    cfg = compose(["method=oisd", "accelerator=cpu"])
+    first = make_plan(cfg, 20)
+    budget = first.peak * 0.75 / 2**30
+    result = plan(cfg, budget, prompt_length=20, search=3)
+    assert not result.fits(round(budget * 2**30)) and result.suggestions
+    for item in result.suggestions:
+        again = make_plan(with_overrides(cfg, dict(_parse(o) for o in item["overrides"])), 20)
+        assert again.peak == item["peak_bytes"] <= budget * 2**30
+
+
+def _parse(item: str):
+    key, value = item.split("=")
+    return key, True if value == "true" else (value if not value.isdigit() else int(value))
+
+
+def test_cli_prints_the_plan(capsys):
+    from oisd_lab.cli import main
+
+    assert main(["plan", "model=tiny", "method=oisd", "accelerator=cpu", "--gpu-memory", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: tiny (6 layers" in out and "fits in 8.00 GiB" in out
+    for row in ("KV cache", "think loss (lens JSD)", "attention loss", "gradients", "optimizer state"):
+        assert row in out
+
+
+def test_train_keeps_the_plan_beside_measured_peaks(tmp_path, cache_dir):
+    from conftest import tiny_overrides
+
+    from oisd_lab.train import train
+
+    run = train(compose(tiny_overrides(tmp_path / "run", "log.plan=true", "method=oisd")), log=lambda *a: None)
+    planned = json.loads((run / "plan.json").read_text())
+    measured = json.loads((run / "memory.json").read_text())
+    assert set(measured["phases"]) == {"rollout", "diagnostics", "policy step"}
+    for phase, row in measured["phases"].items():
+        assert row["planned_bytes"] == planned["phases"][phase]["total"] and row["measured_bytes"] > 0
