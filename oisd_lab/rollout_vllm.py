@@ -31,8 +31,9 @@ def rollout_from_ids(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
                      num_generations: int, tokenizer, device: torch.device | str = "cpu",
                      logprobs: Sequence[Sequence[float]] | None = None) -> Rollout:
     """A `Rollout` from token ids: prompts [N] (unpadded) and completions [N * G] in group order;
-    `logprobs` (the sampler's log-prob of each completion token, same lengths) become
-    `sampler_logps`, 0 in padded slots.
+    `logprobs` (the sampler's log-prob of each completion token) become `sampler_logps`: 0 in
+    padded slots, NaN for completion tokens past the end of a completion's list (an EOS appended
+    here), which the correction then leaves alone.
 
     Prompts are left-padded to the longest prompt, completions right-padded to the longest
     completion (at least one slot); positions after a completion's first EOS are padding, exactly
@@ -65,10 +66,11 @@ def rollout_from_ids(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     sampler = None
     if logprobs is not None:
-        sampler = torch.zeros((len(completion_ids), C), dtype=torch.float32)
+        sampler = torch.full((len(completion_ids), C), float("nan"))
         for i, values in enumerate(logprobs):
             sampler[i, : len(values)] = torch.as_tensor(list(values), dtype=torch.float32)
-        sampler = (sampler * mask).to(device)
+        # padding 0; a completion token the sampler gave no log-prob for stays NaN (no correction)
+        sampler = torch.where(mask.bool(), sampler, 0.0).to(device)
     return Rollout(
         input_ids=torch.cat([prompts, completions], dim=1).to(device),
         attention_mask=torch.cat([prompt_mask, mask.long()], dim=1).to(device),

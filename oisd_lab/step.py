@@ -276,11 +276,13 @@ def sampler_correction(rollout: Rollout, grpo) -> tuple[torch.Tensor, dict[str, 
     (`losses.sampler_importance_weights` with the grpo.vllm_importance_sampling_* settings), and
     TRL's `sampling/*` metrics: |old - sampler| over completion tokens, and the weights."""
     mask = rollout.completion_mask
+    # a token without a sampler log-prob (NaN) counts as matching: no correction for it
+    sampler = torch.where(torch.isnan(rollout.sampler_logps), rollout.old_logps, rollout.sampler_logps)
     weights = losses.sampler_importance_weights(
-        rollout.old_logps, rollout.sampler_logps, mask, grpo.vllm_importance_sampling_mode,
+        rollout.old_logps, sampler, mask, grpo.vllm_importance_sampling_mode,
         grpo.vllm_importance_sampling_clip_min, grpo.vllm_importance_sampling_clip_max)
     sel = mask.bool()
-    delta = (rollout.old_logps - rollout.sampler_logps).abs()[sel]
+    delta = (rollout.old_logps - sampler).abs()[sel]
     flat = weights.flatten() if weights.shape[1] == 1 else weights[sel]
     stats = {}
     for name, values in (("sampling_logp_difference", delta), ("importance_sampling_ratio", flat)):

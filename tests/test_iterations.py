@@ -4,6 +4,8 @@ on a real tiny transformers model against plain re-implementations of TRL's form
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 
 import lightning as L
 import pytest
@@ -262,3 +264,23 @@ def test_bad_settings_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as err:
         compose(overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_vllm_layout_carries_the_sampler_logps(char_tokenizer):
+    from oisd_lab.rollout_vllm import rollout_from_ids
+    from oisd_lab.step import sampler_correction
+
+    eos = char_tokenizer.eos_token_id
+    a, b = char_tokenizer("ab", add_special_tokens=False)["input_ids"]
+    # completion 1 reached EOS but its log-prob list lacks it (an EOS appended by the backend)
+    built = rollout_from_ids([[a, b]], [[a, eos], [a, b, eos]], 2, char_tokenizer,
+                             logprobs=[[-0.5, -0.1], [-1.0, -2.0]])
+    # padding after the first EOS is 0; the missing EOS log-prob is NaN
+    torch.testing.assert_close(built.sampler_logps, torch.tensor([[-0.5, -0.1, 0.0], [-1.0, -2.0, math.nan]]),
+                               equal_nan=True)
+    old = torch.tensor([[-0.5, -0.1 - 0.2, 0.0], [-1.0, -2.0, -0.3]])
+    cfg = compose(["grpo.vllm_importance_sampling_mode=token_truncate"]).grpo
+    weights, stats = sampler_correction(dataclasses.replace(built, old_logps=old), cfg)
+    # d = old - sampler on completion tokens; the EOS without a sampler log-prob counts as d = 0
+    torch.testing.assert_close(weights, torch.tensor([[1.0, math.exp(-0.2), 1.0], [1.0, 1.0, 1.0]]))
+    assert stats["sampling/sampling_logp_difference/max"] == pytest.approx(0.2)
