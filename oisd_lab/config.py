@@ -240,12 +240,19 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (`model=` picks a preset in experiments/model/, or takes a hub id or path)."""
     task: TaskConfig = field(default_factory=TaskConfig)
+    """The problems (`task=` picks a preset in experiments/task/, or takes a data file)."""
     method: MethodConfig = field(default_factory=MethodConfig)
+    """GRPO or OISD and its alignment losses (`method=` picks a preset in experiments/method/)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Sampling, advantages, the policy loss and the optimiser."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """The supervised warm start of tiny models."""
     log: LogConfig = field(default_factory=LogConfig)
+    """Diagnostics, snapshots, W&B and the progress bar."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation before and after RL."""
     seed: int = 0
     """Seed of the RL run: the prompts it draws and its sampling."""
     max_steps: int = 150
