@@ -111,7 +111,9 @@ class GRPOConfig:
     num_iterations: int = 1
     """Optimizer steps per rollout batch (TRL's mu). The rollout's log-probs, computed once before
     its first update, are the old policy of every step; from the second step the ratio and the
-    clip act. `max_steps` counts optimizer steps, so a run samples max_steps / num_iterations batches."""
+    clip act. `max_steps` counts optimizer steps, so a run samples max_steps / num_iterations batches.
+    A resume is exact when `checkpoint_every` is a multiple of it; a checkpoint inside a batch
+    resumes with a newly sampled batch."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
     scale_rewards: str = "group"
