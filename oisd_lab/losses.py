@@ -19,6 +19,8 @@ Where this module departs from, or fills gaps in, the paper (arXiv 2605.29089) a
   a negative divergence would invert the meaning of signed weighting.
 - The log-ratio inside `clipped_surrogate` and `kl_k3` is clamped to [-20, 20] as verl does, so
   garbage in padded slots cannot produce inf values or NaN gradients. TRL does not clamp.
+- `importance_ratio` and `sampler_importance_weights` clamp their log-ratios to [-20, 20] as well
+  (TRL does not); no clip or cap in use comes near e^20.
 - `group_advantages` returns exactly 0 for a group of identical rewards, even where float
   rounding of the group mean would leave a residue.
 - `aggregate(loss_type="grpo")` accepts `num_sequences` so that micro-batch values sum to the
@@ -37,7 +39,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .options import HEAD_AGG, HEAD_REDUCE, LOSS_TYPES, SCALE_REWARDS, SCHEDULES, WEIGHTINGS
+from .options import (
+    HEAD_AGG,
+    HEAD_REDUCE,
+    IS_LEVELS,
+    LOSS_TYPES,
+    POLICY_LOSS_TYPES,
+    SAMPLER_IS_MODES,
+    SCALE_REWARDS,
+    SCHEDULES,
+    WEIGHTINGS,
+)
 
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
 
@@ -236,21 +248,159 @@ def clipped_surrogate(
     A > 0), `is_region_clipped` (either).
     """
     old_logps = logps.detach() if old_logps is None else old_logps.detach()
+    rho = torch.exp((logps - old_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return ppo_clip(rho, advantages, epsilon_low, epsilon_high)
+
+
+def _per_token_advantages(advantages: Tensor, ratio: Tensor) -> Tensor:
     adv = advantages.detach()
-    if adv.dim() == logps.dim() - 1:
-        adv = adv.unsqueeze(-1)  # [B] -> [B, 1]
-    log_ratio = (logps - old_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    rho = torch.exp(log_ratio)
-    clipped_rho = rho.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    per_token_loss = -torch.min(rho * adv, clipped_rho * adv)
-    is_low = (rho < 1.0 - epsilon_low) & (adv < 0)
-    is_high = (rho > 1.0 + epsilon_high) & (adv > 0)
-    info = {
-        "is_low_clipped": is_low,
-        "is_high_clipped": is_high,
-        "is_region_clipped": is_low | is_high,
-    }
-    return per_token_loss, info
+    return adv.unsqueeze(-1) if adv.dim() == ratio.dim() - 1 else adv  # [B] -> [B, 1]
+
+
+def _clip_info(is_low: Tensor, is_high: Tensor) -> dict[str, Tensor]:
+    return {"is_low_clipped": is_low, "is_high_clipped": is_high, "is_region_clipped": is_low | is_high}
+
+
+def ppo_clip(
+    ratio: Tensor, advantages: Tensor, epsilon_low: float = 0.2, epsilon_high: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped surrogate of an importance ratio. ratio [B, T] (token level) or [B, 1]
+    (sequence level, GSPO), advantages [B] or [B, T] -> per-token loss broadcast of both.
+
+    loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A); info as in `clipped_surrogate`.
+    TRL `loss_type` grpo / bnpo / dapo / dr_grpo (and the DAPO "clip higher" eps_high = 0.28).
+    """
+    adv = _per_token_advantages(advantages, ratio)
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    return loss, _clip_info((ratio < 1.0 - epsilon_low) & (adv < 0), (ratio > 1.0 + epsilon_high) & (adv > 0))
+
+
+def cispo_surrogate(
+    logps: Tensor, ratio: Tensor, advantages: Tensor, epsilon_high: float = 5.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1): REINFORCE with a detached, capped importance weight.
+
+    logps [B, T]; ratio [B, T] or [B, 1]; advantages [B] or [B, T]. Mirrors TRL
+    `loss_type="cispo"`: loss = -sg[min(rho, epsilon_high)] * A * logps, so `epsilon_high` is the
+    cap on the ratio itself (TRL recommends 5.0), not a distance from 1, and no token loses its
+    gradient. verl's CISPO instead clamps rho to the band [1 - clip_ratio_low, 1 + clip_ratio_high]
+    (a lower bound too). info: `is_high_clipped` = rho > epsilon_high and A > 0 (TRL's
+    `cispo_clip_ratio`), `is_low_clipped` all False.
+    """
+    adv = _per_token_advantages(advantages, ratio)
+    weight = ratio.clamp(max=epsilon_high).detach()
+    high = (ratio > epsilon_high) & (adv > 0)
+    return -weight * adv * logps, _clip_info(torch.zeros_like(high), high)
+
+
+def sapo_surrogate(
+    ratio: Tensor, advantages: Tensor, temperature_pos: float = 1.0, temperature_neg: float = 1.05
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SAPO (Soft Adaptive Policy Optimization): a smooth gate instead of the hard clip.
+
+    ratio [B, T] or [B, 1]; advantages [B] or [B, T]. Mirrors TRL `loss_type="sapo"`:
+    tau = temperature_pos where A > 0 else temperature_neg,
+    loss = -(4 / tau) * sigmoid(tau (rho - 1)) * A.
+    At rho = 1 the gate's slope is exactly 1, so on-policy it has GRPO's gradient; off-policy the
+    slope 4 sig (1 - sig) decays smoothly. Nothing is hard-clipped: the info tensors are all False.
+    """
+    adv = _per_token_advantages(advantages, ratio)
+    tau = torch.where(adv > 0, temperature_pos, temperature_neg)
+    loss = -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+    none = torch.zeros(loss.shape, dtype=torch.bool, device=loss.device)
+    return loss, _clip_info(none, none)
+
+
+def importance_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """pi / pi_old per token or per sequence. logps, old_logps, mask [B, T] -> [B, T] or [B, 1].
+
+    `token`: rho_t = exp(logps_t - old_t). `sequence` (GSPO): one ratio per sequence,
+    exp(sum_t M (logps - old) / max(sum_t M, 1)), the geometric mean of its token ratios, with
+    gradient to every token. Mirrors TRL `importance_sampling_level`. The log-ratio is clamped to
+    [-20, 20] and zeroed outside the mask, so padded garbage never reaches the sequence mean.
+    verl's GSPO writes the same ratio per token as sg[s_i] * pi_t / sg[pi_t] (equal value and
+    gradient) and clamps the sequence log-ratio at 10.
+    """
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {level!r}; choose one of {IS_LEVELS}")
+    mask = mask.bool()
+    log_ratio = torch.where(mask, logps - old_logps.detach(), 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(log_ratio)
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-token policy-gradient loss [B, T] of any `loss_type` (aggregate it with
+    `aggregate(..., aggregation_of(loss_type))`). Mirrors the surrogate part of TRL `_compute_loss`.
+
+    logps [B, T] (with gradient), old_logps [B, T] (None: logps.detach(), one update per batch),
+    advantages [B] or [B, T], mask [B, T]. The ratio is `importance_ratio` at
+    `importance_sampling_level`; then `ppo_clip` (grpo, bnpo, dapo, dr_grpo), `cispo_surrogate`
+    or `sapo_surrogate`. info: the clip booleans and `ratio`, all broadcast to [B, T].
+    """
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {POLICY_LOSS_TYPES}")
+    old_logps = logps.detach() if old_logps is None else old_logps
+    ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)
+    if loss_type == "cispo":
+        loss, info = cispo_surrogate(logps, ratio, advantages, epsilon_high)
+    elif loss_type == "sapo":
+        loss, info = sapo_surrogate(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg)
+    else:
+        loss, info = ppo_clip(ratio, advantages, epsilon_low, epsilon_high)
+    info = {k: v.expand(mask.shape) for k, v in {**info, "ratio": ratio.detach()}.items()}
+    return loss.expand(mask.shape), info
+
+
+def aggregation_of(loss_type: str) -> str:
+    """The `aggregate` normaliser of a policy loss_type: TRL's `cispo` divides as `dapo` (tokens of
+    the whole batch), `sapo` as `grpo` (mean of per-sequence means); the others are their own."""
+    return {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+
+
+def sampler_importance_weights(
+    old_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    """Importance weights for the sampler/trainer mismatch (a vLLM sampler scores tokens slightly
+    differently from the trainer). Mirrors TRL `vllm_importance_sampling_mode` (default
+    `sequence_mask`, clip_max 3.0, clip_min None).
+
+    old_logps: the trainer's log-probs of the rollout before any update; sampler_logps: the
+    sampler's, both [B, T]; mask [B, T]. verl's counterpart is token-level truncation only
+    (`tis_imp_ratio_cap`). d = M (old - sampler); token modes: w = exp(d) [B, T];
+    sequence modes: w = exp(sum_t d) [B, 1] (a sum, as TRL: the sequence's probability ratio).
+    `*_truncate`: w clamped to [clip_min, clip_max] (None = unbounded); `*_mask`: w outside that
+    range set to 0. The per-token policy loss is multiplied by w (before the KL term is added).
+    """
+    if mode not in SAMPLER_IS_MODES:
+        raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}; choose one of {SAMPLER_IS_MODES}")
+    diff = torch.where(mask.bool(), old_logps.detach() - sampler_logps.detach(), 0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    weights = torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    if mode.endswith("truncate"):
+        return weights if clip_min is None and clip_max is None else weights.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return torch.where((weights < low) | (weights > high), 0.0, weights)
 
 
 def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:

@@ -4,7 +4,13 @@ and by the code that acts on the choice (torch-free, so the config never imports
 from __future__ import annotations
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
-"""grpo.loss_type: how token losses are normalised (see `losses.aggregate`)."""
+"""How token losses are normalised (see `losses.aggregate`)."""
+POLICY_LOSS_TYPES = (*LOSS_TYPES, "cispo", "sapo")
+"""grpo.loss_type: an aggregation with the clipped surrogate, or CISPO / SAPO (see `losses.policy_loss`)."""
+IS_LEVELS = ("token", "sequence")
+"""grpo.importance_sampling_level: one probability ratio per token, or per sequence (GSPO)."""
+SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""grpo.vllm_importance_sampling_mode (see `losses.sampler_importance_weights`)."""
 SCALE_REWARDS = ("group", "batch", "none")
 """grpo.scale_rewards: which standard deviation divides the advantages (see `losses.advantages`)."""
 NONFINITE = ("skip", "stop")
