@@ -23,6 +23,7 @@ from .options import (
     HEAD_REDUCE,
     IS_LEVELS,
     LENS_GRAD_MODES,
+    LOSS_TYPES,
     NONFINITE,
     OPTIMIZERS,
     POLICY_LOSS_TYPES,
