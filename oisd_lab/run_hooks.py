@@ -85,7 +85,7 @@ class LogStepHook:
                 cols = ["step", "layer", "split", "tokens", *diagnostics.METRICS, "attn_jsd_head"]
                 data = [[step, r["layer"], r["split"], r["tokens"], *[r.get(m) for m in diagnostics.METRICS],
                          json.dumps(r.get("attn_jsd_head"))] for r in rows]
-                lg.log_table(key="diag/layers", columns=cols, data=data, step=module.global_step)
+                lg.log_table(key="diag/layers", columns=cols, data=data, step=step)
 
 
 def _to_device(part, device):

@@ -209,7 +209,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     resume_step = _checkpoint_step(resume) if resume else 0
     run.truncate_logs(resume_step)
     loggers = [TableLogger(run.metrics, resume_step=resume_step),
-               make_wandb_logger(cfg, run.root, run_id, log=log)]
+               make_wandb_logger(cfg, run.root, run_id, log=log, table=run.metrics)]
     trainer = _trainer(cfg, run, [lg for lg in loggers if lg is not None])
     loader = DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
     started = time.time()

@@ -214,11 +214,15 @@ def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -
     return "\n".join(lines) + "\n"
 
 
-def write_report(grid_dir: str | Path, out_dir: str | Path | None = None, results_dir: str | Path | None = None,
-                 command: str | None = None) -> Path:
+def write_report(grid_dir: str | Path | None, out_dir: str | Path | None = None,
+                 results_dir: str | Path | None = None, command: str | None = None,
+                 tables_dir: str | Path | None = None) -> Path:
     """Collect if needed, then write figures/, tables/ and README.md under `out_dir`
-    (default `reports/<grid name>`); returns `out_dir`."""
-    grid = ensure_collected(grid_dir, results_dir)
+    (default `reports/<grid name>`); returns `out_dir`. With `grid_dir` None, the report of the
+    collected tables in `tables_dir` alone (no per-step, per-layer or snapshot figures)."""
+    from .inputs import open_grid
+
+    grid = open_grid(grid_dir, tables_dir, results_dir)
     out = Path(out_dir) if out_dir else Path("reports") / grid.name
     out.mkdir(parents=True, exist_ok=True)
     md = write_tables(grid, out)
