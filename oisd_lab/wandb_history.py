@@ -11,6 +11,7 @@ Every `wandb.init` writes a new run folder, so a resumed run has one folder per 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -76,7 +77,13 @@ def history(path: str | Path) -> list[dict]:
 def run_logs(wandb_dir: str | Path, run_id: str) -> list[Path]:
     """The transaction logs of run `run_id` under `wandb_dir` (offline and online folders), oldest first."""
     logs = Path(wandb_dir).glob(f"*run-*-{run_id}*/run-{run_id}.wandb")
-    return sorted(logs, key=lambda p: p.parent.name.split("-", 2)[2])  # YYYYMMDD_HHMMSS-id[-n]
+    return sorted(logs, key=lambda p: (_started(p.parent.name), p.parent.name))
+
+
+def _started(folder: str) -> str:
+    """The start time in a run folder's name (`offline-run-YYYYMMDD_HHMMSS-<id>`, `run-...`)."""
+    found = re.search(r"\d{8}_\d{6}", folder)
+    return found.group() if found else ""
 
 
 def last_logged_step(wandb_dir: str | Path, run_id: str) -> int:

@@ -67,12 +67,12 @@ def test_reader_reassembles_records_across_blocks_and_stops_at_a_torn_tail(tmp_p
 
 
 def test_last_logged_step_over_the_folders_of_one_run_id(tmp_path):
-    for name, steps in (("offline-run-20260101_000000-abc", [1, 2, 3]), ("offline-run-20260101_000100-abc", [4, 5]),
+    for name, steps in (("run-20260101_000100-abc", [4, 5]), ("offline-run-20260101_000000-abc", [1, 2, 3]),
                         ("offline-run-20260101_000200-other", [9])):
         (tmp_path / name).mkdir()
         _write_log(tmp_path / name / f"run-{name.rsplit('-', 1)[1]}.wandb", [_history_record(s) for s in steps])
     assert [p.parent.name for p in run_logs(tmp_path, "abc")] == ["offline-run-20260101_000000-abc",
-                                                                "offline-run-20260101_000100-abc"]
+                                                                "run-20260101_000100-abc"]  # by start time
     assert last_logged_step(tmp_path, "abc") == 5
     assert last_logged_step(tmp_path, "none") == -1
 
