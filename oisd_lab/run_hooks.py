@@ -102,4 +102,4 @@ class LogStepHook:
         data = [[step, r["layer"], r["split"], r["tokens"], *[r.get(m) for m in diagnostics.METRICS],
                  json.dumps(r.get("attn_jsd_head"))] for r in rows]
         for lg in wandb_loggers:
-            lg.log_table(key="diag/layers", columns=cols, data=data, step=step - 1)  # the pre-update step
+            lg.log_table(key="diag/layers", columns=cols, data=data, step=step)  # the training step, as every W&B row

@@ -69,7 +69,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     for path in run.step_logs:  # a resumed run writes the steps after its checkpoint again
         truncate_jsonl(path, resume_step)
     loggers = [lg for lg in (TableLogger(run.metrics, resume_step=resume_step),
-                             make_wandb_logger(cfg, run.root, run_id, log=log)) if lg is not None]
+                             make_wandb_logger(cfg, run.root, run_id, log=log, table=run.metrics)) if lg is not None]
     trainer = make_trainer(cfg, run, loggers)
     loader = DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
     started = time.time()

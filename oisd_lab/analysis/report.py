@@ -17,10 +17,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..collect import collect
 from ..provenance import commit_label
 from . import figures, gradients, tables
-from .runs import COLLECTED, GridData, load_grid
+from .inputs import open_grid
+from .runs import COLLECTED, GridData
 
 
 def add_arguments(parser) -> None:
@@ -37,15 +37,6 @@ def run(args) -> int:
     out = write_report(args.grid_dir, args.out, results_dir=args.results, command=command)
     print(out / "README.md")
     return 0
-
-
-def ensure_collected(grid_dir: str | Path, results_dir: str | Path | None = None) -> GridData:
-    """The grid with its collected tables, running `oisd_lab.collect.collect` when they are missing."""
-    grid = load_grid(grid_dir, results_dir)
-    if not grid.collected:
-        collect(Path(grid_dir), out=results_dir)
-        grid = load_grid(grid_dir, results_dir)
-    return grid
 
 
 def _write_table(folder: Path, name: str, table: pd.DataFrame, caption: str) -> str:
@@ -231,11 +222,13 @@ def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -
     return "\n".join(lines) + "\n"
 
 
-def write_report(grid_dir: str | Path, out_dir: str | Path | None = None, results_dir: str | Path | None = None,
-                 command: str | None = None) -> Path:
+def write_report(grid_dir: str | Path | None, out_dir: str | Path | None = None,
+                 results_dir: str | Path | None = None, command: str | None = None,
+                 tables_dir: str | Path | None = None) -> Path:
     """Collect if needed, then write figures/, tables/ and README.md under `out_dir`
-    (default `reports/<grid name>`); returns `out_dir`."""
-    grid = ensure_collected(grid_dir, results_dir)
+    (default `reports/<grid name>`); returns `out_dir`. With `grid_dir` None, the report of the
+    collected tables in `tables_dir` alone (no per-step, per-layer or snapshot figures)."""
+    grid = open_grid(grid_dir, tables_dir, results_dir)
     out = Path(out_dir) if out_dir else Path("reports") / grid.name
     out.mkdir(parents=True, exist_ok=True)
     md = write_tables(grid, out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -25,12 +24,29 @@ def slurm_parameters(args, grid: Grid, cell: Cell) -> dict:
     return {**params, **{k: v for k, v in optional.items() if v is not None}}
 
 
-def slurm_script(params: dict, folder: Path) -> str:
-    """The sbatch script submitit writes for a job with these parameters (nothing is submitted)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+def slurm_script(params: dict, command: list[str]) -> str:
+    """The sbatch directives a cell's job is submitted with, its setup lines and the command it runs.
 
-    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    return _make_sbatch_string(command=command, folder=folder, **params)
+    Rendered here from the same parameters that go to submitit's public `update_parameters`:
+    submitit has no public way to show a script without submitting it. The job submitit writes
+    adds its own log paths and signal handling and runs `command` through a pickled call."""
+    directives = {k: v for k, v in params.items() if k != "setup"}
+    lines = ["#!/bin/bash", ""]
+    for key in sorted(directives):
+        lines.append(f"#SBATCH --{key.replace('_', '-')}={shlex.quote(str(directives[key]))}")
+    if params.get("setup"):
+        lines += ["", *params["setup"]]
+    return "\n".join([*lines, "", shlex.join(command), ""])
+
+
+def require_submitit():
+    """The submitit module, or a one-line ConfigError naming the install command."""
+    from ..extras import require_extra
+
+    require_extra("slurm", "--launcher slurm")
+    import submitit
+
+    return submitit
 
 
 def run_cell_job(folder: str, command: list[str], threads: int) -> str:
@@ -62,10 +78,7 @@ def _slurm_active(folder: Path, job_id: str | None) -> bool:
 
 def submit_slurm(grid: Grid, grid_dir: Path, todo: list[Cell], args) -> dict:
     """One SLURM job per cell; cells whose job is still queued or running are left alone."""
-    try:
-        import submitit
-    except ImportError as err:
-        raise ConfigError("--launcher slurm: needs submitit (pip install -e '.[slurm]')") from err
+    submitit = require_submitit()
     folder = grid_dir / "slurm" / "%j"
     jobs = {}
     for cell in todo:
