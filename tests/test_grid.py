@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -171,21 +172,22 @@ def test_slurm_dry_run_builds_one_sbatch_script_per_cell(tmp_path, capsys):
             "--slurm-account", "lab", "--slurm-setup", "module load cuda", "--dry-run"]
     args = build_parser("grid").parse_args(argv)
     grid = G.load_grid(path)
-    scripts = [G.slurm_script(G.slurm_parameters(args, grid, c), tmp_path / "out" / "slurm" / "%j")
-               for c in grid.cells]
+    commands = [G.cell_command(grid, c, G.cell_dir(tmp_path / "out", c), 4) for c in grid.cells]
+    scripts = [G.slurm_script(G.slurm_parameters(args, grid, c), command)
+               for c, command in zip(grid.cells, commands, strict=True)]
     assert len(scripts) == 2 and scripts[0] != scripts[1]
-    for cell, text in zip(grid.cells, scripts, strict=True):
+    for cell, text, command in zip(grid.cells, scripts, commands, strict=True):
         lines = text.splitlines()
         assert lines[0] == "#!/bin/bash"
         for expected in (f"#SBATCH --job-name=sl-{cell.id}", "#SBATCH --partition=debug", "#SBATCH --time=30",
                          "#SBATCH --cpus-per-task=4", "#SBATCH --gpus-per-node=1", "#SBATCH --mem=8GB",
                          "#SBATCH --account=lab", "#SBATCH --nodes=1", "module load cuda"):
             assert expected in lines, expected
-        assert "submitit.core._submit" in text
+        assert lines[-1] == shlex.join(command) and "num_threads=4" in lines[-1]
     # through the command line: the commands use the job's cpus as threads, nothing is written
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("num_threads=4") == 2 and "#SBATCH --partition=debug" in out
+    assert out.count("num_threads=4") == 3 and "#SBATCH --partition=debug" in out  # 2 commands + 1 script
     assert not (tmp_path / "out").exists()
 
 

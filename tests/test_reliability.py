@@ -171,8 +171,8 @@ def _poison_step(monkeypatch, bad_step: int):
 
     original = OISDModule.loss_terms
 
-    def poisoned(self, part, adv, norm):
-        terms = original(self, part, adv, norm)
+    def poisoned(self, part, adv, norm, **kwargs):
+        terms = original(self, part, adv, norm, **kwargs)
         if self.global_step + 1 == bad_step:
             terms["loss/total"] = terms["loss/total"] * float("nan")
         return terms

@@ -14,7 +14,16 @@ from .figures import (
     save_figure,
     training_curves,
 )
-from .report import ensure_collected, write_report
+from .inputs import (
+    MissingInput,
+    ensure_collected,
+    last_rollouts,
+    load_one_run,
+    load_tables,
+    open_grid,
+    open_runs,
+)
+from .report import write_report
 from .runs import GridData, RunData, load_grid, load_results, load_run, load_snapshot
 from .tables import (
     METHOD_ORDER,
@@ -37,4 +46,5 @@ __all__ = [
     "bar_chart", "training_curves", "forest_plot", "layer_lines", "layer_heatmaps",
     "prediction_trajectory", "attention_maps", "save_figure",
     "lens_trajectory", "write_report", "ensure_collected",
+    "MissingInput", "open_grid", "open_runs", "load_tables", "load_one_run", "last_rollouts",
 ]

@@ -17,10 +17,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..collect import collect
 from ..provenance import commit_label
-from . import figures, tables
-from .runs import COLLECTED, GridData, load_grid
+from . import figures, gradients, tables
+from .inputs import open_grid
+from .runs import COLLECTED, GridData
 
 
 def add_arguments(parser) -> None:
@@ -37,15 +37,6 @@ def run(args) -> int:
     out = write_report(args.grid_dir, args.out, results_dir=args.results, command=command)
     print(out / "README.md")
     return 0
-
-
-def ensure_collected(grid_dir: str | Path, results_dir: str | Path | None = None) -> GridData:
-    """The grid with its collected tables, running `oisd_lab.collect.collect` when they are missing."""
-    grid = load_grid(grid_dir, results_dir)
-    if not grid.collected:
-        collect(Path(grid_dir), out=results_dir)
-        grid = load_grid(grid_dir, results_dir)
-    return grid
 
 
 def _write_table(folder: Path, name: str, table: pd.DataFrame, caption: str) -> str:
@@ -76,6 +67,7 @@ def write_tables(grid: GridData, out: Path) -> dict[str, str]:
     md["paper"] = _write_table(folder, "paper", tables.beside_paper(grid.aggregate, grid.paired),
                                "Ours next to the paper's Qwen3-4B headline numbers (Avg@K %, arXiv 2605.29089; "
                                "different model, tasks and scale: compare directions, not values).")
+    md.update(_gradient_tables(grid, folder))
     md["aggregate"] = _write_table(folder, "aggregate", tables.aggregate_table(grid.aggregate),
                                    "Every scalar metric, raw units: mean, std, 95% CI over seeds.")
     for name in COLLECTED:
@@ -87,6 +79,20 @@ def write_tables(grid: GridData, out: Path) -> dict[str, str]:
     if (grid.results_dir / "collect.json").is_file():
         shutil.copy(grid.results_dir / "collect.json", folder / "collect.json")
     return md
+
+
+def _gradient_tables(grid: GridData, folder: Path) -> dict[str, str]:
+    """The gradient view per variant, when the runs logged it (`log.gradient_view`)."""
+    if not gradients.has_gradient_view(grid.metrics):
+        return {}
+    by = "variant" if grid.axes else "method"
+    table = gradients.gradient_table(grid.metrics, grid.eval, by=by)
+    return {"gradients": _write_table(
+        folder, "gradients", table,
+        "Gradient view, mean over logging steps then mean ± std over seeds: each alignment term's "
+        "gradient norm as a share of the policy gradient's, its cosine with the policy gradient, the "
+        "unweighted mean per-token JSD by advantage sign, cov(advantage, length), the fraction of groups "
+        "with zero advantage, and the view's own time over the rest of the step's forward and backward.")}
 
 
 def _pair(methods) -> list[str]:
@@ -150,7 +156,9 @@ def figure_specs(grid: GridData) -> list[tuple[str, callable]]:
     """(name, draw) for every figure this grid has data for; lines split by `variant` (method and
     the other axis values) when the grid has axes beyond method, task and seed."""
     by = "variant" if grid.axes else "method"
-    return [*_result_specs(grid, by), *_layer_specs(grid, by), *_snapshot_specs(grid)]
+    view = [("gradient_shares", lambda: gradients.gradient_shares(grid.metrics, by=by))] \
+        if gradients.has_gradient_view(grid.metrics) else []
+    return [*_result_specs(grid, by), *view, *_layer_specs(grid, by), *_snapshot_specs(grid)]
 
 
 def write_figures(grid: GridData, out: Path) -> list[str]:
@@ -205,6 +213,7 @@ def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -
                 f"{len(sentences)} comparisons above; with few seeds the intervals are wide.", ""]
                if len(sentences) > 1 else []),
              "## Results", "", md["main"], *(["", md["paired"]] if "paired" in md else []), "",
+             *(["## Gradient view", "", md["gradients"], ""] if "gradients" in md else []),
              "## Beside the paper", "", md["paper"], "",
              "## Figures", "", *[f"- `{n}`: [PNG](figures/{n}.png), [PDF](figures/{n}.pdf)" for n in names], "",
              "## Runs", "", tables.to_markdown(_runs_table(grid)), "",
@@ -213,11 +222,13 @@ def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -
     return "\n".join(lines) + "\n"
 
 
-def write_report(grid_dir: str | Path, out_dir: str | Path | None = None, results_dir: str | Path | None = None,
-                 command: str | None = None) -> Path:
+def write_report(grid_dir: str | Path | None, out_dir: str | Path | None = None,
+                 results_dir: str | Path | None = None, command: str | None = None,
+                 tables_dir: str | Path | None = None) -> Path:
     """Collect if needed, then write figures/, tables/ and README.md under `out_dir`
-    (default `reports/<grid name>`); returns `out_dir`."""
-    grid = ensure_collected(grid_dir, results_dir)
+    (default `reports/<grid name>`); returns `out_dir`. With `grid_dir` None, the report of the
+    collected tables in `tables_dir` alone (no per-step, per-layer or snapshot figures)."""
+    grid = open_grid(grid_dir, tables_dir, results_dir)
     out = Path(out_dir) if out_dir else Path("reports") / grid.name
     out.mkdir(parents=True, exist_ok=True)
     md = write_tables(grid, out)

@@ -133,7 +133,10 @@ class GridData:
         return [c for c in self.runs.columns if c not in skip]
 
     def run_dirs(self, method: str | None = None, task: str | None = None) -> list[Path]:
+        """Run folders of `method` on `task`, lowest seed first (none for a grid known only by its tables)."""
         sel = self.runs
+        if "run_dir" not in sel.columns:
+            return []
         if method is not None:
             sel = sel[sel["method"] == method]
         if task is not None:
@@ -171,7 +174,7 @@ def results_location(grid_dir: Path) -> Path:
     return Path(grid_dir)
 
 
-def _with_run(frame: pd.DataFrame, info: dict) -> pd.DataFrame:
+def with_run(frame: pd.DataFrame, info: dict) -> pd.DataFrame:
     if frame.empty:
         return frame
     return pd.concat([pd.DataFrame({k: [v] * len(frame) for k, v in info.items()}), frame.reset_index(drop=True)],
@@ -197,8 +200,8 @@ def load_grid(grid_dir: str | Path, results_dir: str | Path | None = None) -> Gr
         axes = _axis_values(cell)
         info = {**{k: info[k] for k in RUN_KEYS}, **axes, "variant": row_label({"method": info["method"], **axes})}
         runs.append({**info, "run_dir": str(cell_dir), "finished": bool(run.eval)})
-        metrics.append(_with_run(run.metrics, info))
-        diags.append(_with_run(run.diagnostics, info))
+        metrics.append(with_run(run.metrics, info))
+        diags.append(with_run(run.diagnostics, info))
         if run.eval:
             evals.append({**info, **{k: v for k, v in flat_eval(run.eval).items() if k not in info}})
     results_dir = Path(results_dir) if results_dir else results_location(root)

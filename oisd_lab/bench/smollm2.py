@@ -141,8 +141,8 @@ def _presets(sm, cfgs, policy, tok, source, fixed, prompts, init, fmt) -> dict:
 
 def _diagnostics(sm, cfg, policy, tok, source, fmt) -> dict:
     """One `grpo` fit of two full steps with the run's logging hook: step 1 logs (all layers)."""
+    from ..run.folder import RunDir
     from ..run_hooks import LogStepHook
-    from ..train import RunDir
 
     with tempfile.TemporaryDirectory(prefix="oisd_bench_smol_") as tmp:
         hook = LogStepHook(cfg, RunDir(Path(tmp)))

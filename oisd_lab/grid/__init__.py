@@ -49,7 +49,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..run.folder import GRID_MANIFEST, RunDir
 from .local import Progress, cell_command, cell_dir, run_local, state
-from .slurm import slurm_parameters, slurm_script, submit_slurm
+from .slurm import require_submitit, slurm_parameters, slurm_script, submit_slurm
 from .spec import (
     Cell,
     Grid,
@@ -96,6 +96,8 @@ def run(args) -> int:
     todo = [c for c in grid.cells if states[c.id] in ("new", "unfinished")
             or (states[c.id] == "failed" and args.retry_failed)]
     kept_failed = sum(states[c.id] == "failed" and not args.retry_failed for c in grid.cells)
+    if args.launcher == "slurm":
+        require_submitit()
     if args.dry_run:
         return _dry_run(grid, grid_dir, todo, states, args)
     grid_dir.mkdir(parents=True, exist_ok=True)
@@ -141,8 +143,9 @@ def _dry_run(grid: Grid, grid_dir: Path, todo: list[Cell], states: dict, args) -
         threads = args.slurm_cpus if args.launcher == "slurm" else 1
         print(shlex.join(cell_command(grid, cell, folder, threads)))
     if args.launcher == "slurm" and todo:
-        scripts = [slurm_script(slurm_parameters(args, grid, c), grid_dir / "slurm" / "%j") for c in todo]
-        print(f"# sbatch script of {todo[0].id} ({len(scripts)} jobs would be submitted):")
+        scripts = [slurm_script(slurm_parameters(args, grid, c), cell_command(grid, c, cell_dir(grid_dir, c),
+                                                                             args.slurm_cpus)) for c in todo]
+        print(f"# sbatch directives and command of {todo[0].id} ({len(scripts)} jobs would be submitted):")
         print(scripts[0])
     return 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -25,12 +24,29 @@ def slurm_parameters(args, grid: Grid, cell: Cell) -> dict:
     return {**params, **{k: v for k, v in optional.items() if v is not None}}
 
 
-def slurm_script(params: dict, folder: Path) -> str:
-    """The sbatch script submitit writes for a job with these parameters (nothing is submitted)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+def slurm_script(params: dict, command: list[str]) -> str:
+    """The sbatch directives a cell's job is submitted with, its setup lines and the command it runs.
 
-    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    return _make_sbatch_string(command=command, folder=folder, **params)
+    Rendered here from the same parameters that go to submitit's public `update_parameters`:
+    submitit has no public way to show a script without submitting it. The job submitit writes
+    adds its own log paths and signal handling and runs `command` through a pickled call."""
+    directives = {k: v for k, v in params.items() if k != "setup"}
+    lines = ["#!/bin/bash", ""]
+    for key in sorted(directives):
+        lines.append(f"#SBATCH --{key.replace('_', '-')}={shlex.quote(str(directives[key]))}")
+    if params.get("setup"):
+        lines += ["", *params["setup"]]
+    return "\n".join([*lines, "", shlex.join(command), ""])
+
+
+def require_submitit():
+    """The submitit module, or a one-line ConfigError naming the install command."""
+    from ..extras import require_extra
+
+    require_extra("slurm", "--launcher slurm")
+    import submitit
+
+    return submitit
 
 
 def run_cell_job(folder: str, command: list[str], threads: int) -> str:
@@ -62,16 +78,14 @@ def _slurm_active(folder: Path, job_id: str | None) -> bool:
 
 def submit_slurm(grid: Grid, grid_dir: Path, todo: list[Cell], args) -> dict:
     """One SLURM job per cell; cells whose job is still queued or running are left alone."""
-    try:
-        import submitit
-    except ImportError as err:
-        raise ConfigError("--launcher slurm: needs submitit (pip install -e '.[slurm]')") from err
+    submitit = require_submitit()
     folder = grid_dir / "slurm" / "%j"
     jobs = {}
     for cell in todo:
         here = cell_dir(grid_dir, cell)
-        if _slurm_active(folder, RunDir(here).read_status().get("slurm_job_id")):
-            print(f"[grid {grid.name}] {cell.id}: job {RunDir(here).read_status()['slurm_job_id']} still queued or running")
+        queued = RunDir(here).read_status().get("slurm_job_id")
+        if _slurm_active(folder, queued):
+            print(f"[grid {grid.name}] {cell.id}: job {queued} still queued or running")
             continue
         try:
             executor = submitit.SlurmExecutor(folder=folder)
@@ -81,8 +95,7 @@ def submit_slurm(grid: Grid, grid_dir: Path, todo: list[Cell], args) -> dict:
         here.mkdir(parents=True, exist_ok=True)
         command = cell_command(grid, cell, here, args.slurm_cpus)
         job = executor.submit(run_cell_job, str(here), command, args.slurm_cpus)
-        RunDir(here).write_status(status="submitted", slurm_job_id=job.job_id,
-                     grid=grid.name, cell=cell.id)
+        RunDir(here).write_status(status="submitted", slurm_job_id=job.job_id, grid=grid.name, cell=cell.id)
         jobs[cell.id] = job.job_id
         print(f"[grid {grid.name}] submitted {cell.id} as job {job.job_id}", flush=True)
     (grid_dir / "slurm").mkdir(parents=True, exist_ok=True)

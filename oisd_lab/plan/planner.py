@@ -67,15 +67,16 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
 
 
 def trace_diagnostics(cfg, module, shape: StepShape, vocab_size: int) -> Phase:
-    """One micro-batch of the per-layer diagnostics pass (no grad, every layer), as `LogStepHook`
-    runs it on logging steps."""
+    """One pass of the per-layer diagnostics (no grad; its rows and diagnosed layers), as
+    `LogStepHook` runs it on logging steps."""
     from .. import diagnostics
     from ..run_hooks import MAX_DIAG_ROWS
 
-    rows = min(shape.micro_batch, MAX_DIAG_ROWS, shape.rows)
+    rows = min(diagnostics.diag_rows(shape.prompt_length + shape.completion_length, shape.micro_batch),
+               MAX_DIAG_ROWS, shape.rows)
     (part, adv, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
                                     vocab_size, count=1)
-    layers = list(range(module.num_layers + 1))
+    layers = diagnostics.diagnosed_layers(module.num_layers, cfg.log.diag_layers, module.student_layers)
 
     def run():
         with torch.no_grad(), autocast_for(cfg)():

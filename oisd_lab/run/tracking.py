@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from ..config import to_dict
 from ..provenance import git_commit
 from .folder import RunDir
+from .wandb_history import last_logged_step
+from .wandb_logger import StepWandbLogger
 
 
 class TableLogger(Logger):
@@ -121,8 +123,10 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
-def make_wandb_logger(cfg, root: Path, run_id: str, log=print):
-    """A Lightning WandbLogger writing under `root/wandb`, or None when W&B is disabled.
+def make_wandb_logger(cfg, root: Path, run_id: str, log=print, table: Path | None = None):
+    """A Lightning WandbLogger writing under `root/wandb`, or None when W&B is disabled; `table`
+    (the run's metrics table) restores steps that an earlier, killed start did not leave in W&B
+    (see `wandb_logger.py`).
 
     `online` falls back to offline (and says how to upload later) when there are no credentials,
     the server does not answer, or the online start fails or exceeds WANDB_INIT_TIMEOUT."""
@@ -134,27 +138,27 @@ def make_wandb_logger(cfg, root: Path, run_id: str, log=print):
     if mode == "online" and not wandb_reachable():
         log(f"W&B: server {os.environ.get('WANDB_BASE_URL') or 'api.wandb.ai'} not reachable; logging offline ({sync})")
         mode = "offline"
-    logger = _wandb_logger(cfg, root, run_id, mode)
+    logger = _wandb_logger(cfg, root, run_id, mode, table)
     if mode == "online":
         try:
             logger.experiment  # noqa: B018 - start the run now, where a failure can still fall back
         except Exception as err:
             log(f"W&B: online start failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
                 f"logging offline ({sync})")
-            logger = _wandb_logger(cfg, root, run_id, "offline")
+            logger = _wandb_logger(cfg, root, run_id, "offline", table)
     return logger
 
 
-def _wandb_logger(cfg, root: Path, run_id: str, mode: str):
+def _wandb_logger(cfg, root: Path, run_id: str, mode: str, table: Path | None = None):
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
 
     tags = [f"method:{cfg.method.name}", f"task:{cfg.task.name}", f"model:{cfg.model.name}",
             f"seed:{cfg.seed}", *cfg.log.tags]
-    return WandbLogger(project=cfg.log.wandb_project, name=root.name, save_dir=str(root), id=run_id,
-                       group=cfg.log.wandb_group, tags=tags, mode=mode, resume="allow",
-                       config=to_dict(cfg), log_model=False,
-                       settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT))
+    return StepWandbLogger(project=cfg.log.wandb_project, name=root.name, save_dir=str(root), id=run_id,
+                           group=cfg.log.wandb_group, tags=tags, mode=mode, resume="allow",
+                           config=to_dict(cfg), log_model=False,
+                           settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT),
+                           logged_through=last_logged_step(root / "wandb", run_id), table=table)
 
 
 def close_loggers(loggers: list, before: dict, after: dict) -> None:
