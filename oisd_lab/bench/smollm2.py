@@ -140,7 +140,7 @@ def _presets(sm, cfgs, policy, tok, source, fixed, prompts, init, fmt) -> dict:
 
 
 def _diagnostics(sm, cfg, policy, tok, source, fmt) -> dict:
-    """One `grpo` fit of two full steps with the run's logging hook: step 1 logs (all layers)."""
+    """One `grpo` fit of two full steps with the run's logging hook: step 1 is a logging step."""
     from ..run.folder import RunDir
     from ..run_hooks import LogStepHook
 
