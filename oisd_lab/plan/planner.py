@@ -9,8 +9,17 @@ from dataclasses import dataclass, field
 import torch
 
 from . import formulas
-from .setup import (StepShape, at_depth, autocast_for, build_module, build_policy, micro_batches,
-                    reference_model, step_shape, with_depth)
+from .setup import (
+    StepShape,
+    at_depth,
+    autocast_for,
+    build_module,
+    build_policy,
+    micro_batches,
+    reference_model,
+    step_shape,
+    with_depth,
+)
 from .trace import Phase, fake_mode, tensor_bytes, trace, trace_step, warm_optimizer
 
 FULL_DEPTH_LIMIT = 12
