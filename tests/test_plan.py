@@ -191,3 +191,42 @@ def test_train_keeps_the_plan_beside_measured_peaks(tmp_path, cache_dir):
     assert set(measured["phases"]) == {"rollout", "diagnostics", "policy step"}
     for phase, row in measured["phases"].items():
         assert row["planned_bytes"] == planned["phases"][phase]["total"] and row["measured_bytes"] > 0
+
+
+def test_rollout_formula_is_within_15_percent_of_a_measured_generate():
+    from oisd_lab.bench.common import _NoEos
+    from oisd_lab.bench.memory import profiler_peak
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+    from oisd_lab.rollout import generate
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model("tiny", len(tok))
+    prompts, C, c = ["1+2*3=?" * 3] * 16, 64, model.config
+    measured = profiler_peak(lambda: generate(model, _NoEos(tok), prompts, 4, C))  # every row runs to C
+    geometry = (c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, 64,
+                len(prompts[0]) + C, 4)
+    planned = formulas.kv_cache_bytes(*geometry) + formulas.decode_step_bytes(*geometry, c.vocab_size)
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+def test_planned_diagnostics_pass_matches_a_measured_one():
+    from oisd_lab import diagnostics
+    from oisd_lab.bench.memory import profiler_peak
+    from oisd_lab.plan.model_config import load_model_config
+    from oisd_lab.plan.setup import build_module, build_policy, micro_batches, step_shape
+
+    cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48",
+                   "accelerator=cpu"])
+    planned = make_plan(cfg, 20).phases["diagnostics"]
+    module = build_module(cfg, build_policy(cfg, load_model_config("tiny6m")))
+    (part, adv, _), = micro_batches(step_shape(cfg, 20), module.policy.config.vocab_size, count=1)
+    layers = list(range(module.num_layers + 1))
+
+    def run():
+        with torch.no_grad():
+            diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
+                                      cfg.method.chunk_size)
+
+    measured = profiler_peak(run)
+    traced = sum(v for k, v in planned.items() if k.startswith("diagnostics: "))
+    assert abs(traced / measured - 1) < 0.05, (traced, measured)
