@@ -91,7 +91,7 @@ def trace_diagnostics(cfg, module, shape: StepShape, vocab_size: int) -> Phase:
             diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
                                       cfg.method.chunk_size)
 
-    return trace(run, "diagnostics", module.policy)[0]
+    return trace(run, "lens and attention metrics", module.policy)[0]
 
 
 def trace_model(cfg, model_config, shape: StepShape, gpu: bool, max_layers: int = FULL_DEPTH_LIMIT) -> tuple[Traced, str]:
