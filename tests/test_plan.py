@@ -84,13 +84,15 @@ def test_planned_step_peak_is_within_5_percent_of_a_measured_cpu_step(case, tmp_
     assert planned.state["optimizer state"] == measured["optimizer"]
 
 
-def test_depth_extrapolation_matches_the_full_trace():
-    cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48"])
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_depth_extrapolation_matches_the_full_trace(checkpointing):
+    cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48",
+                   f"model.gradient_checkpointing={checkpointing}"])
     full, cut = make_plan(cfg, 20), make_plan(cfg, 20, max_layers=4)
     assert "full depth (8 layers)" in full.method and "2 and 4 layers" in cut.method
     assert cut.state == full.state  # parameters, gradients, optimizer state: linear in depth, exactly
     for phase, parts in full.phases.items():
-        assert cut.phases[phase]["total"] == pytest.approx(parts["total"], rel=0.02)
+        assert cut.phases[phase]["total"] == pytest.approx(parts["total"], rel=0.01)
 
 
 def test_precisions_set_parameter_optimizer_and_activation_dtypes():
@@ -229,4 +231,4 @@ def test_planned_diagnostics_pass_matches_a_measured_one():
 
     measured = profiler_peak(run)
     traced = sum(v for k, v in planned.items() if k.startswith("diagnostics: "))
-    assert abs(traced / measured - 1) < 0.05, (traced, measured)
+    assert abs(traced / measured - 1) < 0.01, (traced, measured)
