@@ -232,3 +232,18 @@ def test_planned_diagnostics_pass_matches_a_measured_one():
     measured = profiler_peak(run)
     traced = sum(v for k, v in planned.items() if k.startswith("diagnostics: "))
     assert abs(traced / measured - 1) < 0.01, (traced, measured)
+
+
+def test_plan_of_a_hub_model_needs_no_network_and_no_weights(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plan tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    cfg = compose(["model=Qwen/Qwen3-0.6B", "method=oisd", "grpo.prompts_per_step=1", "grpo.num_generations=2",
+                   "grpo.max_completion_length=16", "accelerator=cpu"])
+    result = make_plan(cfg, prompt_length=16)
+    assert result.setup["parameters"] == SHIPPED["Qwen/Qwen3-0.6B"] and "extrapolated per layer to 28" in result.method
+    assert result.state["parameters"] == 4 * SHIPPED["Qwen/Qwen3-0.6B"]
