@@ -247,3 +247,15 @@ def test_plan_of_a_hub_model_needs_no_network_and_no_weights(monkeypatch):
     result = make_plan(cfg, prompt_length=16)
     assert result.setup["parameters"] == SHIPPED["Qwen/Qwen3-0.6B"] and "extrapolated per layer to 28" in result.method
     assert result.state["parameters"] == 4 * SHIPPED["Qwen/Qwen3-0.6B"]
+
+
+def test_fsdp_mixed_precision_computes_on_bf16_copies_of_fp32_masters():
+    base = ["accelerator=gpu", "devices=8", "precision=bf16-mixed", "model.dtype=float32"]
+    ddp = make_plan(compose([*base, "strategy=ddp"]), 20)
+    fsdp = make_plan(compose([*base, "strategy=fsdp"]), 20)
+    n = ddp.setup["parameters"]
+    assert fsdp.setup["parameters"] == n and ddp.state["parameters"] == 4 * n
+    assert fsdp.state["parameters"] == -(-4 * n // 8) and fsdp.state["optimizer state"] >= 8 * n // 8
+    assert ddp.phases["policy step"]["gradients"] == 4 * n  # fp32 gradients of fp32 parameters
+    assert fsdp.phases["policy step"]["gradients"] == 2 * n  # bf16 until reduce-scattered
+    assert fsdp.phases["policy step"]["FSDP gathered parameters"] == 2 * n

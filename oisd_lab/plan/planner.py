@@ -4,7 +4,7 @@ cut depths extrapolated per layer), add what tracing cannot see, and sum the pha
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -37,6 +37,13 @@ class Traced:
     reference: int
     step: Phase
     diagnostics: Phase
+
+    def with_state_scaled(self, factor: float) -> Traced:
+        """Parameters, gradients, optimizer state and reference stored `factor` times as wide."""
+        if factor == 1:
+            return self
+        return replace(self, params=round(self.params * factor), grads=round(self.grads * factor),
+                       optimizer=round(self.optimizer * factor), reference=round(self.reference * factor))
 
     def scaled(self, other: Traced, layers: int) -> Traced:
         """Linear in depth through (self.layers, self) and (other.layers, other)."""
@@ -176,9 +183,22 @@ def default_prompt_length(cfg) -> tuple[int, str]:
     return DEFAULT_PROMPT_LENGTH, "assumed (--prompt-length)"
 
 
-def trace_key(cfg, gpu: bool, prompt_length, max_layers: int) -> str:
+def traced_config(cfg):
+    """The config whose step is traced. FSDP's mixed precision hands the forward bf16 copies of
+    fp32 parameters (no autocast weight casts, gradients in bf16 until reduce-scattered): that is
+    a bf16 policy under autocast; the fp32 state is then rescaled (`make_plan`)."""
+    param_dtype, low = formulas.precision_dtypes(cfg.precision, cfg.model.dtype)
+    if not str(cfg.strategy).startswith("fsdp") or low is None or low == param_dtype:
+        return cfg
+    from .suggest import with_overrides
+
+    return with_overrides(cfg, {"model.dtype": str(low).removeprefix("torch.")})
+
+
+def trace_key(cfg, prompt_length, max_layers: int) -> str:
     """What a trace depends on (the strategy and device count only move the persistent state)."""
-    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, gpu, prompt_length, max_layers))
+    cfg = traced_config(cfg)
+    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, on_gpu(cfg), prompt_length, max_layers))
 
 
 def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPTH_LIMIT,
@@ -195,12 +215,13 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
     shape = step_shape(cfg, prompt_length)
     gpu, world = on_gpu(cfg), world_size(cfg)
     fsdp = str(cfg.strategy).startswith("fsdp")
-    key = trace_key(cfg, gpu, prompt_length, max_layers)
+    key = trace_key(cfg, prompt_length, max_layers)
     cache = {} if cache is None else cache
     if key not in cache:
-        cache[key] = trace_model(cfg, mc, shape, gpu, max_layers)
+        cache[key] = trace_model(traced_config(cfg), mc, shape, gpu, max_layers)
     traced, how = cache[key]
     param_dtype, low = formulas.precision_dtypes(cfg.precision, cfg.model.dtype)
+    traced = traced.with_state_scaled(param_dtype.itemsize / _traced_dtype(cfg).itemsize)
     state, estimated = _state(traced, world, fsdp)
     phases = _phases(cfg, mc, shape, traced, state, fsdp, param_dtype, low)
     estimated += ["KV cache and decoding step of the rollout (formula)"]
@@ -219,6 +240,11 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
         "logit_weight": cfg.method.logit_weight, "attn_weight": cfg.method.attn_weight, "beta": cfg.grpo.beta,
     }
     return Plan(setup, state, phases, estimated, how, seconds=time.time() - start)
+
+
+def _traced_dtype(cfg) -> torch.dtype:
+    c = traced_config(cfg)
+    return formulas.precision_dtypes(c.precision, c.model.dtype)[0]
 
 
 def _state(traced: Traced, world: int, fsdp: bool) -> tuple[dict[str, int], list[str]]:
