@@ -19,7 +19,9 @@ gradient checkpointing sound: the checkpointed layer saves exactly the tensors o
 implementation, so its backward recomputation (which may run after the context has exited, i.e.
 on plain sdpa) matches; the gradient of a loss on the probabilities flows into q and k, and from
 there into the recomputed layer. Under ``torch.no_grad`` the probabilities are computed at once
-(nothing to backpropagate, and a static KV cache may be overwritten in place later).
+(nothing to backpropagate, and a static KV cache may be overwritten in place later), unless the
+capture is ``lazy``: then q/k are kept as with grad, and a caller without a KV cache (the
+per-layer diagnostics) reads one layer and one block of rows at a time with ``probs_for``.
 
 Departures from eager: the captured probabilities are the softmax BEFORE attention dropout (the
 distribution to align; all supported families use dropout 0.0 anyway), and models with attention
@@ -354,8 +356,11 @@ class AttentionCapture:
     ``torch.compile``d models. Contexts can nest only on disjoint layers.
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int] = ()) -> None:
+    def __init__(self, model: nn.Module, layers: Iterable[int] = (), lazy: bool = False) -> None:
         self.model = model
+        self.lazy = lazy
+        """Keep q/k under no_grad too (forwards with ``use_cache=False`` only: a KV cache may
+        be updated in place after the capture)."""
         self.layers = sorted({int(layer) for layer in layers})
         modules = attention_modules(model) if self.layers else {}
         missing = [layer for layer in self.layers if layer not in modules]
@@ -411,7 +416,7 @@ class AttentionCapture:
         self._cache = {k: v for k, v in self._cache.items() if k[0] != layer}
         # Without grad there is nothing to backpropagate: compute now, before a KV cache that is
         # updated in place could change the recorded key.
-        self._records[layer] = record if torch.is_grad_enabled() else record.probs()
+        self._records[layer] = record if torch.is_grad_enabled() or self.lazy else record.probs()
 
     def probs_for(
         self, layer: int, rows: slice | None = None, keys: int | None = None

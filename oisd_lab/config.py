@@ -8,6 +8,7 @@ names the field and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,20 @@ from omegaconf import MISSING, OmegaConf
 
 from .errors import ConfigError, check, check_choice, first_line
 from .options import (
+    DTYPES,
     HEAD_REDUCE,
     LENS_GRAD_MODES,
     LOSS_TYPES,
     NONFINITE,
+    OPTIMIZERS,
     ROLLOUT_BACKENDS,
     SCALE_REWARDS,
     WANDB_MODES,
     WEIGHTINGS,
 )
+
+HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
+"""Lightning precisions that cast the weights themselves (the `-mixed` ones keep them)."""
 
 
 @dataclass
@@ -33,7 +39,9 @@ class ModelConfig:
     name: str = "tiny"
     """A tiny preset (tiny, tiny6m, tiny_llama), `smollm2`, a hub id or a local checkpoint path."""
     dtype: str = "float32"
-    """float32 (CPU), bfloat16 or float16 (GPU)."""
+    """Dtype of the trained weights. Keep float32 on GPUs too and compute in bf16 with
+    `precision=bf16-mixed` (fp32 master weights); bfloat16/float16 weights need
+    `grpo.optimizer=adamw_kahan`, or small updates round away."""
     attn_implementation: str = "sdpa"
     """Attention kernel for every layer; OISD recomputes only the layers it reads."""
     gradient_checkpointing: bool = False
@@ -108,6 +116,9 @@ class GRPOConfig:
     """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
     lr: float = 3e-5
     """AdamW learning rate; 1e-4 already degrades the embedded tiny model (see reports/LOG.md)."""
+    optimizer: str = "adamw"
+    """`adamw` (torch) or `adamw_kahan` (torch-optimi's AdamW with Kahan-compensated updates, for
+    bfloat16/float16 weights when fp32 master weights do not fit; `pip install -e .[lowmem]`)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
@@ -157,7 +168,10 @@ class LogConfig:
     every_n_steps: int = 10
     """Per-layer diagnostics, completions and snapshots every N steps (and at the last step)."""
     diag_layers: list[int] | None = None
-    """Hidden-state indices to diagnose (None = all)."""
+    """Hidden-state indices to diagnose and log as W&B scalars. None: every layer of models up to
+    16 layers deep; deeper ones get about 12 evenly spaced layers, the embeddings and the student
+    layers (W&B scalars: the 12 spaced ones). Each adds its hidden states and q/k to a logging
+    pass's memory (see `oisd_lab/diagnostics.py`)."""
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     wandb_mode: str = "offline"
@@ -190,12 +204,19 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (`model=` picks a preset in experiments/model/, or takes a hub id or path)."""
     task: TaskConfig = field(default_factory=TaskConfig)
+    """The problems (`task=` picks a preset in experiments/task/, or takes a data file)."""
     method: MethodConfig = field(default_factory=MethodConfig)
+    """GRPO or OISD and its alignment losses (`method=` picks a preset in experiments/method/)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Sampling, advantages, the policy loss and the optimiser."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """The supervised warm start of tiny models."""
     log: LogConfig = field(default_factory=LogConfig)
+    """Diagnostics, snapshots, W&B and the progress bar."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation before and after RL."""
     seed: int = 0
     """Seed of the RL run: the prompts it draws and its sampling."""
     max_steps: int = 150
@@ -213,7 +234,8 @@ class TrainConfig:
     strategy: str = "auto"
     """Lightning strategy: auto, ddp or fsdp (GPUs)."""
     precision: str = "32-true"
-    """Lightning precision, e.g. 32-true or bf16-mixed."""
+    """Lightning precision. On GPUs use `bf16-mixed`: float32 weights and optimizer, bf16 compute.
+    `bf16-true` / `16-true` cast the weights themselves (see `grpo.optimizer`)."""
 
 
 def config_dir() -> Path:
@@ -318,6 +340,8 @@ def validate(cfg: TrainConfig) -> None:
     check(g.lr > 0, f"grpo.lr: is {g.lr}; use a value > 0")
     check(g.max_grad_norm >= 0, "grpo.max_grad_norm: use a value >= 0 (0 disables clipping)")
     check_choice(g.nonfinite, NONFINITE, "grpo.nonfinite")
+    check_choice(g.optimizer, OPTIMIZERS, "grpo.optimizer")
+    _check_weight_precision(cfg)
     check_choice(m.name, tuple(method_presets()), "method.name")
     check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
     check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
@@ -345,6 +369,24 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
     check(not (str(cfg.strategy).startswith("fsdp") and cfg.accelerator == "cpu"),
            "strategy: fsdp runs on GPUs only (a Lightning limit); on CPU use strategy=ddp")
+
+
+def weight_dtype(cfg: TrainConfig) -> str:
+    """The dtype the optimizer updates: the precision's cast if it has one, else model.dtype."""
+    return HALF_PRECISIONS.get(str(cfg.precision), cfg.model.dtype)
+
+
+def _check_weight_precision(cfg: TrainConfig) -> None:
+    """Half-precision weights under plain AdamW lose every update below half their spacing
+    (~1e-4 near 0.02 in bf16): at lr 1e-6 almost nothing trains, with no error."""
+    check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
+    dtype = weight_dtype(cfg)
+    check(dtype == "float32" or cfg.grpo.optimizer != "adamw",
+           f"grpo.optimizer: adamw on {dtype} weights (model.dtype={cfg.model.dtype}, precision={cfg.precision}) "
+           f"rounds updates of lr {cfg.grpo.lr:g} away; use model.dtype=float32 precision=bf16-mixed "
+           "(fp32 master weights, bf16 compute) or grpo.optimizer=adamw_kahan")
+    check(cfg.grpo.optimizer != "adamw_kahan" or importlib.util.find_spec("optimi") is not None,
+           "grpo.optimizer: adamw_kahan needs torch-optimi; run `pip install -e .[lowmem]`")
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -7,6 +7,22 @@ For every diagnosed layer k (a `hidden_states` index; k = L is the final layer i
 - `attn_jsd` / `attn_cos`: JSD and cosine similarity of layer k's head-mean attention rows to
   the final layer's rows (and `attn_jsd_head`, one value per head, for tables).
 Each is averaged over completion tokens, overall and split by advantage sign and by correctness.
+
+Memory of one pass (`layer_metrics` on r rows of T = P + C positions; s bytes per element of the
+model's dtype; n_h diagnosed layers, n_a of them with attention, both counting the final layer).
+Nothing here holds a tensor per model layer, so the bound does not grow with depth:
+
+    peak <= F                                      one plain no-grad forward of the r rows
+          + 2 n_h r C D s                           the diagnosed hidden states at the C positions
+          + n_a r T (H + H_kv) d s                  captured q/k of the diagnosed attention layers
+          + 8 c V 4                                 one chunk of c tokens of vocabulary-sized float32 work
+          + 6 r H B T 4                             one block of B attention rows, teacher and student
+          + r C (n_h (5 + H) + 8) 4                 per-token metric values
+
+(`peak_bound`). F is what any forward costs: the activations of one layer at a time, as no
+gradient is kept. No [b, T, V] logits are made: the final layer's logits are read chunk by chunk
+from its hidden state. `DIAG_TOKENS` caps r T, `run_hooks.MAX_DIAG_ROWS` the rollouts per step,
+and `diagnosed_layers` keeps n_h at about 14 on deep models.
 """
 
 from __future__ import annotations
@@ -17,9 +33,39 @@ import torch
 
 from . import losses
 from .attention import AttentionCapture, attention_layer_of, hidden_index_of
-from .step import policy_forward
+from .hidden_capture import HiddenCapture, backbone_of
+from .step import ATTN_ROW_BLOCK, VOCAB_CHUNK_ELEMENTS, completion_positions
 
 METRICS = ("lens_acc", "agree_top1", "kl", "jsd", "entropy", "attn_jsd", "attn_cos")
+LENS_METRICS = METRICS[:5]
+DIAG_TOKENS = 8192
+"""Sequence positions (rows x padded length) per diagnostics forward: at 2.3k-token rollouts,
+three rows per pass; at tiny lengths the micro-batch decides."""
+ALL_LAYERS_UP_TO = 16
+"""Models up to this depth are diagnosed at every layer 0..L by default."""
+SNAPSHOT_TOKENS = 512
+"""Completion tokens per snapshot rollout (the top-token and attention-map view for notebooks)."""
+
+
+def diag_rows(seq_len: int, micro_batch: int) -> int:
+    """Rollouts per diagnostics forward: the micro-batch, capped at `DIAG_TOKENS` positions."""
+    return max(1, min(micro_batch, DIAG_TOKENS // max(seq_len, 1)))
+
+
+def vocab_chunk(chunk_size: int, vocab: int) -> int:
+    """Tokens per chunk of vocabulary-sized work: `method.chunk_size`, capped at one block."""
+    return max(1, min(chunk_size, VOCAB_CHUNK_ELEMENTS // vocab))
+
+
+def peak_bound(rows: int, seq_len: int, completion_len: int, hidden: int, heads: int, kv_heads: int,
+               head_dim: int, vocab: int, n_hidden: int, n_attn: int, dtype_bytes: int, chunk: int,
+               forward_bytes: int) -> int:
+    """The module docstring's bound, in bytes; `forward_bytes` is F (one plain no-grad forward)."""
+    r, T, C = rows, seq_len, completion_len
+    return (forward_bytes + 2 * n_hidden * r * C * hidden * dtype_bytes
+            + n_attn * r * T * (heads + kv_heads) * head_dim * dtype_bytes
+            + 8 * vocab_chunk(chunk, vocab) * vocab * 4 + 6 * r * heads * ATTN_ROW_BLOCK * T * 4
+            + r * C * (n_hidden * (5 + heads) + 8) * 4)
 
 
 def _splits(adv: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -28,53 +74,90 @@ def _splits(adv: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor]
             "correct": rewards > 0.5, "wrong": rewards <= 0.5}
 
 
-def _lens_token_metrics(readout, hidden, layer, final_logits, tokens, chunk) -> dict[str, torch.Tensor]:
-    """Per-token lens metrics of one layer; inputs are [N, D] / [N, V] / [N]."""
-    out = defaultdict(list)
-    for lo in range(0, hidden.shape[0], chunk):
-        h, t, tok = hidden[lo : lo + chunk], final_logits[lo : lo + chunk], tokens[lo : lo + chunk]
-        lens = readout.logits(h, layer).float()
-        out["lens_acc"].append((lens.argmax(-1) == tok).float())
-        out["agree_top1"].append((lens.argmax(-1) == t.argmax(-1)).float())
-        out["kl"].append(losses.kl_from_logits(t, lens))
-        out["jsd"].append(losses.jsd(t, lens))
-        out["entropy"].append(losses.entropy_from_logits(lens))
-    return {k: torch.cat(v) for k, v in out.items()}
+def _lens_token_metrics(readout, hidden: dict[int, torch.Tensor], final: torch.Tensor, tokens: torch.Tensor,
+                        chunk: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-token lens metrics {k: {metric: [N]}} from hidden states {k: [N, D]}, the final layer's
+    hidden state [N, D] and the sampled tokens [N]. The teacher's logits are made once per chunk
+    of tokens and shared by every layer; nothing [N, V] is kept."""
+    L = readout.num_layers
+    out = {k: defaultdict(list) for k in hidden}
+    for lo in range(0, final.shape[0], chunk):
+        teacher = readout.logits(final[lo : lo + chunk], L).float()
+        top, tok = teacher.argmax(-1), tokens[lo : lo + chunk]
+        for k, h in hidden.items():
+            lens = teacher if k == L else readout.logits(h[lo : lo + chunk], k).float()
+            arg = lens.argmax(-1)
+            out[k]["lens_acc"].append((arg == tok).float())
+            out[k]["agree_top1"].append((arg == top).float())
+            out[k]["kl"].append(losses.kl_from_logits(teacher, lens))
+            out[k]["jsd"].append(losses.jsd(teacher, lens))
+            out[k]["entropy"].append(losses.entropy_from_logits(lens))
+    return {k: {name: torch.cat(v) for name, v in d.items()} for k, d in out.items()}
+
+
+def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num_layers: int
+                             ) -> dict[int, dict[str, torch.Tensor]]:
+    """{k: {"attn_jsd": [b, C], "attn_cos": [b, C], "heads": [H, b, C]}}, recomputed from the
+    captured q/k one layer and one block of completion rows at a time. A block ending at row
+    P-2+hi reads only the first P-1+hi keys: causal rows see no further (exact)."""
+    mask, keys = part.completion_mask, part.attention_mask.bool()
+    P, C = part.prompt_length, mask.shape[1]
+    out = {k: defaultdict(list) for k in layers}
+    for lo in range(0, C, ATTN_ROW_BLOCK):
+        hi = min(lo + ATTN_ROW_BLOCK, C)
+        rows, width = slice(P - 1 + lo, P - 1 + hi), P - 1 + hi
+        query, key = mask[:, lo:hi].bool(), keys[:, :width]
+        teacher = cap.probs_for(attention_layer_of(num_layers), rows, keys=width).float()  # [b, H, hi-lo, width]
+        for k in layers:
+            student = teacher if k == num_layers else cap.probs_for(attention_layer_of(k), rows, keys=width).float()
+            out[k]["attn_jsd"].append(losses.attention_row_jsd(teacher, student, query, key))
+            out[k]["attn_cos"].append(losses.attention_cosine(teacher, student, query, key))
+            out[k]["heads"].append(torch.stack([losses.attention_row_jsd(teacher[:, i : i + 1], student[:, i : i + 1], query, key)
+                                                for i in range(teacher.shape[1])]))
+            del student
+    return {k: {name: torch.cat(v, dim=-1) for name, v in d.items()} for k, d in out.items()}
 
 
 @torch.no_grad()
 def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: int = 1024) -> list[dict]:
-    """Rows {layer, split, metric values..., tokens} for one micro-batch `part` (a Rollout)."""
+    """Rows {layer, split, metric values..., tokens} for one micro-batch `part` (a Rollout).
+
+    One forward of the decoder stack (no logits); hidden states of `layers` and the final layer
+    are kept at the completion positions only, attention as q/k (see the module docstring's bound).
+    """
     L, mask = readout.num_layers, part.completion_mask
-    out = policy_forward(model, part, hidden_layers=layers, attn_layers=sorted({k for k in layers if k >= 1} | {L}))
-    probs = {k: out.attention_rows(k).float() for k in sorted({k for k in layers if k >= 1} | {L})}
     sel = mask.bool()
-    rows_of_tok = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[sel]
-    final = out.logits[sel].float()
-    tokens = part.completion_ids[sel]
-    keys = part.attention_mask.bool()
-    splits = _splits(adv, rewards)
+    attn = sorted({k for k in layers if k >= 1} | {L})
+    with HiddenCapture(model, readout, {*layers, L}, completion_positions(part)) as hc, \
+            AttentionCapture(model, [attention_layer_of(k) for k in attn], lazy=True) as cap:
+        backbone_of(model)(input_ids=part.input_ids, attention_mask=part.attention_mask, use_cache=False)
+    hidden = {k: hc.hidden.pop(k)[sel] for k in sorted({*layers, L})}  # [N, D] each
+    final = hidden[L] if L in layers else hidden.pop(L)
+    per_tok = _lens_token_metrics(readout, hidden, final, part.completion_ids[sel],
+                                  vocab_chunk(chunk, readout.unembed.weight.shape[0]))
+    del hidden, final
+    for k, values in _attention_token_metrics(cap, part, [k for k in attn if k in layers], L).items():
+        per_tok[k].update(attn_jsd=values["attn_jsd"][sel], attn_cos=values["attn_cos"][sel],
+                          heads=values["heads"][:, sel])
+    cap.clear()
+    return _split_rows(per_tok, layers, sel, _splits(adv, rewards))
+
+
+def _split_rows(per_tok: dict[int, dict[str, torch.Tensor]], layers: list[int], sel: torch.Tensor,
+                splits: dict[str, torch.Tensor]) -> list[dict]:
+    """Token sums of each metric per (layer, split); `combine` divides by the token counts."""
+    rows_of_tok = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
     rows = []
     for k in layers:
-        h = out.hidden[k][sel]
-        per_tok = _lens_token_metrics(readout, h, k, final, tokens, chunk)
-        if k >= 1:
-            teacher, student = probs[L], probs[k]
-            full = lambda v: v[sel]  # noqa: E731  [b, C] -> [N]
-            per_tok["attn_jsd"] = full(losses.attention_row_jsd(teacher, student, sel, keys))
-            per_tok["attn_cos"] = full(losses.attention_cosine(teacher, student, sel, keys))
-            heads = [full(losses.attention_row_jsd(teacher[:, i : i + 1], student[:, i : i + 1], sel, keys))
-                     for i in range(teacher.shape[1])]
-        else:
-            heads = []
+        values = dict(per_tok[k])
+        heads = values.pop("heads", None)
         for split, row_sel in splits.items():
             tok_sel = row_sel[rows_of_tok]
-            n = int(tok_sel.sum())
-            row = {"layer": k, "split": split, "tokens": n}
-            for name, values in per_tok.items():
-                row[name] = float(values[tok_sel].sum())  # sums; `combine` divides by tokens
+            row = {"layer": k, "split": split, "tokens": int(tok_sel.sum())}
+            for name, v in values.items():
+                row[name] = float(v[tok_sel].sum())
             if split == "all":
-                row["attn_jsd_head"] = [float(v[tok_sel].sum()) for v in heads]
+                row["attn_jsd_head"] = [] if heads is None else [float(v) for v in heads[:, tok_sel].sum(1)]
             rows.append(row)
     return rows
 
@@ -119,36 +202,56 @@ def scalar_metrics(rows: list[dict], layers: list[int], splits=("all", "pos", "n
     return out
 
 
+def _top_tokens(readout, h: torch.Tensor, layer: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lens top-1 token and its probability of hidden states [r, n, D] -> ([r, n], [r, n])."""
+    flat = h.reshape(-1, h.shape[-1])
+    probs, ids = [], []
+    for lo in range(0, flat.shape[0], chunk):
+        p, t = readout.logits(flat[lo : lo + chunk], layer).float().softmax(-1).max(-1)
+        probs.append(p)
+        ids.append(t)
+    return torch.cat(ids).view(h.shape[:2]), torch.cat(probs).view(h.shape[:2])
+
+
+def _head_mean_maps(cap: AttentionCapture, layer: int, rows: slice) -> torch.Tensor:
+    """Head-mean attention [r, n, S] of `rows`, one block of rows at a time."""
+    blocks = [cap.probs_for(layer, slice(lo, min(lo + ATTN_ROW_BLOCK, rows.stop))).float().mean(1)
+              for lo in range(rows.start, rows.stop, ATTN_ROW_BLOCK)]
+    return torch.cat(blocks, dim=1)
+
+
 @torch.no_grad()
-def snapshot(model, readout, part, rows: list[int], student_layers: list[int], tokenizer) -> list[dict]:
-    """Per rollout in `rows`: for every layer x completion position the lens's top token and its
-    probability, the sampled tokens, and head-mean attention maps of student and final layers."""
+def snapshot(model, readout, part, rows: list[int], student_layers: list[int], tokenizer,
+             chunk: int = 1024) -> list[dict]:
+    """Per rollout in `rows`: for every layer x completion position (the first `SNAPSHOT_TOKENS`)
+    the lens's top token and its probability, the sampled tokens, and head-mean attention maps of
+    student and final layers. Each layer's top tokens are read as the forward passes it."""
     L = readout.num_layers
     P, mask = part.prompt_length, part.completion_mask
+    n_max = min(mask.shape[1], SNAPSHOT_TOKENS)
+    positions = slice(P - 1, P - 1 + n_max)
     attn_layers = sorted({attention_layer_of(k) for k in student_layers} | {attention_layer_of(L)})
-    with AttentionCapture(model, attn_layers) as cap:
-        out = model(input_ids=part.input_ids[rows], attention_mask=part.attention_mask[rows],
-                    output_hidden_states=True, use_cache=False)
-        maps = {i: cap.probs[i].float().mean(1) for i in attn_layers}  # [r, T, S]
+    step = vocab_chunk(chunk, readout.unembed.weight.shape[0])
+    tops: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with HiddenCapture(model, readout, range(L + 1), positions,
+                       on_capture=lambda k, h: tops.__setitem__(k, _top_tokens(readout, h, k, step))), \
+            AttentionCapture(model, attn_layers, lazy=True) as cap:
+        backbone_of(model)(input_ids=part.input_ids[rows], attention_mask=part.attention_mask[rows], use_cache=False)
+    maps = {i: _head_mean_maps(cap, i, positions) for i in attn_layers}  # [r, n_max, S]
+    cap.clear()
     result = []
     for j, row in enumerate(rows):
-        n = int(mask[row].sum())
+        n = min(int(mask[row].sum()), n_max)
         start = int((part.attention_mask[row] == 0).sum())  # left padding of the prompt
-        top_tok, top_p = [], []
-        for k in range(L + 1):
-            h = out.hidden_states[k][j, P - 1 : P - 1 + n]
-            probs = readout.logits(h, k).float().softmax(-1)
-            p, t = probs.max(-1)
-            top_tok.append(tokenizer.convert_ids_to_tokens(t.tolist()))
-            top_p.append(p.tolist())
         ids = part.input_ids[row]
         result.append({
             "row": row,
             "prompt": tokenizer.decode(ids[start:P], skip_special_tokens=True),
             "tokens": tokenizer.convert_ids_to_tokens(ids[P : P + n].tolist()),
             "context_tokens": tokenizer.convert_ids_to_tokens(ids[start : P + n].tolist()),
-            "top_token": top_tok, "top_prob": top_p,
-            "attention": {f"L{hidden_index_of(i)}": maps[i][j, P - 1 : P - 1 + n, start : P + n].tolist() for i in attn_layers},
+            "top_token": [tokenizer.convert_ids_to_tokens(tops[k][0][j, :n].tolist()) for k in range(L + 1)],
+            "top_prob": [tops[k][1][j, :n].tolist() for k in range(L + 1)],
+            "attention": {f"L{hidden_index_of(i)}": maps[i][j, :n, start : P + n].tolist() for i in attn_layers},
         })
     return result
 
@@ -159,3 +262,14 @@ def default_diag_layers(num_layers: int, limit: int = 12) -> list[int]:
         return list(range(1, num_layers + 1))
     step = num_layers / (limit - 1)
     return sorted({max(1, round(i * step)) for i in range(limit - 1)} | {num_layers})
+
+
+def diagnosed_layers(num_layers: int, diag_layers=None, student_layers=()) -> list[int]:
+    """Hidden-state indices a logging step diagnoses: `log.diag_layers` when set; otherwise every
+    layer 0..L up to `ALL_LAYERS_UP_TO` layers, and beyond that `default_diag_layers` plus the
+    embeddings (0) and the student layers (14 of Qwen3-4B's 37 indices)."""
+    if diag_layers:
+        return sorted({int(k) for k in diag_layers})
+    if num_layers <= ALL_LAYERS_UP_TO:
+        return list(range(num_layers + 1))
+    return sorted({0, *default_diag_layers(num_layers), *student_layers})

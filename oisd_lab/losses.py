@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .options import HEAD_REDUCE, LOSS_TYPES, SCALE_REWARDS, WEIGHTINGS
@@ -118,20 +119,52 @@ def _logps_chunk(logits: Tensor, index: Tensor, temperature: float) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(z / T)[index] over rows of [n, V] logits, block by block, with a hand-written
+    backward: d logp_i / d z_iv = (1[v = index_i] - softmax(z_i / T)_v) / T.
+
+    Forward keeps only the [n] log-normalisers; backward recomputes each block's softmax from
+    them (one exp) and writes straight into one [n, V] gradient, so neither pass holds more than
+    a [block, V] temporary and no autograd graph of the block's ops is built or replayed.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, index: Tensor, temperature: float, block: int) -> Tensor:
+        out, lse = [], []
+        for lg, ix in zip(logits.split(block), index.split(block), strict=True):
+            z = _upcast(lg) / temperature if temperature != 1.0 else _upcast(lg)
+            lse.append(torch.logsumexp(z, dim=-1))
+            out.append(z.gather(-1, ix.unsqueeze(-1)).squeeze(-1) - lse[-1])
+        ctx.save_for_backward(logits, index, torch.cat(lse))
+        ctx.temperature, ctx.block = temperature, block
+        return torch.cat(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, index, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_out / ctx.temperature  # [n]
+        for lo in range(0, logits.shape[0], ctx.block):
+            rows = slice(lo, lo + ctx.block)
+            z = _upcast(logits[rows])
+            z = z / ctx.temperature if ctx.temperature != 1.0 else z
+            g = (z - lse[rows, None]).exp_()  # softmax(z / T), a fresh [block, V] tensor
+            g.mul_(-scale[rows, None]).scatter_add_(-1, index[rows, None], scale[rows, None])
+            grad[rows] = g
+        return grad, None, None, None
+
+
 def _chunked_logps(logits: Tensor, index: Tensor, chunk_size: int, temperature: float) -> Tensor:
     if logits.shape[:-1] != index.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and index {tuple(index.shape)} disagree")
     flat, flat_index = logits.reshape(-1, logits.shape[-1]), index.reshape(-1)
-    # Checkpointing each chunk keeps only [chunk, V] upcast/tempered copies alive, in backward too.
-    use_ckpt = torch.is_grad_enabled() and logits.requires_grad
-    pieces = [
-        checkpoint(_logps_chunk, lg, ix, temperature, use_reentrant=False)
-        if use_ckpt
-        else _logps_chunk(lg, ix, temperature)
-        for lg, ix in zip(flat.split(chunk_size), flat_index.split(chunk_size), strict=True)
-    ]
-    if not pieces:
+    if flat.shape[0] == 0:
         return _upcast(flat).new_zeros(index.shape)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TokenLogps.apply(flat, flat_index, float(temperature), chunk_size).reshape(index.shape)
+    pieces = [_logps_chunk(lg, ix, temperature)
+              for lg, ix in zip(flat.split(chunk_size), flat_index.split(chunk_size), strict=True)]
     return torch.cat(pieces).reshape(index.shape)
 
 
@@ -337,8 +370,51 @@ def kl_from_logits(p_logits: Tensor, q_logits: Tensor, temperature: float = 1.0)
     return _kl_from_logps(logp, logq)
 
 
-LENS_CHECKPOINT_MIN_ELEMENTS = 1 << 22
-"""Tokens x vocabulary (16 MiB of float32 per tensor) from which the lens chunks are checkpointed."""
+LENS_CHECKPOINT_MIN_ELEMENTS = 1 << 26
+"""Tokens x vocabulary of the lens above which its chunks are recomputed in backward. Below it,
+each chunk keeps one [chunk, V] float32 tensor (its student-logit gradient, at most 256 MiB in
+all) and nothing is recomputed; above it, at most one chunk's [chunk, V] tensors are alive."""
+
+
+class _StudentJSD(torch.autograd.Function):
+    """JSD_beta(P || Q) per row (as `jsd`), whose gradient w.r.t. the student logits is formed in
+    the forward pass, in closed form, instead of by autograd through a dozen [n, V] ops.
+
+    With Q = softmax(q / T) and M = beta P + (1 - beta) Q, d JSD / d Q_v = (1 - beta) log(Q_v / M_v)
+    (the log terms of P and Q through M cancel against the +1), so through the softmax
+        d JSD / d q_v = (1 - beta) / T * Q_v * (log(Q_v / M_v) - KL(Q || M)).
+    It is zeroed where `jsd` clamps a rounding negative to 0 (clamp passes gradient at >= 0).
+    Saves that one [n, V] gradient; backward scales it by the upstream gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher: Tensor, student: Tensor, beta: float, temperature: float) -> Tensor:
+        logp = _finite_log_softmax(teacher, temperature)
+        logq = _finite_log_softmax(student, temperature)
+        log_m = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        q = logq.exp()
+        q_ratio = torch.where(q > 0, logq.sub_(log_m), 0.0)  # log(Q / M); logq is not needed after
+        kl_q = (q * q_ratio).sum(-1)
+        raw = beta * _kl_from_logps(logp, log_m) + (1.0 - beta) * kl_q
+        if ctx.needs_input_grad[1]:
+            scale = ((1.0 - beta) / temperature) * (raw >= 0).to(q.dtype)  # [n]
+            grad = q.mul_(q_ratio.sub_(kl_q[:, None])).mul_(scale[:, None])
+            ctx.save_for_backward(grad)
+            ctx.student_dtype = student.dtype
+        return raw.clamp(min=0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        return None, (grad * grad_out[:, None]).to(ctx.student_dtype), None, None
+
+
+def _lens_jsd_rows(teacher: Tensor, student: Tensor, beta: float, temperature: float) -> Tensor:
+    """`jsd(teacher.detach(), student)` for [n, V] rows: the closed-form gradient when it applies."""
+    if _degenerate_beta(beta) or student.dim() != 2:
+        return jsd(teacher.detach(), student, beta=beta, temperature=temperature)
+    return _StudentJSD.apply(teacher.detach(), student, beta, float(temperature))
 
 
 def chunked_lens_jsd(
@@ -357,13 +433,14 @@ def chunked_lens_jsd(
     with `teacher_index`;
     readout: [n, D] -> [n, V], the model's final norm + unembedding (the logit lens; pass a
     readout with detached weights for lens_grad="hidden_only"). Returns [N] with gradient to
-    student_hidden and to readout's parameters.
+    student_hidden and to readout's parameters. Values and gradients are those of `jsd` on the
+    whole [N, V] (the gradient w.r.t. the student logits in closed form, see `_StudentJSD`).
     teacher_index: when given, the teacher rows are `teacher_logits[teacher_index]` (e.g. the
     boolean mask's `nonzero(as_tuple=True)` over [B, T, V] logits), gathered one chunk at a time
     inside the checkpointed function, so no [N, V] copy of the teacher is ever made.
-    Each chunk of `chunk_size` tokens runs under non-reentrant activation checkpointing, so at
-    most one [chunk, V] block of student logits is alive in forward and in backward (unless the
-    whole [N, V] is under `LENS_CHECKPOINT_MIN_ELEMENTS`: then nothing is recomputed).
+    Above `LENS_CHECKPOINT_MIN_ELEMENTS` of [N, V] work, each chunk of `chunk_size` tokens runs
+    under non-reentrant activation checkpointing, so at most one [chunk, V] block of student
+    logits is alive in forward and in backward; below it nothing is recomputed.
     """
     teacher_logits = teacher_logits.detach()
     if teacher_index is None:
@@ -374,10 +451,8 @@ def chunked_lens_jsd(
         )
 
     def lens_chunk(h: Tensor, *index: Tensor) -> Tensor:
-        return jsd(teacher_logits[index], readout(h), beta=beta, temperature=temperature)
+        return _lens_jsd_rows(teacher_logits[index], readout(h), beta, temperature)
 
-    # Below LENS_CHECKPOINT_MIN_ELEMENTS of [N, V] work in all, the saved activations are small and
-    # recomputing them in backward would only cost time.
     use_ckpt = torch.is_grad_enabled() and student_hidden.shape[0] * teacher_logits.shape[-1] > \
         LENS_CHECKPOINT_MIN_ELEMENTS
     pieces = [

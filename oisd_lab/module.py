@@ -27,6 +27,7 @@ from . import step as step_lib
 from .config import TrainConfig
 from .errors import NonFiniteError
 from .lens import default_student_layer, find_readout, resolve_layers
+from .optim import build_optimizer
 from .rollout import Rollout, generate
 from .run_hooks import PolicyView
 
@@ -60,7 +61,7 @@ class OISDModule(L.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         g = self.cfg.grpo
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=g.lr, weight_decay=g.weight_decay)
+        opt = build_optimizer(self.policy.parameters(), g)
         warm = max(g.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

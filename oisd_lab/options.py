@@ -19,5 +19,7 @@ LENS_GRAD_MODES = ("full", "hidden_only")
 """method.lens_grad: whether the logit lens passes gradient to its readout weights."""
 WANDB_MODES = ("offline", "online", "disabled")
 """log.wandb_mode."""
+OPTIMIZERS = ("adamw", "adamw_kahan")
+"""grpo.optimizer: torch AdamW, or torch-optimi's AdamW with Kahan-compensated updates (half-precision weights)."""
 DTYPES = ("float32", "bfloat16", "float16")
 """model.dtype."""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError
 from .models import build_char_tokenizer, build_tiny_model, is_tiny
 from .tasks import get_task
 

@@ -42,16 +42,19 @@ class LogStepHook:
             return {}
         self.write_completions(step, problems, rollout, rewards, adv)
         rows = self.diagnose(view, rollout, rewards, adv)
-        self.write_jsonl(self.run.root / "diagnostics.jsonl", [{"step": step, **r} for r in rows])
+        self.write_jsonl(self.run.diagnostics, [{"step": step, **r} for r in rows])
         self.write_snapshot(view, step, rollout, adv)
         layers = self.cfg.log.diag_layers or diagnostics.default_diag_layers(view.readout.num_layers)
         self.log_table(view.wandb_loggers, step, rows)
         return diagnostics.scalar_metrics(rows, list(layers))
 
     def diagnose(self, view: PolicyView, rollout, rewards, adv) -> list[dict]:
+        """Metrics of the diagnosed layers on the first `MAX_DIAG_ROWS` rollouts, in passes of
+        `diagnostics.diag_rows` rollouts (bounded memory: see `diagnostics`)."""
         n = min(len(rollout), MAX_DIAG_ROWS)
-        mb = self.cfg.grpo.micro_batch_size
-        all_layers = list(range(0, view.readout.num_layers + 1))
+        mb = diagnostics.diag_rows(rollout.input_ids.shape[1], self.cfg.grpo.micro_batch_size)
+        all_layers = diagnostics.diagnosed_layers(view.readout.num_layers, self.cfg.log.diag_layers,
+                                                  view.student_layers)
         parts = []
         for lo in range(0, n, mb):
             part = rollout.select(slice(lo, min(lo + mb, n))).to(view.device)
@@ -67,12 +70,13 @@ class LogStepHook:
         order = torch.argsort(adv, descending=True).tolist()
         picks = sorted(set(order[: (k + 1) // 2] + order[-(k // 2):] if k > 1 else order[:1]))
         part = rollout.select(slice(0, len(rollout))).to(view.device)
-        snaps = diagnostics.snapshot(view.policy, view.readout, part, picks, view.student_layers, view.tokenizer)
+        snaps = diagnostics.snapshot(view.policy, view.readout, part, picks, view.student_layers, view.tokenizer,
+                                     self.cfg.method.chunk_size)
         for s in snaps:
             s["advantage"] = float(adv[s["row"]])
             s["student_layers"] = view.student_layers
         self.run.snapshots.mkdir(parents=True, exist_ok=True)
-        (self.run.snapshots / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "rollouts": snaps}))
+        self.run.snapshot(step).write_text(json.dumps({"step": step, "rollouts": snaps}))
 
     def write_completions(self, step, problems, rollout, rewards, adv) -> None:
         G = self.cfg.grpo.num_generations

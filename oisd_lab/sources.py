@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, TaskConfig
+from .config import TaskConfig
+from .errors import ConfigError
 from .rewards import exact_match_reward, math_reward
 from .tasks import TASKS, Problem, get_task
 from .tasks.datasets import DATASETS, DatasetTask, load_dataset_task

@@ -51,11 +51,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     run.root.mkdir(parents=True, exist_ok=True)
     found = find_resumable(run.checkpoints)
     resume = found.path if found else None
-    status = run.read_status()
-    run_id = status.get("run_id") or uuid.uuid4().hex[:8]
-    run.config.write_text(to_yaml(cfg))
-    run.env.write_text(json.dumps(environment_info(), indent=2))
-    run.write_status(status="running", run_id=run_id, started=status.get("started", time.time()))
+    run_id = _open(run, cfg)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
     before = _eval_before(cfg, start_dir, model, tokenizer, source, log)
@@ -65,15 +61,16 @@ def train(cfg: TrainConfig, log=print) -> Path:
                         format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template),
                         ref_model=ref, on_log_step=hook)
     if cfg.log.plan:  # the memory plan, and the measured peaks of the first steps beside it
+        # imported only when asked for: the planner loads the tracing and benchmark code
         from .plan.run_hook import plan_run
 
         plan_run(cfg, run, module, log)
     resume_step = checkpoint_step(resume) if resume else 0
     for path in run.step_logs:  # a resumed run writes the steps after its checkpoint again
         truncate_jsonl(path, resume_step)
-    loggers = [TableLogger(run.metrics, resume_step=resume_step),
-               make_wandb_logger(cfg, run.root, run_id, log=log)]
-    trainer = make_trainer(cfg, run, [lg for lg in loggers if lg is not None])
+    loggers = [lg for lg in (TableLogger(run.metrics, resume_step=resume_step),
+                             make_wandb_logger(cfg, run.root, run_id, log=log)) if lg is not None]
+    trainer = make_trainer(cfg, run, loggers)
     loader = DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
     started = time.time()
     try:
@@ -92,9 +89,20 @@ def train(cfg: TrainConfig, log=print) -> Path:
     result = {"before": before, "after": after, "train_seconds": train_seconds,
               "steps": cfg.max_steps, "method": cfg.method.name, "task": cfg.task.name, "seed": cfg.seed}
     run.eval.write_text(json.dumps(result, indent=2))
-    close_loggers([lg for lg in loggers if lg is not None], before, after)
+    close_loggers(loggers, before, after)
     run.write_status(status="finished", finished=time.time(), error=None)
     return run.root
+
+
+def _open(run: RunDir, cfg: TrainConfig) -> str:
+    """Write the run's config, environment and `running` status; returns its run id (a resumed
+    run keeps its id and start time)."""
+    status = run.read_status()
+    run_id = status.get("run_id") or uuid.uuid4().hex[:8]
+    run.config.write_text(to_yaml(cfg))
+    run.env.write_text(json.dumps(environment_info(), indent=2))
+    run.write_status(status="running", run_id=run_id, started=status.get("started", time.time()))
+    return run_id
 
 
 def _eval_before(cfg: TrainConfig, start_dir: Path, model, tokenizer, source, log) -> dict:

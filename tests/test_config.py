@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
@@ -121,3 +122,15 @@ def test_the_debug_preset_holds_the_small_settings():
     cfg = compose(["debug=quick", "method=oisd", "max_steps=5"])
     assert (cfg.method.name, cfg.max_steps, cfg.grpo.num_generations) == ("oisd", 5, 4)
     assert compose([]).max_steps == 150  # and it is off by default
+
+
+def test_every_config_field_has_a_docstring():
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "oisd_lab" / "config.py").read_text())
+    undocumented, fields = [], 0
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
+        for node, after in zip(cls.body, [*cls.body[1:], None], strict=True):
+            if isinstance(node, ast.AnnAssign):
+                fields += 1
+                if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+                    undocumented.append(f"{cls.name}.{node.target.id}")
+    assert fields >= 60 and undocumented == []

@@ -216,7 +216,7 @@ PAPER = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments" / "pap
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_recipes_compose(name):
     cfg = compose([], config_name=f"paper/{name}")
-    assert cfg.model.name == "Qwen/Qwen3-4B" and cfg.model.dtype == "bfloat16"
+    assert cfg.model.name == "Qwen/Qwen3-4B" and (cfg.model.dtype, cfg.precision) == ("float32", "bf16-mixed")
     assert cfg.model.gradient_checkpointing and cfg.method.layers == [6]
     assert (cfg.method.logit_weight, cfg.method.attn_weight) == ((1.0, 0.1) if "oisd" in name else (0.0, 0.0))
     assert cfg.task.name == "math500" and cfg.task.train_data == "math"

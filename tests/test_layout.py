@@ -5,6 +5,7 @@ package can be read in one order with no import pointing back up."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,21 @@ def test_sub_packages_and_modules_form_no_cycle():
         rooms.setdefault(_room(name), set()).update(_room(t) for t in targets if _room(t) != _room(name))
     assert {"oisd_lab.run", "oisd_lab.config"} <= rooms["oisd_lab.grid"]
     assert _cycle(rooms) == []
+
+
+def _readme_order() -> list[str]:
+    """The rooms of the README's package table, top to bottom."""
+    table = (PACKAGE.parent / "README.md").read_text().split("| module | its one job |")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return [f"oisd_lab.{name}" for row in rows for name in re.findall(r"`([\w]+)(?:\.py|/)`", row.split("|")[1])]
+
+
+def test_the_readme_names_every_module_and_no_import_points_up_its_table():
+    order = _readme_order()
+    assert order[:3] == ["oisd_lab.errors", "oisd_lab.options", "oisd_lab.provenance"]
+    rooms = {_room(name) for name in _graph()} - {"oisd_lab", "oisd_lab.__main__"}
+    assert sorted(rooms - set(order)) == []  # every module and sub-package has a row
+    rank = {name: i for i, name in enumerate(order)} | {"oisd_lab": -1, "oisd_lab.__main__": len(order)}
+    upward = sorted(f"{name} -> {target}" for name, targets in _graph().items() for target in targets
+                    if rank[_room(target)] > rank[_room(name)])
+    assert upward == []

@@ -27,6 +27,10 @@ Sections (`--sections`, default all):
   checkpointing, no vLLM) and through `oisd-lab`'s Lightning loop, alternating in one process.
   Step time runs from one optimizer-step end to the next (everything a step costs: data,
   generation, scoring, loss, update, logging), first step dropped.
+- `smollm2`: SmolLM2-135M (`--smol-model`, default the `smollm2` preset) on the `word` task with
+  its chat template: decoding (ours against `model.generate`), every preset's optimisation step
+  against `grpo`, the same GRPO work against TRL, a logging step's per-layer diagnostics, and the
+  loss's peak memory at 256-token completions (see `smollm2.py`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .attn import bench_attn
 from .common import PRESETS, QUICK, SECTIONS, Settings, _quiet, machine_info
 from .memory import bench_memory
 from .presets import bench_presets
+from .smollm2 import bench_smollm2
 from .tables import format_tables, targets
 from .versus_trl import bench_trl
 
@@ -64,12 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mem-vocab", dest="mem_vocab", type=int, help="vocabulary of the memory section")
     parser.add_argument("--mem-tokens", dest="mem_tokens", type=int, help="completion tokens of the memory section")
     parser.add_argument("--attn-len", dest="attn_len", type=int, help="completion length of attn512")
+    parser.add_argument("--smol-model", dest="smol_model", help="model of the smollm2 section (name or path)")
+    parser.add_argument("--smol-rounds", dest="smol_rounds", type=int, help="rounds of the smollm2 section")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings(**(QUICK if args.quick else {}))
     for name in ("repeats", "steps", "threads", "prompts", "max_len", "trl_steps", "mem_vocab", "mem_tokens",
-                 "attn_len", "init"):
+                 "attn_len", "init", "smol_model", "smol_rounds"):
         if getattr(args, name, None) is not None:
             setattr(s, name, getattr(args, name))
     s.sections = tuple(x for x in args.sections.split(",") if x)
@@ -103,4 +110,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-SECTION_FUNCS = {"presets": bench_presets, "memory": bench_memory, "attn512": bench_attn, "trl": bench_trl}
+SECTION_FUNCS = {"presets": bench_presets, "memory": bench_memory, "attn512": bench_attn, "trl": bench_trl,
+                 "smollm2": bench_smollm2}

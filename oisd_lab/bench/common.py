@@ -17,7 +17,7 @@ import torch
 PRESETS = ("grpo", "oisd_logit", "oisd_attn", "oisd", "oisd_unsigned")
 
 
-SECTIONS = ("presets", "memory", "attn512", "trl")
+SECTIONS = ("presets", "memory", "attn512", "trl", "smollm2")
 
 
 @dataclass
@@ -40,12 +40,21 @@ class Settings:
     attn_prompts: int = 4
     attn_micro: int = 32
     trl_steps: int = 4
+    smol_model: str = "smollm2"
+    smol_prompts: int = 4
+    smol_generations: int = 4
+    smol_len: int = 64
+    smol_rounds: int = 2
+    smol_trl_steps: int = 1
+    smol_mem_rows: int = 4
+    smol_mem_len: int = 256
     presets: tuple[str, ...] = PRESETS
     sections: tuple[str, ...] = SECTIONS
 
 
 QUICK = dict(prompts=2, generations=2, max_len=6, micro=4, repeats=1, steps=1, mem_vocab=2048,
-             mem_tokens=64, mem_completion=16, attn_len=24, attn_prompts=1, attn_micro=2, trl_steps=1)
+             mem_tokens=64, mem_completion=16, attn_len=24, attn_prompts=1, attn_micro=2, trl_steps=1,
+             smol_prompts=1, smol_generations=2, smol_len=4, smol_rounds=1, smol_mem_rows=2, smol_mem_len=8)
 
 
 def stats(values: list[float]) -> dict:
@@ -198,12 +207,13 @@ def _fit(module, steps: int) -> list[dict]:
     return clock.steps()
 
 
-def _module(cfg, policy, tokenizer, source, fixed=None, hook=None):
+def _module(cfg, policy, tokenizer, source, fixed=None, hook=None, format_prompt=None):
     from ..module import OISDModule
 
     # With `fixed`, one rollout batch for every step: the optimisation step alone.
     sampler = (lambda step, rank, world: fixed) if fixed is not None else None
-    return OISDModule(cfg, policy, tokenizer, source, source.reward, on_log_step=hook, sampler=sampler)
+    return OISDModule(cfg, policy, tokenizer, source, source.reward, format_prompt=format_prompt,
+                      on_log_step=hook, sampler=sampler)
 
 
 def _rotated(items: tuple[str, ...], r: int) -> list[str]:

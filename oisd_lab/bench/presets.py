@@ -25,9 +25,9 @@ from .common import (
 
 def bench_presets(s: Settings) -> dict:
     from ..rollout import generate
+    from ..run.folder import RunDir
     from ..run_hooks import LogStepHook
     from ..sources import load_source
-    from ..train import RunDir
 
     policy, tok = _start_policy(s)
     init = copy.deepcopy(policy.state_dict())

@@ -29,7 +29,24 @@ def targets(result: dict) -> list[dict]:
     for m, v in result.get("memory", {}).get("per_preset", {}).items():
         if m != "grpo":
             add(f"{m} loss peak memory / grpo", "memory", stats([v["ratio_vs_grpo"]]), 1.15)
+    _smol_targets(result.get("smollm2", {}), add)
     return out
+
+
+def _smol_targets(smol: dict, add) -> None:
+    """SmolLM2-135M targets: forward/backward <= 1.25x grpo and full step below 1.25x for every
+    preset, our GRPO step <= 0.67x TRL's, diagnostics amortised <= 5% of a step."""
+    for c in ("cpu", "wall"):
+        for m, v in smol.get("presets", {}).get("per_preset", {}).items():
+            if m != "grpo":
+                add(f"smollm2 {m} forward/backward / grpo", c, v[c]["ratio_fb_vs_grpo"], 1.25)
+                add(f"smollm2 {m} full step / grpo", c, v[c]["ratio_full_vs_grpo"], 1.25)
+        trl = smol.get("trl", {}).get(c)
+        if trl:
+            add("smollm2 grpo step / TRL GRPOTrainer step", c, trl["ratio_ours_vs_trl"], 0.67)
+        diag = smol.get("diagnostics", {}).get(c)
+        if diag:
+            add("smollm2 diagnostics amortised / step", c, stats([diag["amortised_share_of_step"]]), 0.05)
 
 
 def _fmt(st: dict | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -88,6 +105,36 @@ def _other_lines(result: dict) -> list[str]:
                      f"TRL {_fmt(t['trl_mean_completion_length'], digits=1)}")
     elif t.get("skipped"):
         lines += ["", f"trl: skipped ({t['skipped']})"]
+    return lines + _smol_lines(result.get("smollm2"))
+
+
+def _smol_lines(smol: dict | None) -> list[str]:
+    if not smol:
+        return []
+    b, f = smol["batch"], smol["floor"]
+    lines = ["", f"{smol['model']}: {smol['num_layers']} layers, V={smol['vocab_size']}, "
+                 f"{b['prompts']} prompts x {b['generations']} completions x {b['max_completion_length']} tokens; "
+                 f"floor of one extra unembedding: {f['floor_per_token']:.3f} per token, "
+                 f"{f['floor_this_batch']:.3f} for this batch (prompt {f['prompt_len']} tokens)"]
+    pre = smol["presets"]
+    for c in ("cpu", "wall"):
+        lines.append(f"  decoding ({c}): ours {_fmt(pre['decode_s']['ours'][c])} s, model.generate "
+                     f"{_fmt(pre['decode_s']['hf'][c])} s, ratio {_fmt(pre['decode_ours_vs_hf'][c])}")
+        lines.append(f"  {'preset (' + c + ')':<16} {'fwd/bwd s':<24} {'fwd/bwd / grpo':<24} {'full / grpo':<24}")
+        for m, v in pre["per_preset"].items():
+            lines.append(f"  {m:<16} {_fmt(v[c]['forward_backward_s']):<24} {_fmt(v[c]['ratio_fb_vs_grpo']):<24} "
+                         f"{_fmt(v[c]['ratio_full_vs_grpo']):<24}")
+        d = smol["diagnostics"][c]
+        lines.append(f"  diagnostics ({c}): {d['diagnostics_per_log_step_s']:.2f} s per logging step, full step "
+                     f"{d['full_step_s']:.2f} s, amortised over {smol['diagnostics']['log_every_n_steps']} steps: "
+                     f"{100 * d['amortised_share_of_step']:.1f}% of a step")
+        t = smol["trl"].get(c)
+        if t:
+            lines.append(f"  same GRPO work ({c}): oisd-lab {_fmt(t['ours_step_s'])} s, TRL {_fmt(t['trl_step_s'])} s,"
+                         f" ratio {_fmt(t['ratio_ours_vs_trl'])}")
+    mem = smol["memory"]
+    lines.append(f"  loss peak memory ({mem['rows']} x {mem['completion_length']} completion tokens): " + ", ".join(
+        f"{m} {v['peak_bytes'] / 2**20:.0f} MiB ({v['ratio_vs_grpo']:.3f}x)" for m, v in mem["per_preset"].items()))
     return lines
 
 

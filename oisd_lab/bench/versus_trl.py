@@ -54,16 +54,17 @@ def bench_trl(s: Settings) -> dict:
     return out
 
 
-def _ours_fit(s: Settings, cfg, source, model_dir: Path, r: int) -> list[dict]:
+def _ours_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> list[dict]:
+    """`fmt`: prompt text -> what the model sees (e.g. the chat template), as for TRL."""
     from ..models import load_pretrained
 
     policy, tok = load_pretrained(model_dir)
     cfg = copy.deepcopy(cfg)
     cfg.seed = s.seed + r
-    return _fit(_module(cfg, policy, tok, source), s.trl_steps + 1)
+    return _fit(_module(cfg, policy, tok, source, format_prompt=fmt), s.trl_steps + 1)
 
 
-def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int) -> list[dict]:
+def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> list[dict]:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -72,7 +73,8 @@ def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int) -> list[dict]:
 
     steps = s.trl_steps + 1
     problems = [p for k in range(steps) for p in source.train_batch(k, s.prompts, s.seed + r)]
-    data = Dataset.from_dict({"prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems]})
+    fmt = fmt or (lambda text: text)
+    data = Dataset.from_dict({"prompt": [fmt(p.prompt) for p in problems], "answer": [p.answer for p in problems]})
 
     def correct(prompts, completions, answer, **kwargs):
         return [source.reward(c, a) for c, a in zip(completions, answer, strict=True)]

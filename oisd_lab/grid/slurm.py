@@ -70,8 +70,9 @@ def submit_slurm(grid: Grid, grid_dir: Path, todo: list[Cell], args) -> dict:
     jobs = {}
     for cell in todo:
         here = cell_dir(grid_dir, cell)
-        if _slurm_active(folder, RunDir(here).read_status().get("slurm_job_id")):
-            print(f"[grid {grid.name}] {cell.id}: job {RunDir(here).read_status()['slurm_job_id']} still queued or running")
+        queued = RunDir(here).read_status().get("slurm_job_id")
+        if _slurm_active(folder, queued):
+            print(f"[grid {grid.name}] {cell.id}: job {queued} still queued or running")
             continue
         try:
             executor = submitit.SlurmExecutor(folder=folder)
@@ -81,8 +82,7 @@ def submit_slurm(grid: Grid, grid_dir: Path, todo: list[Cell], args) -> dict:
         here.mkdir(parents=True, exist_ok=True)
         command = cell_command(grid, cell, here, args.slurm_cpus)
         job = executor.submit(run_cell_job, str(here), command, args.slurm_cpus)
-        RunDir(here).write_status(status="submitted", slurm_job_id=job.job_id,
-                     grid=grid.name, cell=cell.id)
+        RunDir(here).write_status(status="submitted", slurm_job_id=job.job_id, grid=grid.name, cell=cell.id)
         jobs[cell.id] = job.job_id
         print(f"[grid {grid.name}] submitted {cell.id} as job {job.job_id}", flush=True)
     (grid_dir / "slurm").mkdir(parents=True, exist_ok=True)
