@@ -62,8 +62,8 @@ class Traced:
 
 
 def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> Traced:
-    """Trace one step (its last micro-batch, which holds the gradients of the earlier ones) and one
-    diagnostics pass of the policy cut to `layers` layers, on fake tensors."""
+    """Trace one step (its last micro-batch, which holds the gradients of the earlier ones) of the
+    policy cut to `layers` layers, on fake tensors."""
     run_cfg = cfg if layers == model_config.num_hidden_layers else at_depth(cfg, layers)
     mc = with_depth(model_config, layers)
     with fake_mode():
@@ -77,39 +77,46 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
         parts = micro_batches(shape, mc.vocab_size, count=2)  # the second stands for all later ones
         step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg))
         grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
-        diag = trace_diagnostics(run_cfg, module, shape, mc.vocab_size)
         return Traced(layers, tensor_bytes(policy.parameters()), grads, opt_bytes,
-                      tensor_bytes(ref.parameters()) if ref is not None else 0, step, diag)
+                      tensor_bytes(ref.parameters()) if ref is not None else 0, step, Phase())
 
 
-def trace_diagnostics(cfg, module, shape: StepShape, vocab_size: int) -> Phase:
-    """One micro-batch of the per-layer diagnostics pass (no grad, every layer), as `LogStepHook`
-    runs it on logging steps."""
+def trace_diagnostics(cfg, model_config, shape: StepShape) -> Phase:
+    """One pass of the per-layer diagnostics (no grad) as `LogStepHook.diagnose` runs it on
+    logging steps: `diagnostics.diag_rows` rollouts, the diagnosed layers of the full-depth model
+    (their number does not grow linearly with depth, so this is never extrapolated)."""
     from .. import diagnostics
     from ..run_hooks import MAX_DIAG_ROWS
 
-    rows = min(shape.micro_batch, MAX_DIAG_ROWS, shape.rows)
-    (part, adv, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
-                                    vocab_size, count=1)
-    layers = list(range(module.num_layers + 1))
+    seq = shape.prompt_length + shape.completion_length
+    rows = min(diagnostics.diag_rows(seq, shape.micro_batch), MAX_DIAG_ROWS, shape.rows)
+    with fake_mode():
+        module = build_module(cfg, build_policy(cfg, model_config))
+        (part, adv, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
+                                        model_config.vocab_size, count=1)
+        layers = diagnostics.diagnosed_layers(module.num_layers, cfg.log.diag_layers, module.student_layers)
 
-    def run():
-        with torch.no_grad(), autocast_for(cfg)():
-            diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
-                                      cfg.method.chunk_size)
+        def run():
+            with torch.no_grad(), autocast_for(cfg)():
+                diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
+                                          cfg.method.chunk_size)
 
-    return trace(run, "lens and attention metrics", module.policy)[0]
+        return trace(run, "lens and attention metrics", module.policy)[0]
 
 
 def trace_model(cfg, model_config, shape: StepShape, gpu: bool, max_layers: int = FULL_DEPTH_LIMIT) -> tuple[Traced, str]:
     """(traced bytes at the model's depth, how they were obtained)."""
     depth = model_config.num_hidden_layers
+    diag = trace_diagnostics(cfg, model_config, shape)
     if depth <= max_layers:
-        return trace_depth(cfg, model_config, depth, shape, gpu), f"traced at full depth ({depth} layers)"
+        traced = trace_depth(cfg, model_config, depth, shape, gpu)
+        return replace(traced, diagnostics=diag), f"traced at full depth ({depth} layers)"
     low = (len(cfg.method.layers) or 1) + 1
     a = trace_depth(cfg, model_config, low, shape, gpu)
     b = trace_depth(cfg, model_config, low + 2, shape, gpu)
-    return a.scaled(b, depth), (f"traced at {low} and {low + 2} layers, extrapolated per layer to {depth}")
+    return replace(a.scaled(b, depth), diagnostics=diag), (
+        f"step traced at {low} and {low + 2} layers, extrapolated per layer to {depth}; "
+        "diagnostics traced at full depth")
 
 
 @dataclass
