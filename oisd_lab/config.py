@@ -19,13 +19,18 @@ from omegaconf import MISSING, OmegaConf
 from .errors import ConfigError, check, check_choice, first_line
 from .options import (
     DTYPES,
+    HEAD_AGG,
     HEAD_REDUCE,
+    IS_LEVELS,
     LENS_GRAD_MODES,
     LOSS_TYPES,
     NONFINITE,
     OPTIMIZERS,
+    POLICY_LOSS_TYPES,
     ROLLOUT_BACKENDS,
+    SAMPLER_IS_MODES,
     SCALE_REWARDS,
+    SCHEDULES,
     WANDB_MODES,
     WEIGHTINGS,
 )
@@ -100,7 +105,20 @@ class GRPOConfig:
     top_p: float = 1.0
     """Nucleus sampling of the rollouts; 1 samples from the whole vocabulary."""
     loss_type: str = "dapo"
-    """Token-loss normaliser: dapo, grpo, dr_grpo or bnpo (TRL's names; see `losses.aggregate`)."""
+    """Token-loss normaliser: dapo, grpo, dr_grpo or bnpo (TRL's names; see `losses.aggregate`), with
+    the clipped surrogate; or `cispo` (capped, detached ratio times A log pi; dapo normaliser) or
+    `sapo` (soft sigmoid gate; grpo normaliser), as TRL defines them (`losses.policy_loss`)."""
+    importance_sampling_level: str = "token"
+    """`token` (one ratio per token) or `sequence` (GSPO: the geometric mean of a completion's
+    token ratios). With num_iterations=1 the ratio is 1 and both give the same gradient."""
+    num_iterations: int = 1
+    """Optimizer steps per rollout batch (TRL's mu). The rollout's log-probs, computed once before
+    its first update, are the old policy of every step; from the second step the ratio and the
+    clip act. `max_steps` counts optimizer steps, so a run samples max_steps / num_iterations batches.
+    A resume is exact when `checkpoint_every` is a multiple of it; a checkpoint inside a batch
+    resumes with a newly sampled batch."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
     scale_rewards: str = "group"
     """Advantage scale: `group` (divide by the group's reward std), `batch` (by the batch's) or
     `none` (Dr. GRPO: centring only)."""
@@ -111,7 +129,12 @@ class GRPOConfig:
     epsilon_low: float = 0.2
     """Lower clip of the probability ratio: 1 - epsilon_low."""
     epsilon_high: float = 0.2
-    """Upper clip of the probability ratio: 1 + epsilon_high (DAPO's clip-higher uses 0.28)."""
+    """Upper clip of the probability ratio: 1 + epsilon_high (DAPO's clip-higher uses 0.28); for
+    loss_type=cispo the cap on the ratio itself (TRL recommends 5.0)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO gate temperature for tokens with A > 0."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO gate temperature for tokens with A <= 0."""
     beta: float = 0.0
     """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
     lr: float = 3e-5
@@ -132,13 +155,23 @@ class GRPOConfig:
     vLLM engine per GPU; CUDA and the `vllm` extra; weights are copied into it after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of each GPU's memory the vLLM engine may take (the rest is the trainer's)."""
+    vllm_importance_sampling_correction: bool = True
+    """Weight the policy loss by the trainer/sampler probability ratio of the rollout when the
+    sampler reports its own log-probs (the vLLM backend does), as TRL does by default."""
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    """token_truncate, token_mask, sequence_truncate or sequence_mask (TRL's default): per-token or
+    per-sequence ratio; clamped into [clip_min, clip_max], or set to 0 outside it."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """Lower bound of the sampler ratio (None: none)."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """Upper bound of the sampler ratio (TRL's default 3.0; None: none)."""
 
 
 @dataclass
 class MethodConfig:
     name: str = "grpo"
     """Preset name used in W&B tags and reports: the name of a file in experiments/method/
-    (grpo, oisd, oisd_logit, oisd_attn, oisd_unsigned)."""
+    (grpo, oisd, oisd_logit, oisd_attn, oisd_unsigned, bupo)."""
     logit_weight: float = 0.0
     """Weight of the logit-alignment (think) loss."""
     attn_weight: float = 0.0
@@ -146,7 +179,13 @@ class MethodConfig:
     weighting: str = "signed"
     """Per-completion weight of both alignment losses: `signed` (the advantage A: pull toward the
     final layer when above the group mean, push away when below), `unsigned` (|A|), `positive`
-    (max(A, 0)) or `uniform` (1: plain self-distillation)."""
+    (max(A, 0)), `uniform` (1: plain self-distillation) or `reward` (the completion's reward)."""
+    think_weighting: str | None = None
+    """Weighting of the logit channel alone (same choices); None = `weighting`."""
+    attn_weighting: str | None = None
+    """Weighting of the attention channel alone (same choices); None = `weighting`."""
+    align_loss_type: str | None = None
+    """Aggregator of both alignment losses (dapo, grpo, dr_grpo, bnpo); None = grpo.loss_type."""
     layers: list[Any] = field(default_factory=list)
     """Student layers: index, negative index or fraction of depth; empty = about 1/6 of depth."""
     jsd_beta: float = 0.5
@@ -154,13 +193,31 @@ class MethodConfig:
     jsd_temperature: float = 1.0
     """Temperature applied to the student and teacher logits in the think loss."""
     attn_heads: str = "mean"
-    """`mean` (head-mean rows) or `per_head`."""
+    """`mean` (head-mean rows), `per_head` (student head i vs teacher head i) or `per_head_to_mean`
+    (each student head vs the teacher's head mean)."""
+    attn_head_reduce: str = "mean"
+    """`mean` or `sum` of the per-head JSDs (`sum` = heads x `mean`; needs a per-head attn_heads)."""
     attn_exclude_sink: bool = False
-    """Drop key 0 (the attention sink) from the attention rows and renormalise them."""
+    """Drop the first real key of each row (the attention sink) and renormalise."""
     lens_grad: str = "full"
     """`full` or `hidden_only` (readout weights detached in the lens)."""
+    lens_norm: bool = True
+    """Apply the final norm in the student's lens (the paper); false decodes unembed(h) (BuPO)."""
+    align_schedule: str = "constant"
+    """Multiplier of both alignment weights over training: constant, stop (1 for the first
+    `align_schedule_steps` steps, then 0) or linear (1 at step 1, 0 from step N + 1 on)."""
+    align_schedule_steps: int = 0
+    """N of the `stop` and `linear` schedules."""
     chunk_size: int = 1024
     """Tokens per chunk for vocabulary-sized work."""
+    bupo_steps: float = 0.0
+    """BuPO (arXiv 2512.19673): for the first steps, the policy-gradient loss is computed on the
+    logit lens of the student layer (`layers`, one layer) instead of the final layer; rollouts
+    still come from the final layer. >= 1: a number of steps; in (0, 1): a fraction of max_steps
+    (the recipe's 30 of 300 is 0.1); 0: off."""
+    bupo_final_norm: bool = False
+    """BuPO's lens: False decodes the layer with the unembedding only (BuPO's code); True applies
+    the final norm first (the OISD lens)."""
 
 
 @dataclass
@@ -169,11 +226,14 @@ class LogConfig:
     """Per-layer diagnostics, completions and snapshots every N steps (and at the last step)."""
     diag_layers: list[int] | None = None
     """Hidden-state indices to diagnose and log as W&B scalars. None: every layer of models up to
-    16 layers deep; deeper ones get about 12 evenly spaced layers, the embeddings and the student
-    layers (W&B scalars: the 12 spaced ones). Each adds its hidden states and q/k to a logging
-    pass's memory (see `oisd_lab/diagnostics.py`)."""
+    32 layers deep (SmolLM2: 30); deeper ones get about 12 evenly spaced layers, the embeddings
+    and the student layers (W&B scalars: the 12 spaced ones). Each adds its hidden states and q/k
+    to a logging pass's memory (see `oisd_lab/diagnostics.py`)."""
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
+    gradient_view: bool = True
+    """On logging steps, log each loss term's gradient norm, its cosine with the policy gradient,
+    per-channel divergences by advantage sign and the rollout statistics that shape them (`grad/*`)."""
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
     wandb_project: str = "oisd_lab"
@@ -314,6 +374,18 @@ def _one_line(err: Exception) -> str:
     return first
 
 
+def _check_policy_loss(g: GRPOConfig) -> None:
+    check_choice(g.importance_sampling_level, IS_LEVELS, "grpo.importance_sampling_level")
+    check(g.num_iterations >= 1, f"grpo.num_iterations: is {g.num_iterations}; use >= 1")
+    check(g.loss_type != "cispo" or g.epsilon_high >= 1,
+          f"grpo.epsilon_high: is {g.epsilon_high}; loss_type=cispo caps the ratio itself at epsilon_high "
+          "(TRL recommends 5.0); use a value >= 1")
+    check(g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0, "grpo.sapo_temperature_pos/neg: use values > 0")
+    check_choice(g.vllm_importance_sampling_mode, SAMPLER_IS_MODES, "grpo.vllm_importance_sampling_mode")
+    lo, hi = g.vllm_importance_sampling_clip_min, g.vllm_importance_sampling_clip_max
+    check(lo is None or hi is None or lo <= hi, f"grpo.vllm_importance_sampling_clip_min: {lo} is above clip_max {hi}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings with the arithmetic in the message."""
     g, m = cfg.grpo, cfg.method
@@ -329,7 +401,8 @@ def validate(cfg: TrainConfig) -> None:
     check(g.max_completion_length >= 1, "grpo.max_completion_length: use >= 1")
     check(g.temperature > 0, f"grpo.temperature: is {g.temperature}; use a value > 0")
     check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
-    check_choice(g.loss_type, LOSS_TYPES, "grpo.loss_type")
+    check_choice(g.loss_type, POLICY_LOSS_TYPES, "grpo.loss_type")
+    _check_policy_loss(g)
     check_choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
     check_choice(g.rollout_backend, ROLLOUT_BACKENDS, "grpo.rollout_backend")
     check(0 < g.vllm_gpu_memory_utilization < 1, "grpo.vllm_gpu_memory_utilization: use a value in (0, 1)")
@@ -346,11 +419,25 @@ def validate(cfg: TrainConfig) -> None:
     check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
     check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
     check_choice(m.weighting, WEIGHTINGS, "method.weighting")
+    for name in ("think_weighting", "attn_weighting"):
+        if getattr(m, name) is not None:
+            check_choice(getattr(m, name), WEIGHTINGS, f"method.{name}")
+    if m.align_loss_type is not None:
+        check_choice(m.align_loss_type, LOSS_TYPES, "method.align_loss_type")
     check_choice(m.attn_heads, HEAD_REDUCE, "method.attn_heads")
+    check_choice(m.attn_head_reduce, HEAD_AGG, "method.attn_head_reduce")
+    check(m.attn_head_reduce == "mean" or m.attn_heads != "mean",
+          "method.attn_head_reduce: sum needs per-head rows; set method.attn_heads=per_head or per_head_to_mean")
+    check_choice(m.align_schedule, SCHEDULES, "method.align_schedule")
+    check(m.align_schedule == "constant" or m.align_schedule_steps >= 1,
+          f"method.align_schedule_steps: is {m.align_schedule_steps}; schedule '{m.align_schedule}' needs >= 1")
     check_choice(m.lens_grad, LENS_GRAD_MODES, "method.lens_grad")
     check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
     check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")
     check(m.chunk_size >= 1, "method.chunk_size: use >= 1")
+    check(m.bupo_steps >= 0, f"method.bupo_steps: is {m.bupo_steps}; use 0 (off), a fraction in (0, 1) or a step count")
+    check(m.bupo_steps == 0 or len(m.layers) <= 1,
+          f"method.layers: BuPO trains one internal layer; got {len(m.layers)} (use e.g. method.layers=[1])")
     for layer in m.layers:
         check(
             isinstance(layer, (int, float)) and not isinstance(layer, bool),

@@ -41,7 +41,7 @@ LENS_METRICS = METRICS[:5]
 DIAG_TOKENS = 8192
 """Sequence positions (rows x padded length) per diagnostics forward: at 2.3k-token rollouts,
 three rows per pass; at tiny lengths the micro-batch decides."""
-ALL_LAYERS_UP_TO = 16
+ALL_LAYERS_UP_TO = 32
 """Models up to this depth are diagnosed at every layer 0..L by default."""
 SNAPSHOT_TOKENS = 512
 """Completion tokens per snapshot rollout (the top-token and attention-map view for notebooks)."""
@@ -95,6 +95,16 @@ def _lens_token_metrics(readout, hidden: dict[int, torch.Tensor], final: torch.T
     return {k: {name: torch.cat(v) for name, v in d.items()} for k, d in out.items()}
 
 
+def _per_head_jsd(teacher: torch.Tensor, student: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                  ) -> torch.Tensor:
+    """Attention-row JSD of every head on its own: [b, H, n, S] x2 -> [H, b, n] (heads as rows
+    of one batch: one call instead of H)."""
+    b, H, n, S = teacher.shape
+    flat = losses.attention_row_jsd(teacher.reshape(b * H, 1, n, S), student.reshape(b * H, 1, n, S),
+                                    query.repeat_interleave(H, 0), key.repeat_interleave(H, 0))
+    return flat.view(b, H, n).transpose(0, 1)
+
+
 def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num_layers: int
                              ) -> dict[int, dict[str, torch.Tensor]]:
     """{k: {"attn_jsd": [b, C], "attn_cos": [b, C], "heads": [H, b, C]}}, recomputed from the
@@ -103,7 +113,7 @@ def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num
     mask, keys = part.completion_mask, part.attention_mask.bool()
     P, C = part.prompt_length, mask.shape[1]
     out = {k: defaultdict(list) for k in layers}
-    for lo in range(0, C, ATTN_ROW_BLOCK):
+    for lo in range(0, C if layers else 0, ATTN_ROW_BLOCK):
         hi = min(lo + ATTN_ROW_BLOCK, C)
         rows, width = slice(P - 1 + lo, P - 1 + hi), P - 1 + hi
         query, key = mask[:, lo:hi].bool(), keys[:, :width]
@@ -112,8 +122,7 @@ def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num
             student = teacher if k == num_layers else cap.probs_for(attention_layer_of(k), rows, keys=width).float()
             out[k]["attn_jsd"].append(losses.attention_row_jsd(teacher, student, query, key))
             out[k]["attn_cos"].append(losses.attention_cosine(teacher, student, query, key))
-            out[k]["heads"].append(torch.stack([losses.attention_row_jsd(teacher[:, i : i + 1], student[:, i : i + 1], query, key)
-                                                for i in range(teacher.shape[1])]))
+            out[k]["heads"].append(_per_head_jsd(teacher, student, query, key))
             del student
     return {k: {name: torch.cat(v, dim=-1) for name, v in d.items()} for k, d in out.items()}
 
@@ -127,7 +136,8 @@ def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: 
     """
     L, mask = readout.num_layers, part.completion_mask
     sel = mask.bool()
-    attn = sorted({k for k in layers if k >= 1} | {L})
+    with_attn = sorted({k for k in layers if k >= 1})  # the embeddings (k = 0) have no attention
+    attn = sorted({*with_attn, L}) if with_attn else []
     with HiddenCapture(model, readout, {*layers, L}, completion_positions(part)) as hc, \
             AttentionCapture(model, [attention_layer_of(k) for k in attn], lazy=True) as cap:
         backbone_of(model)(input_ids=part.input_ids, attention_mask=part.attention_mask, use_cache=False)
@@ -136,7 +146,7 @@ def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: 
     per_tok = _lens_token_metrics(readout, hidden, final, part.completion_ids[sel],
                                   vocab_chunk(chunk, readout.unembed.weight.shape[0]))
     del hidden, final
-    for k, values in _attention_token_metrics(cap, part, [k for k in attn if k in layers], L).items():
+    for k, values in _attention_token_metrics(cap, part, with_attn, L).items():
         per_tok[k].update(attn_jsd=values["attn_jsd"][sel], attn_cos=values["attn_cos"][sel],
                           heads=values["heads"][:, sel])
     cap.clear()

@@ -71,11 +71,14 @@ class Readout:
     logit_scale: float | None = None
     logits_scaling: float | None = None
 
-    def logits(self, hidden: torch.Tensor, layer: int, lens_grad: str = "full") -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, layer: int, lens_grad: str = "full",
+               norm: bool = True) -> torch.Tensor:
         """Lens logits ``[..., V]`` of ``hidden`` ``[..., D]`` taken from ``hidden_states[layer]``.
 
         Mirrors the CausalLM head: ``unembed(norm(h))`` then the model's logit post-processing, in
         the same op order as transformers so that the last layer reproduces ``model(...).logits``.
+        ``norm=False`` skips the final norm (``unembed(h)``, as BuPO decodes intermediate layers);
+        the last entry is final-normed by the model either way.
         """
         _check_lens_grad(lens_grad)
         if not 0 <= layer <= self.num_layers:
@@ -83,7 +86,7 @@ class Readout:
                 f"lens layer {layer} is out of range: hidden_states has entries 0..{self.num_layers}"
             )
         run = _call_detached if lens_grad == "hidden_only" else (lambda m, x: m(x))
-        h = hidden if layer == self.num_layers else run(self.norm, hidden)  # last entry is normed
+        h = hidden if layer == self.num_layers or not norm else run(self.norm, hidden)  # last is normed
         logits = run(self.unembed, h)
         if self.logits_scaling is not None:
             logits = logits / self.logits_scaling
@@ -95,15 +98,15 @@ class Readout:
         return logits
 
     def for_layer(
-        self, layer: int, lens_grad: str = "full"
+        self, layer: int, lens_grad: str = "full", norm: bool = True
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A callable ``h [n, D] -> logits [n, V]`` for one (layer, lens_grad), e.g. for chunked losses."""
+        """A callable ``h [n, D] -> logits [n, V]`` for one (layer, lens_grad, norm), e.g. for chunked losses."""
         _check_lens_grad(lens_grad)
         if not 0 <= layer <= self.num_layers:
             raise ValueError(
                 f"lens layer {layer} is out of range: hidden_states has entries 0..{self.num_layers}"
             )
-        return partial(self.logits, layer=layer, lens_grad=lens_grad)
+        return partial(self.logits, layer=layer, lens_grad=lens_grad, norm=norm)
 
 
 def _backbone(model: nn.Module) -> nn.Module | None:

@@ -19,11 +19,13 @@ Where this module departs from, or fills gaps in, the paper (arXiv 2605.29089) a
   a negative divergence would invert the meaning of signed weighting.
 - The log-ratio inside `clipped_surrogate` and `kl_k3` is clamped to [-20, 20] as verl does, so
   garbage in padded slots cannot produce inf values or NaN gradients. TRL does not clamp.
+- `importance_ratio` and `sampler_importance_weights` clamp their log-ratios to [-20, 20] as well
+  (TRL does not); no clip or cap in use comes near e^20.
 - `group_advantages` returns exactly 0 for a group of identical rewards, even where float
   rounding of the group mean would leave a residue.
 - `aggregate(loss_type="grpo")` accepts `num_sequences` so that micro-batch values sum to the
   whole-batch value (TRL instead divides by the number of accumulation steps, exact only for
-  equal-sized micro-batches).
+  equal-sized micro-batches). `bnpo` takes `num_micro_batches` and divides by it, as TRL does.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .options import HEAD_REDUCE, LOSS_TYPES, SCALE_REWARDS, WEIGHTINGS
+from .options import (
+    HEAD_AGG,
+    HEAD_REDUCE,
+    IS_LEVELS,
+    LOSS_TYPES,
+    POLICY_LOSS_TYPES,
+    SAMPLER_IS_MODES,
+    SCALE_REWARDS,
+    SCHEDULES,
+    WEIGHTINGS,
+)
 
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
 
@@ -90,13 +102,19 @@ def group_advantages(
     return torch.where(constant, 0.0, scaled).reshape(-1)
 
 
-def advantage_weights(advantages: Tensor, mode: str) -> Tensor:
+def advantage_weights(advantages: Tensor, mode: str, rewards: Tensor | None = None) -> Tensor:
     """OISD per-sequence weight w_i for the alignment losses (docs/oisd-method.md, section 3).
 
     advantages: any shape; returns the same shape.
     `signed`: A (pull toward the teacher when above average, push away when below);
-    `unsigned`: |A|; `positive`: max(A, 0); `uniform`: 1 (plain self-distillation).
+    `unsigned`: |A|; `positive`: max(A, 0); `uniform`: 1 (plain self-distillation);
+    `reward`: the rollout's reward r_i (same shape as advantages; pulls on every rewarded
+    rollout, also in groups whose rewards are all equal, where A = 0).
     """
+    if mode == "reward":
+        if rewards is None:
+            raise ValueError("weighting 'reward' needs the rollouts' rewards; pass rewards=")
+        return rewards.to(advantages.dtype)
     if mode == "signed":
         return advantages
     if mode == "unsigned":
@@ -230,21 +248,159 @@ def clipped_surrogate(
     A > 0), `is_region_clipped` (either).
     """
     old_logps = logps.detach() if old_logps is None else old_logps.detach()
+    rho = torch.exp((logps - old_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return ppo_clip(rho, advantages, epsilon_low, epsilon_high)
+
+
+def _per_token_advantages(advantages: Tensor, ratio: Tensor) -> Tensor:
     adv = advantages.detach()
-    if adv.dim() == logps.dim() - 1:
-        adv = adv.unsqueeze(-1)  # [B] -> [B, 1]
-    log_ratio = (logps - old_logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    rho = torch.exp(log_ratio)
-    clipped_rho = rho.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    per_token_loss = -torch.min(rho * adv, clipped_rho * adv)
-    is_low = (rho < 1.0 - epsilon_low) & (adv < 0)
-    is_high = (rho > 1.0 + epsilon_high) & (adv > 0)
-    info = {
-        "is_low_clipped": is_low,
-        "is_high_clipped": is_high,
-        "is_region_clipped": is_low | is_high,
-    }
-    return per_token_loss, info
+    return adv.unsqueeze(-1) if adv.dim() == ratio.dim() - 1 else adv  # [B] -> [B, 1]
+
+
+def _clip_info(is_low: Tensor, is_high: Tensor) -> dict[str, Tensor]:
+    return {"is_low_clipped": is_low, "is_high_clipped": is_high, "is_region_clipped": is_low | is_high}
+
+
+def ppo_clip(
+    ratio: Tensor, advantages: Tensor, epsilon_low: float = 0.2, epsilon_high: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped surrogate of an importance ratio. ratio [B, T] (token level) or [B, 1]
+    (sequence level, GSPO), advantages [B] or [B, T] -> per-token loss broadcast of both.
+
+    loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A); info as in `clipped_surrogate`.
+    TRL `loss_type` grpo / bnpo / dapo / dr_grpo (and the DAPO "clip higher" eps_high = 0.28).
+    """
+    adv = _per_token_advantages(advantages, ratio)
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    return loss, _clip_info((ratio < 1.0 - epsilon_low) & (adv < 0), (ratio > 1.0 + epsilon_high) & (adv > 0))
+
+
+def cispo_surrogate(
+    logps: Tensor, ratio: Tensor, advantages: Tensor, epsilon_high: float = 5.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO (MiniMax-M1): REINFORCE with a detached, capped importance weight.
+
+    logps [B, T]; ratio [B, T] or [B, 1]; advantages [B] or [B, T]. Mirrors TRL
+    `loss_type="cispo"`: loss = -sg[min(rho, epsilon_high)] * A * logps, so `epsilon_high` is the
+    cap on the ratio itself (TRL recommends 5.0), not a distance from 1, and no token loses its
+    gradient. verl's CISPO instead clamps rho to the band [1 - clip_ratio_low, 1 + clip_ratio_high]
+    (a lower bound too). info: `is_high_clipped` = rho > epsilon_high and A > 0 (TRL's
+    `cispo_clip_ratio`), `is_low_clipped` all False.
+    """
+    adv = _per_token_advantages(advantages, ratio)
+    weight = ratio.clamp(max=epsilon_high).detach()
+    high = (ratio > epsilon_high) & (adv > 0)
+    return -weight * adv * logps, _clip_info(torch.zeros_like(high), high)
+
+
+def sapo_surrogate(
+    ratio: Tensor, advantages: Tensor, temperature_pos: float = 1.0, temperature_neg: float = 1.05
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SAPO (Soft Adaptive Policy Optimization): a smooth gate instead of the hard clip.
+
+    ratio [B, T] or [B, 1]; advantages [B] or [B, T]. Mirrors TRL `loss_type="sapo"`:
+    tau = temperature_pos where A > 0 else temperature_neg,
+    loss = -(4 / tau) * sigmoid(tau (rho - 1)) * A.
+    At rho = 1 the gate's slope is exactly 1, so on-policy it has GRPO's gradient; off-policy the
+    slope 4 sig (1 - sig) decays smoothly. Nothing is hard-clipped: the info tensors are all False.
+    """
+    adv = _per_token_advantages(advantages, ratio)
+    tau = torch.where(adv > 0, temperature_pos, temperature_neg)
+    loss = -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+    none = torch.zeros(loss.shape, dtype=torch.bool, device=loss.device)
+    return loss, _clip_info(none, none)
+
+
+def importance_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """pi / pi_old per token or per sequence. logps, old_logps, mask [B, T] -> [B, T] or [B, 1].
+
+    `token`: rho_t = exp(logps_t - old_t). `sequence` (GSPO): one ratio per sequence,
+    exp(sum_t M (logps - old) / max(sum_t M, 1)), the geometric mean of its token ratios, with
+    gradient to every token. Mirrors TRL `importance_sampling_level`. The log-ratio is clamped to
+    [-20, 20] and zeroed outside the mask, so padded garbage never reaches the sequence mean.
+    verl's GSPO writes the same ratio per token as sg[s_i] * pi_t / sg[pi_t] (equal value and
+    gradient) and clamps the sequence log-ratio at 10.
+    """
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {level!r}; choose one of {IS_LEVELS}")
+    mask = mask.bool()
+    log_ratio = torch.where(mask, logps - old_logps.detach(), 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return torch.exp(log_ratio)
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-token policy-gradient loss [B, T] of any `loss_type` (aggregate it with
+    `aggregate(..., aggregation_of(loss_type))`). Mirrors the surrogate part of TRL `_compute_loss`.
+
+    logps [B, T] (with gradient), old_logps [B, T] (None: logps.detach(), one update per batch),
+    advantages [B] or [B, T], mask [B, T]. The ratio is `importance_ratio` at
+    `importance_sampling_level`; then `ppo_clip` (grpo, bnpo, dapo, dr_grpo), `cispo_surrogate`
+    or `sapo_surrogate`. info: the clip booleans and `ratio`, all broadcast to [B, T].
+    """
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {POLICY_LOSS_TYPES}")
+    old_logps = logps.detach() if old_logps is None else old_logps
+    ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)
+    if loss_type == "cispo":
+        loss, info = cispo_surrogate(logps, ratio, advantages, epsilon_high)
+    elif loss_type == "sapo":
+        loss, info = sapo_surrogate(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg)
+    else:
+        loss, info = ppo_clip(ratio, advantages, epsilon_low, epsilon_high)
+    info = {k: v.expand(mask.shape) for k, v in {**info, "ratio": ratio.detach()}.items()}
+    return loss.expand(mask.shape), info
+
+
+def aggregation_of(loss_type: str) -> str:
+    """The `aggregate` normaliser of a policy loss_type: TRL's `cispo` divides as `dapo` (tokens of
+    the whole batch), `sapo` as `grpo` (mean of per-sequence means); the others are their own."""
+    return {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+
+
+def sampler_importance_weights(
+    old_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    """Importance weights for the sampler/trainer mismatch (a vLLM sampler scores tokens slightly
+    differently from the trainer). Mirrors TRL `vllm_importance_sampling_mode` (default
+    `sequence_mask`, clip_max 3.0, clip_min None).
+
+    old_logps: the trainer's log-probs of the rollout before any update; sampler_logps: the
+    sampler's, both [B, T]; mask [B, T]. verl's counterpart is token-level truncation only
+    (`tis_imp_ratio_cap`). d = M (old - sampler); token modes: w = exp(d) [B, T];
+    sequence modes: w = exp(sum_t d) [B, 1] (a sum, as TRL: the sequence's probability ratio).
+    `*_truncate`: w clamped to [clip_min, clip_max] (None = unbounded); `*_mask`: w outside that
+    range set to 0. The per-token policy loss is multiplied by w (before the KL term is added).
+    """
+    if mode not in SAMPLER_IS_MODES:
+        raise ValueError(f"unknown vllm_importance_sampling_mode {mode!r}; choose one of {SAMPLER_IS_MODES}")
+    diff = torch.where(mask.bool(), old_logps.detach() - sampler_logps.detach(), 0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    weights = torch.exp(diff.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    if mode.endswith("truncate"):
+        return weights if clip_min is None and clip_max is None else weights.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return torch.where((weights < low) | (weights > high), 0.0, weights)
 
 
 def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
@@ -264,13 +420,14 @@ def aggregate(
     num_items_in_batch: int | Tensor | None = None,
     max_completion_length: int | None = None,
     num_sequences: int | None = None,
+    num_micro_batches: int = 1,
 ) -> Tensor:
     """Reduce a per-token loss [B, T] with completion mask [B, T] to a scalar (grpo-conventions.md).
 
     With l = per_token, M = mask (masked slots are ignored through torch.where, so they may hold
     1e4, inf or NaN):
     - `grpo`:    sum_i (sum_t M l / max(sum_t M, 1)) / num_sequences     (TRL loss_type="grpo")
-    - `bnpo`:    sum M l / max(sum M, 1), over this micro-batch            (TRL "bnpo")
+    - `bnpo`:    sum M l / max(sum M, 1) / num_micro_batches, over this micro-batch (TRL "bnpo")
     - `dapo`:    sum M l / num_items_in_batch                              (TRL and verl default)
     - `dr_grpo`: sum M l / (num_sequences * max_completion_length)         (TRL "dr_grpo")
     Defaults: num_items_in_batch = sum M of this call, num_sequences = B, max_completion_length = T.
@@ -278,8 +435,9 @@ def aggregate(
     Micro-batching contract: for `grpo`, `dapo` and `dr_grpo`, pass the whole accumulated batch's
     num_sequences / num_items_in_batch (and the configured max_completion_length) to every
     micro-batch call; the SUM of the micro-batch values (and of their gradients) then equals the
-    whole-batch value. `bnpo` is local by definition: the MEAN of its micro-batch values equals the
-    whole-batch value only when micro-batches hold equal token counts (as in TRL). Under data
+    whole-batch value. `bnpo` is local by definition: pass the number of micro-batches K (TRL divides
+    by its gradient accumulation steps), so that the SUM of the K micro-batch values is their
+    mean, which equals the whole-batch value when micro-batches hold equal token counts. Under data
     parallelism the caller also divides by the world size, or passes global counts.
     A sequence with no mask tokens contributes 0 (never NaN).
     """
@@ -298,7 +456,7 @@ def aggregate(
         return seq_means.sum() / n_seq
     total = masked.sum()
     if loss_type == "bnpo":
-        return total / mask.sum().clamp(min=1)
+        return total / mask.sum().clamp(min=1) / max(int(num_micro_batches), 1)
     if loss_type == "dapo":
         n_items = mask.sum() if num_items_in_batch is None else num_items_in_batch
         return total / torch.as_tensor(n_items, device=total.device).clamp(min=1)
@@ -474,12 +632,18 @@ def chunked_lens_jsd(
 def _attention_rows(
     attn: Tensor, key_mask: Tensor | None, exclude_sink: bool, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """Zero dropped keys and renormalise rows. attn [B, h, T, S] -> (rows [B, h, T, S], ok [B, h, T])."""
+    """Zero dropped keys and renormalise rows. attn [B, h, T, S] -> (rows [B, h, T, S], ok [B, h, T]).
+
+    The sink is the first real key of each row: prompts are left-padded, so on shorter rows key 0
+    is padding and the sink sits further right (key 0 when there is no key_mask)."""
     keep = torch.ones(attn.shape[-1], dtype=torch.bool, device=attn.device)
-    if exclude_sink:
-        keep[0] = False
     if key_mask is not None:
-        keep = keep & key_mask.bool()[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
+        keep = key_mask.bool()  # [B, S]
+    if exclude_sink:
+        first = keep.int().argmax(-1, keepdim=True) if keep.dim() == 2 else 0  # [B, 1]: first True
+        keep = keep & (torch.arange(attn.shape[-1], device=attn.device) != first)
+    if keep.dim() == 2:
+        keep = keep[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
     rows = torch.where(keep, attn, 0.0)
     mass = rows.sum(-1, keepdim=True)
     ok = mass > eps
@@ -512,34 +676,41 @@ def attention_row_jsd(
     exclude_sink: bool = False,
     beta: float = 0.5,
     eps: float = 1e-12,
+    head_agg: str = "mean",
 ) -> Tensor:
     """OISD attention alignment: JSD_beta(sg[a_L(t, :)] || a_l(t, :)) per query row. -> [B, T].
 
     teacher_attn, student_attn: [B, H, T, S] post-softmax probabilities (rows over keys; the
     teacher is detached here). query_mask [B, T] bool: rows outside it give 0. key_mask [B, S]
-    bool (False = padding): those keys are zeroed and rows renormalised. exclude_sink drops key 0
-    (the attention sink) and renormalises; a row with no remaining mass (<= eps) gives 0.
+    bool (False = padding): those keys are zeroed and rows renormalised. exclude_sink drops the
+    first real key of each row (the attention sink: key 0 only on unpadded rows) and renormalises;
+    a row with no remaining mass (<= eps) gives 0.
     head_reduce `mean`: average the H rows, then one JSD per row (the paper's default reading);
-    `per_head`: JSD per head, then mean over heads (>= `mean` by joint convexity of JSD).
+    `per_head`: JSD of student head i against teacher head i (>= `mean` after a mean over heads,
+    by joint convexity of JSD); `per_head_to_mean`: JSD of each student head against the
+    teacher's head mean (pairing head i with head i across layers is arbitrary).
+    head_agg: `mean` or `sum` of the per-head JSDs (sum = H x mean; one row under `mean`).
     Computed on probabilities with 0 log 0 = 0; beta in {0, 1} gives 0, as in `jsd`.
     """
     if head_reduce not in HEAD_REDUCE:
         raise ValueError(f"unknown head_reduce {head_reduce!r}; choose one of {HEAD_REDUCE}")
+    if head_agg not in HEAD_AGG:
+        raise ValueError(f"unknown head_agg {head_agg!r}; choose one of {HEAD_AGG}")
     query_mask = query_mask.bool()
     if _degenerate_beta(beta):
         return torch.zeros(query_mask.shape, device=query_mask.device).requires_grad_(
             student_attn.requires_grad
         )
     teacher, student = _upcast(teacher_attn.detach()), _upcast(student_attn)
+    if head_reduce != "per_head":
+        teacher = teacher.mean(1, keepdim=True)  # [B, 1, T, S], broadcast against student heads
     if head_reduce == "mean":
-        teacher, student = (
-            teacher.mean(1, keepdim=True),
-            student.mean(1, keepdim=True),
-        )  # [B, 1, T, S]
+        student = student.mean(1, keepdim=True)
     teacher, teacher_ok = _attention_rows(teacher, key_mask, exclude_sink, eps)
     student, student_ok = _attention_rows(student, key_mask, exclude_sink, eps)
     div = torch.where(teacher_ok & student_ok, _prob_jsd(teacher, student, beta), 0.0)  # [B, h, T]
-    return torch.where(query_mask, div.mean(1), 0.0)
+    div = div.sum(1) if head_agg == "sum" else div.mean(1)
+    return torch.where(query_mask, div, 0.0)
 
 
 def attention_cosine(
@@ -573,16 +744,56 @@ def alignment_loss(
     advantages: Tensor,
     weighting: str = "signed",
     loss_type: str = "dapo",
+    rewards: Tensor | None = None,
     **agg_kwargs,
 ) -> Tensor:
     """L_think / L_attn: aggregate over tokens of w_i * d_{i,t}, with the policy loss's normaliser.
 
     per_token_div [B, T] (from `chunked_lens_jsd` scattered back to [B, T], or
     `attention_row_jsd`), mask [B, T], advantages [B] (detached here) or [B, T]; weighting in
-    WEIGHTINGS (`advantage_weights`); loss_type and agg_kwargs as in `aggregate`, so the same
-    micro-batching contract holds.
+    WEIGHTINGS (`advantage_weights`; rewards [B] for `reward`); loss_type and agg_kwargs as in
+    `aggregate`, so the same micro-batching contract holds.
     """
-    weights = advantage_weights(advantages.detach(), weighting)
+    weights = advantage_weights(advantages.detach(), weighting, rewards)
     if weights.dim() == per_token_div.dim() - 1:
         weights = weights.unsqueeze(-1)  # [B] -> [B, 1]
     return aggregate(weights * per_token_div, mask, loss_type, **agg_kwargs)
+
+
+def alignment_scale(step: int, schedule: str = "constant", steps: int = 0) -> float:
+    """Multiplier of both alignment weights at optimisation step `step` (1-based).
+
+    `constant`: 1 (the paper). `stop`: 1 for steps 1..N, then 0 (BuPO-like early phase; HASTE
+    finds that alignment helps early and conflicts later). `linear`: 1 - (step - 1) / N, down
+    to 0 at step N + 1 and after. N = `steps` (>= 1 for `stop` and `linear`).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown alignment schedule {schedule!r}; choose one of {SCHEDULES}")
+    if schedule == "constant":
+        return 1.0
+    if steps < 1:
+        raise ValueError(f"alignment schedule {schedule!r} needs steps >= 1, got {steps}")
+    if schedule == "stop":
+        return 1.0 if step <= steps else 0.0
+    return max(0.0, 1.0 - (step - 1) / steps)
+
+
+ADVANTAGE_SIGNS = ("pos", "neg", "zero")
+
+
+def divergence_sums(per_token_div: Tensor, mask: Tensor, advantages: Tensor) -> dict[str, Tensor]:
+    """Token sums of an unweighted per-token divergence, split by the sign of the advantage.
+
+    per_token_div [B, T], mask [B, T], advantages [B]. Returns detached scalars
+    `div_<s>` = sum over masked tokens of rollouts with sign s of d_{i,t}, and `tokens_<s>` = their
+    count, for s in pos (A > 0), neg (A < 0), zero (A == 0). Sums (not means) so that
+    micro-batches add up; the mean of split s is div_s / tokens_s.
+    """
+    mask = mask.bool()
+    adv = advantages.detach().reshape(-1, 1)  # [B, 1]
+    masked = torch.where(mask, per_token_div.detach(), 0.0)
+    out = {}
+    for sign, rows in zip(ADVANTAGE_SIGNS, (adv > 0, adv < 0, adv == 0), strict=True):
+        out[f"div_{sign}"] = (masked * rows).sum()
+        out[f"tokens_{sign}"] = (mask & rows).sum().to(masked.dtype)
+    return out

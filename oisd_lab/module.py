@@ -3,7 +3,8 @@
 rollout -> rewards -> advantages -> per micro-batch: policy forward (hidden states of the student
 layers, attention of student and final layers only) -> policy / think / attention losses, all
 aggregated with the policy loss's normaliser -> backward -> one optimizer step. Every N steps:
-per-layer diagnostics, completions and snapshots. The math lives in `losses.py`.
+per-layer diagnostics, completions and snapshots, and the gradient view (each term's gradient,
+`gradient_view.py`). The math lives in `losses.py`.
 
 Positions: the logits at position t predict token t+1, so both alignment channels act on the
 positions that produced the completion tokens (the last prompt position up to the one before the
@@ -12,9 +13,9 @@ last completion token); the completion mask is shifted accordingly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable
 
 import lightning as L
@@ -26,6 +27,7 @@ from . import losses
 from . import step as step_lib
 from .config import TrainConfig
 from .errors import NonFiniteError
+from .gradient_view import GradientView
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
 from .rollout import Rollout, generate
@@ -48,13 +50,18 @@ class OISDModule(L.LightningModule):
         self._ref = [ref_model] if ref_model is not None else []  # a list keeps it out of state_dict
         self.on_log_step = on_log_step
         self.sampler = sampler or self._rollout
-        """(step, rank, world) -> (problems, rollout); default: the task's prompts, sampled by the policy."""
+        """(batch index, rank, world) -> (problems, rollout); default: the task's prompts, sampled by the
+        policy. A batch serves grpo.num_iterations steps, so batch index = (step - 1) // num_iterations."""
         self.automatic_optimization = False
         self.readout = find_readout(policy)
         self.num_layers = self.readout.num_layers
         spec = cfg.method.layers or [default_student_layer(self.num_layers)]
         self.student_layers = resolve_layers(list(spec), self.num_layers)
-        self.objective = step_lib.Objective(cfg.grpo, cfg.method, self.readout, tuple(self.student_layers))
+        self.base_objective = step_lib.Objective(cfg.grpo, cfg.method, self.readout, tuple(self.student_layers))
+        self.objective = self.base_objective
+        """This batch's objective (`objective_at`)."""
+        self._held: tuple | None = None
+        """(first step, problems, rollout, rewards, advantages, metrics) of the batch in use."""
         self.num_tokens = 0
         self.skipped_steps = 0
 
@@ -73,10 +80,33 @@ class OISDModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         step = self.global_step + 1  # the update this call produces (1-based, as in the tables)
-        rank, world = self.global_rank, self.trainer.world_size
-        torch.manual_seed(self.cfg.seed * 1_000_003 + step * 9_973 + rank)
+        torch.manual_seed(self.cfg.seed * 1_000_003 + step * 9_973 + self.global_rank)
         timer = _Timer()
-        problems, rollout = self.sampler(step - 1, rank, world)
+        problems, rollout, rewards, adv, metrics = self._batch_for(step, timer)
+        metrics = dict(metrics, iteration=float(step - self._held[0]))
+        if self.on_log_step is not None and self._is_log_step(step):
+            # before the update: the per-layer view of the policy that sampled this rollout
+            metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
+            timer.lap("time/diagnostics")
+        metrics.update(self._optimise(rollout, adv.to(self.device), rewards.to(self.device)))
+        timer.lap("time/forward_backward")
+        metrics.update(timer.laps)
+        metrics["step_time"] = timer.total
+        for logger in self.loggers:  # direct: every row holds only this step's values
+            logger.log_metrics(metrics, step=step)
+        self.log("reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
+
+    def _batch_for(self, step: int, timer: _Timer) -> tuple:
+        """(problems, rollout, rewards, advantages, rollout metrics) of this step. A batch is
+        sampled every `grpo.num_iterations` steps (and after a resume) and reused until then; its
+        old log-probs are computed once, before its first update. The policy of the loss (final
+        layer, or BuPO's internal layer) is chosen per batch, so the old and new log-probs of a
+        batch always come from the same head."""
+        n = self.cfg.grpo.num_iterations
+        if self._held is not None and step - self._held[0] < n:
+            return self._held[1:]
+        self.objective = self.objective_at(step)
+        problems, rollout = self.sampler((step - 1) // n, self.global_rank, self.trainer.world_size)
         timer.lap("time/rollout")
         G = self.cfg.grpo.num_generations
         rewards = torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
@@ -84,17 +114,36 @@ class OISDModule(L.LightningModule):
         adv = self._advantages(rewards)
         timer.lap("time/scoring")
         metrics = self._rollout_metrics(rollout, rewards)
-        if self.on_log_step is not None and self._is_log_step(step):
-            # before the update: the per-layer view of the policy that sampled this rollout
-            metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
-            timer.lap("time/diagnostics")
-        metrics.update(self._optimise(rollout, adv.to(self.device)))
-        timer.lap("time/forward_backward")
-        metrics.update(timer.laps)
-        metrics["step_time"] = timer.total
-        for logger in self.loggers:  # direct: every row holds only this step's values
-            logger.log_metrics(metrics, step=step)
-        self.log("reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
+        rollout, sampling = self._prepare(rollout)
+        metrics.update(sampling)
+        timer.lap("time/old_logps")
+        self._held = (step, problems, rollout, rewards, adv, metrics)
+        return self._held[1:]
+
+    def objective_at(self, step: int) -> step_lib.Objective:
+        """The step's objective: BuPO's internal policy (the student layer's lens) for its first
+        `method.bupo_steps` steps, the final layer afterwards."""
+        m = self.cfg.method
+        steps = m.bupo_steps if m.bupo_steps >= 1 else math.ceil(m.bupo_steps * self.cfg.max_steps)
+        layer = self.student_layers[0] if step <= steps else None
+        return dataclasses.replace(self.base_objective, policy_layer=layer, policy_final_norm=m.bupo_final_norm)
+
+    def _prepare(self, rollout: Rollout) -> tuple[Rollout, dict]:
+        """Truncated completions masked out (when asked), the old log-probs (when the ratio can
+        differ from 1: several iterations, or a sampler that is not the trainer's forward) and the
+        sampler-mismatch weights."""
+        g = self.cfg.grpo
+        if g.mask_truncated_completions:
+            rollout = rollout.without_truncated()
+        correct = rollout.sampler_logps is not None and g.vllm_importance_sampling_correction
+        if g.num_iterations == 1 and not correct:
+            return rollout, {}  # old == current: the loss uses logps.detach(), no extra forward
+        old = step_lib.old_policy_logps(self.policy, rollout.to(self.device), self.objective, g.micro_batch_size)
+        rollout = dataclasses.replace(rollout, old_logps=old.to(rollout.completion_mask.device))
+        if not correct:
+            return rollout, {}
+        weights, metrics = step_lib.sampler_correction(rollout, g)
+        return dataclasses.replace(rollout, is_weights=weights), metrics
 
     def policy_view(self) -> PolicyView:
         """What a logging step may read: the policy, its readout and where to log tables."""
@@ -152,40 +201,80 @@ class OISDModule(L.LightningModule):
 
     def normalisers(self, rollout: Rollout) -> dict:
         """Whole-batch normalisers so that micro-batch losses add up to the batch loss; under DDP
-        the token count is averaged over ranks because gradients are averaged (as TRL does)."""
+        the token count is averaged over ranks because gradients are averaged (as TRL does).
+        `bnpo` divides each micro-batch's token mean by the number of micro-batches (as TRL
+        divides by its accumulation steps)."""
         tokens = rollout.completion_mask.sum()
         if self._trainer is not None and self.trainer.world_size > 1:
             tokens = self.trainer.strategy.reduce(tokens.to(self.device), reduce_op="mean")
         return dict(num_items_in_batch=tokens.clamp(min=1.0).to(self.device),
                     num_sequences=len(rollout),
-                    max_completion_length=self.cfg.grpo.max_completion_length)
+                    max_completion_length=self.cfg.grpo.max_completion_length,
+                    num_micro_batches=-(-len(rollout) // self.cfg.grpo.micro_batch_size))
 
-    def accumulate(self, rollout: Rollout, adv: torch.Tensor, backward=None) -> dict[str, torch.Tensor]:
+    def accumulate(self, rollout: Rollout, adv: torch.Tensor, backward=None, view: GradientView | None = None,
+                   rewards: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Forward and backward of every micro-batch of one step: the gradient of the whole
         batch's loss accumulates in `.grad`. Returns the summed detached terms (no "loss/total").
-        `backward` defaults to Lightning's `manual_backward` (precision plugins, DDP)."""
+        `backward` defaults to Lightning's `manual_backward` (precision plugins, DDP); `view`
+        also collects each term's gradient (logging steps); rewards [B] for `reward` weighting."""
         backward = backward or self.manual_backward
         norm = self.normalisers(rollout)
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for part, part_adv in self.micro_batches(rollout, adv):
-            terms = self.loss_terms(part.to(self.device), part_adv, norm)
+        sums: dict[str, torch.Tensor] = {}
+        for part, part_adv, part_rewards in self.micro_batches_with_rewards(rollout, adv, rewards):
+            terms = self.loss_terms(part.to(self.device), part_adv, norm, rewards=part_rewards)
+            if view is not None:
+                view.add(terms)
             backward(terms.pop("loss/total"))
             for key, value in terms.items():
-                sums[key] = sums[key] + value.detach()
+                sums[key] = _combine(key, sums.get(key), value.detach())
         return sums
 
-    def _optimise(self, rollout: Rollout, adv: torch.Tensor) -> dict:
+    def _optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        sums = self.accumulate(rollout, adv)
+        self.objective = self.objective.scheduled(self.global_step + 1)
+        view = self.gradient_view() if self._is_log_step(self.global_step + 1) else None
+        sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
+        stats = {k: sums.pop(k) for k in list(sums) if k.startswith("stat/")}
+        view_metrics = self.gradient_view_metrics(view, stats, rollout, adv)
         grad_norm = self._clip_and_step(opt, sched)
         tokens = rollout.completion_mask.sum().clamp(min=1.0).to(self.device)
         out = {k: (v / tokens if k.startswith("sum/") else v) for k, v in sums.items()}
-        out = {k.replace("sum/", ""): float(v) for k, v in out.items()}
+        out = {k.split("/", 1)[1] if k.startswith(_REDUCED) else k: float(v) for k, v in out.items()}
+        out = {k: v if math.isfinite(v) else math.nan for k, v in out.items()}  # min/max of no token
         out["loss/total"] = self.objective.total(out)
         out.update(grad_norm=grad_norm, learning_rate=sched.get_last_lr()[0],
-                   skipped_steps=float(self.skipped_steps))
+                   skipped_steps=float(self.skipped_steps), align_scale=self.objective.align_scale)
+        out.update(view_metrics)
         return out
+
+    def gradient_view(self) -> GradientView | None:
+        """A collector of each term's gradient for this step (`log.gradient_view`), or None."""
+        if not self.cfg.log.gradient_view:
+            return None
+        weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
+        # .grad is this process's unscaled sum unless DDP averages it or a GradScaler scales it
+        plain = self._trainer is None or (self.trainer.world_size == 1 and
+                                          getattr(self.trainer.precision_plugin, "scaler", None) is None)
+        return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain)
+
+    def gradient_view_metrics(self, view: GradientView | None, stats: dict, rollout: Rollout,
+                              adv: torch.Tensor) -> dict:
+        """The `grad/*` metrics of a finished accumulation (empty without a view)."""
+        if view is None:
+            return {}
+        view.finish([p.grad for p in view.params])
+        lengths = rollout.completion_mask.sum(1).to(adv.device)
+        return view.metrics(stats, adv, lengths, self.cfg.grpo.num_generations)
+
+    def micro_batches_with_rewards(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None
+                                   ) -> list[tuple[Rollout, torch.Tensor, torch.Tensor | None]]:
+        """`micro_batches`, with each row's reward carried beside its advantage (None stays None)."""
+        if rewards is None:
+            return [(part, part_adv, None) for part, part_adv in self.micro_batches(rollout, adv)]
+        both = torch.stack([adv, rewards.to(adv)], dim=1)  # [B, 2]: rows move together
+        return [(part, pair[:, 0], pair[:, 1]) for part, pair in self.micro_batches(rollout, both)]
 
     def micro_batches(self, rollout: Rollout, adv: torch.Tensor) -> list[tuple[Rollout, torch.Tensor]]:
         """The (rows, advantages) of each forward/backward pass of one optimisation step.
@@ -226,12 +315,13 @@ class OISDModule(L.LightningModule):
         sched.step()
         return float(grad_norm)
 
-    def loss_terms(self, part: Rollout, adv: torch.Tensor, norm: dict) -> dict[str, torch.Tensor]:
+    def loss_terms(self, part: Rollout, adv: torch.Tensor, norm: dict,
+                   rewards: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The loss terms of one micro-batch on the current policy (`step.loss_terms`)."""
         out = self.objective.forward(self.policy, part)
         ref = step_lib.reference_logps(self._ref[0], part, self.cfg.grpo.temperature) \
             if self.cfg.grpo.beta > 0 else None
-        return step_lib.loss_terms(out, part, adv, norm, self.objective, ref_logps=ref)
+        return step_lib.loss_terms(out, part, adv, norm, self.objective, ref_logps=ref, rewards=rewards)
 
     # ---------------------------------------------------------------- metrics
     def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor) -> dict:
@@ -257,6 +347,20 @@ class OISDModule(L.LightningModule):
         counters = checkpoint.get("oisd_counters", {})
         self.num_tokens = counters.get("num_tokens", 0)
         self.skipped_steps = counters.get("skipped_steps", 0)
+
+
+_REDUCED = ("sum/", "min/", "max/")
+
+
+def _combine(key: str, total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Micro-batch terms into step terms: "min/..." by minimum, "max/..." by maximum, else a sum."""
+    if total is None:
+        return value
+    if key.startswith("min/"):
+        return torch.minimum(total, value)
+    if key.startswith("max/"):
+        return torch.maximum(total, value)
+    return total + value
 
 
 class _Timer:

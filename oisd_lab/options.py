@@ -4,17 +4,29 @@ and by the code that acts on the choice (torch-free, so the config never imports
 from __future__ import annotations
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
-"""grpo.loss_type: how token losses are normalised (see `losses.aggregate`)."""
+"""How token losses are normalised (see `losses.aggregate`)."""
+POLICY_LOSS_TYPES = (*LOSS_TYPES, "cispo", "sapo")
+"""grpo.loss_type: an aggregation with the clipped surrogate, or CISPO / SAPO (see `losses.policy_loss`)."""
+IS_LEVELS = ("token", "sequence")
+"""grpo.importance_sampling_level: one probability ratio per token, or per sequence (GSPO)."""
+SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""grpo.vllm_importance_sampling_mode (see `losses.sampler_importance_weights`)."""
 SCALE_REWARDS = ("group", "batch", "none")
 """grpo.scale_rewards: which standard deviation divides the advantages (see `losses.advantages`)."""
 NONFINITE = ("skip", "stop")
 """grpo.nonfinite: what a step with a NaN/Inf gradient norm does."""
 ROLLOUT_BACKENDS = ("hf", "vllm")
 """grpo.rollout_backend."""
-WEIGHTINGS = ("signed", "unsigned", "positive", "uniform")
-"""method.weighting: per-completion weight of the alignment losses (see `losses.advantage_weights`)."""
-HEAD_REDUCE = ("mean", "per_head")
-"""method.attn_heads: attention rows averaged over heads, or compared head by head."""
+WEIGHTINGS = ("signed", "unsigned", "positive", "uniform", "reward")
+"""method.weighting (and think_/attn_weighting): per-completion weight of the alignment losses (see
+`losses.advantage_weights`)."""
+HEAD_REDUCE = ("mean", "per_head", "per_head_to_mean")
+"""method.attn_heads: attention rows averaged over heads, compared head by head, or each student
+head against the teacher's head mean."""
+HEAD_AGG = ("mean", "sum")
+"""method.attn_head_reduce: how per-head attention divergences combine."""
+SCHEDULES = ("constant", "stop", "linear")
+"""method.align_schedule: the alignment weights' multiplier over training (see `losses.alignment_scale`)."""
 LENS_GRAD_MODES = ("full", "hidden_only")
 """method.lens_grad: whether the logit lens passes gradient to its readout weights."""
 WANDB_MODES = ("offline", "online", "disabled")

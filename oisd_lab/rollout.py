@@ -10,6 +10,7 @@ change the sampling distribution behind the loss's back.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -32,6 +33,14 @@ class Rollout:
     """Decoded completions (special tokens removed)."""
     truncated: torch.Tensor
     """[B] bool: no EOS within max_new_tokens."""
+    sampler_logps: torch.Tensor | None = None
+    """[B, C] the sampler's own log-probs of the completion tokens, when the sampler is not the
+    trainer's forward (vLLM); None for `generate`, whose sampler is the policy itself."""
+    old_logps: torch.Tensor | None = None
+    """[B, C] the trainer's log-probs before the rollout's first update (the old policy), when
+    set by the trainer; None means the current policy's, detached."""
+    is_weights: torch.Tensor | None = None
+    """[B, C] or [B, 1] sampler-mismatch importance weights of the policy loss, or None."""
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -39,6 +48,12 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def _extras(self, fn) -> dict:
+        """The optional per-token tensors, each passed through `fn` (None stays None)."""
+        return {name: None if t is None else fn(t)
+                for name, t in (("sampler_logps", self.sampler_logps), ("old_logps", self.old_logps),
+                                ("is_weights", self.is_weights))}
 
     def take(self, index: torch.Tensor) -> Rollout:
         """The rows in `index` order ([n] long); the result is no longer group-contiguous."""
@@ -51,6 +66,7 @@ class Rollout:
             prompt_length=self.prompt_length,
             texts=[self.texts[i] for i in rows],
             truncated=self.truncated[index.to(self.truncated.device)],
+            **self._extras(lambda t: t[index.to(t.device)]),
         )
 
     def to(self, device) -> Rollout:
@@ -58,7 +74,8 @@ class Rollout:
         if self.input_ids.device == torch.device(device):
             return self
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
-                       self.prompt_length, self.texts, self.truncated.to(device))
+                       self.prompt_length, self.texts, self.truncated.to(device),
+                       **self._extras(lambda t: t.to(device)))
 
     def select(self, rows: slice) -> Rollout:
         """Rows of this rollout, trimmed to the longest completion among them."""
@@ -73,7 +90,14 @@ class Rollout:
             prompt_length=self.prompt_length,
             texts=self.texts[rows],
             truncated=self.truncated[rows],
+            **self._extras(lambda t: t[rows, :length]),
         )
+
+    def without_truncated(self) -> Rollout:
+        """This rollout with truncated completions' mask zeroed: they leave the loss (TRL
+        `mask_truncated_completions`); their tokens stay in place."""
+        keep = (~self.truncated).to(self.completion_mask)[:, None]
+        return dataclasses.replace(self, completion_mask=self.completion_mask * keep)
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> torch.Tensor:

@@ -11,7 +11,9 @@ so its model object is reachable for `load_weights`; one engine per rank, each o
 (vLLM's `external_launcher` under DDP);
 `gpu_memory_utilization` bounds the engine's share of the GPU (the rest is the trainer's). Sampling
 is plain ancestral sampling at `temperature` with optional top-p, as in `rollout.generate`, so the
-log-probabilities recomputed for the loss are those of the sampling distribution. vLLM is imported
+log-probabilities recomputed for the loss are those of the sampling distribution. vLLM's own
+log-probs of the sampled tokens (after temperature, `processed_logprobs` as TRL) come back as
+`Rollout.sampler_logps`, for the sampler/trainer importance-sampling correction. vLLM is imported
 lazily: nothing here needs it until an engine is built.
 """
 
@@ -26,8 +28,12 @@ from .rollout import Rollout
 
 
 def rollout_from_ids(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                     num_generations: int, tokenizer, device: torch.device | str = "cpu") -> Rollout:
-    """A `Rollout` from token ids: prompts [N] (unpadded) and completions [N * G] in group order.
+                     num_generations: int, tokenizer, device: torch.device | str = "cpu",
+                     logprobs: Sequence[Sequence[float]] | None = None) -> Rollout:
+    """A `Rollout` from token ids: prompts [N] (unpadded) and completions [N * G] in group order;
+    `logprobs` (the sampler's log-prob of each completion token) become `sampler_logps`: 0 in
+    padded slots, NaN for completion tokens past the end of a completion's list (an EOS appended
+    here), which the correction then leaves alone.
 
     Prompts are left-padded to the longest prompt, completions right-padded to the longest
     completion (at least one slot); positions after a completion's first EOS are padding, exactly
@@ -58,6 +64,13 @@ def rollout_from_ids(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
     truncated = ~is_eos.any(dim=1)
     completions = torch.where(mask.bool(), completions, torch.full_like(completions, pad))
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    sampler = None
+    if logprobs is not None:
+        sampler = torch.full((len(completion_ids), C), float("nan"))
+        for i, values in enumerate(logprobs):
+            sampler[i, : len(values)] = torch.as_tensor(list(values), dtype=torch.float32)
+        # padding 0; a completion token the sampler gave no log-prob for stays NaN (no correction)
+        sampler = torch.where(mask.bool(), sampler, 0.0).to(device)
     return Rollout(
         input_ids=torch.cat([prompts, completions], dim=1).to(device),
         attention_mask=torch.cat([prompt_mask, mask.long()], dim=1).to(device),
@@ -65,6 +78,7 @@ def rollout_from_ids(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
         prompt_length=P,
         texts=texts,
         truncated=truncated.to(device),
+        sampler_logps=sampler,
     )
 
 
@@ -115,7 +129,7 @@ class VLLMRollout:
         self.device = device
         self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       enable_prefix_caching=True, **_launcher_kwargs())
+                       enable_prefix_caching=True, logprobs_mode="processed_logprobs", **_launcher_kwargs())
         self.synced_version: int | None = None
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -141,16 +155,19 @@ class VLLMRollout:
         # stop on the tokenizer's EOS only, as `rollout.generate` does (not on every EOS id of the
         # model's generation config), with top-k off
         params = SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, top_k=-1,
-                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=[eos], ignore_eos=True)
+                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=[eos], ignore_eos=True,
+                                logprobs=0)
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        completions = []
+        completions, logprobs = [], []
         for out in outputs:  # vLLM returns the requests in submission order
             for sample in out.outputs:
                 ids = list(sample.token_ids)
+                # logprobs=0: each step's dict holds the sampled token (processed: after temperature)
+                logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)])
                 if sample.finish_reason == "stop" and (not ids or ids[-1] != eos):
                     ids.append(eos)  # a stop token left out of token_ids: the EOS slot is kept
                 completions.append(ids)
-        return rollout_from_ids(prompt_ids, completions, num_generations, self.tokenizer, self.device)
+        return rollout_from_ids(prompt_ids, completions, num_generations, self.tokenizer, self.device, logprobs)
 
     @classmethod
     def for_policy(cls, policy, tokenizer, gpu_memory_utilization: float = 0.3, seed: int = 0) -> VLLMRollout:

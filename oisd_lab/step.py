@@ -16,6 +16,8 @@ The math is in `losses.py`; this module only decides which tensors go where.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,26 +90,53 @@ def policy_forward(model, part: Rollout, hidden_layers: Sequence[int] = (),
 @dataclass(frozen=True)
 class Objective:
     """The choices that define one step's loss: GRPO and method configs, the readout, the student
-    layers (hidden-state indices) and the model depth L."""
+    layers (hidden-state indices) and the model depth L; `align_scale` is this step's value of
+    the alignment schedule (`scheduled`)."""
 
     grpo: object  # config.GRPOConfig
     method: object  # config.MethodConfig
     readout: Readout
     student_layers: tuple[int, ...]
+    align_scale: float = 1.0
+    policy_layer: int | None = None
+    """Hidden-state index whose logit lens is the policy of the policy-gradient loss (BuPO's
+    internal policy); None: the final layer, as in GRPO. Sampling always uses the final layer."""
+    policy_final_norm: bool = False
+    """With policy_layer: apply the final norm before the unembedding (the OISD lens) or not (BuPO)."""
 
     @property
     def num_layers(self) -> int:
         return self.readout.num_layers
 
     @property
+    def logit_weight(self) -> float:
+        """This step's weight of L_think: method.logit_weight x the schedule."""
+        return self.method.logit_weight * self.align_scale
+
+    @property
+    def attn_weight(self) -> float:
+        """This step's weight of L_attn: method.attn_weight x the schedule."""
+        return self.method.attn_weight * self.align_scale
+
+    def scheduled(self, step: int) -> Objective:
+        """This objective at optimisation step `step` (1-based) of `method.align_schedule`."""
+        m = self.method
+        scale = losses.alignment_scale(step, m.align_schedule, m.align_schedule_steps)
+        return dataclasses.replace(self, align_scale=scale)
+
+    @property
     def hidden_layers(self) -> list[int]:
-        """What `policy_forward` must return for the logit alignment."""
-        return list(self.student_layers) if self.method.logit_weight > 0 else []
+        """What `policy_forward` must return: the student layers for the logit alignment, and the
+        internal policy's layer."""
+        layers = list(self.student_layers) if self.logit_weight > 0 else []
+        if self.policy_layer is not None and self.policy_layer not in layers:
+            layers.append(self.policy_layer)
+        return layers
 
     @property
     def attn_layers(self) -> list[int]:
         """What `policy_forward` must capture for the attention alignment (students + final)."""
-        return [*self.student_layers, self.num_layers] if self.method.attn_weight > 0 else []
+        return [*self.student_layers, self.num_layers] if self.attn_weight > 0 else []
 
     def forward(self, model, part: Rollout) -> PolicyOutputs:
         return policy_forward(model, part, self.hidden_layers, self.attn_layers)
@@ -116,63 +145,122 @@ class Objective:
         """L = L_policy + w_logit L_think + w_attn L_attn, for tensors or logged floats alike."""
         total = terms["loss/policy"]
         if "loss/think" in terms:
-            total = total + self.method.logit_weight * terms["loss/think"]
+            total = total + self.logit_weight * terms["loss/think"]
         if "loss/attn" in terms:
-            total = total + self.method.attn_weight * terms["loss/attn"]
+            total = total + self.attn_weight * terms["loss/attn"]
         return total
 
 
 def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mapping, objective: Objective,
-               ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               ref_logps: torch.Tensor | None = None, rewards: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
     """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser.
 
     out: `objective.forward(model, part)`; adv [b]; norm: whole-batch normalisers for
     `losses.aggregate` (num_items_in_batch, num_sequences, max_completion_length, and
-    num_micro_batches for `bnpo`); ref_logps [b, C] when grpo.beta > 0.
+    num_micro_batches for `bnpo`); ref_logps [b, C] when grpo.beta > 0; rewards [b] for the
+    `reward` weighting.
+    part.old_logps (the old policy, else the current one detached) and part.is_weights (sampler
+    mismatch) enter the policy loss (`losses.policy_loss`, any grpo.loss_type).
     Returns "loss/policy", "loss/think" / "loss/attn" (when weighted), "loss/total" (with graph),
-    and detached token sums "sum/<metric>" (entropy, clip ratios, kl) for logging.
+    detached token sums "sum/<metric>" (entropy, clip ratios, importance ratio, kl), the importance
+    ratio's "min/..." and "max/..." for logging, and per-channel
+    divergence sums by advantage sign "stat/<channel>/..." (`divergence_sums`).
     """
     g, m, mask = objective.grpo, objective.method, part.completion_mask
-    logits, ids = out.logits, part.completion_ids  # position P-1+t predicts completion token t
+    logits = out.logits  # position P-1+t predicts completion token t
     rows = max(1, VOCAB_CHUNK_ELEMENTS // logits.shape[-1])  # [rows, V] blocks of vocabulary work
-    logps = losses.token_logps(logits, ids, g.temperature, chunk_size=rows)
-    per_tok, clip = losses.clipped_surrogate(logps, logps.detach(), adv, g.epsilon_low, g.epsilon_high)
+    logps = policy_logps(out, part, objective, rows)
+    per_tok, clip = losses.policy_loss(
+        logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level, g.epsilon_low,
+        g.epsilon_high, g.sapo_temperature_pos, g.sapo_temperature_neg)
+    if part.is_weights is not None:  # sampler/trainer mismatch, before the KL term as in TRL
+        per_tok = per_tok * part.is_weights
     terms: dict[str, torch.Tensor] = {}
     if g.beta > 0:
         kl = losses.kl_k3(logps, ref_logps)
         per_tok = per_tok + g.beta * kl
         terms["sum/kl"] = (kl.detach() * mask).sum()
-    agg = dict(loss_type=g.loss_type, **norm)
+    agg = dict(loss_type=losses.aggregation_of(g.loss_type), **norm)
     terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
-    if m.logit_weight > 0:
-        terms["loss/think"] = think_loss(out, mask, adv, agg, objective)
-    if m.attn_weight > 0:
-        terms["loss/attn"] = attn_loss(out, part, adv, agg, objective)
+    align = Alignment(mask, adv, rewards, dict(agg, loss_type=m.align_loss_type or agg["loss_type"]))
+    if objective.logit_weight > 0:
+        terms["loss/think"] = align.loss("think", think_divergence(out, mask, objective),
+                                         m.think_weighting or m.weighting, terms)
+    if objective.attn_weight > 0:
+        terms["loss/attn"] = align.loss("attn", attention_divergence(out, part, objective),
+                                        m.attn_weighting or m.weighting, terms)
     with torch.no_grad():
         ent = losses.entropy_from_logits(logits.detach(), chunk_size=rows, temperature=g.temperature)
         terms["sum/entropy"] = (ent * mask).sum()
         for name in ("low", "high", "region"):
             terms[f"sum/clip_ratio/{name}_mean"] = (clip[f"is_{name}_clipped"].float() * mask).sum()
+        terms.update(ratio_terms(clip["ratio"], mask))
     terms["loss/total"] = objective.total(terms)
     return terms
 
 
-def think_loss(out: PolicyOutputs, mask: torch.Tensor, adv: torch.Tensor, agg: dict,
-               objective: Objective) -> torch.Tensor:
-    """L_think averaged over student layers: weighted JSD(sg[p_L] || lens p_l) per completion token."""
+def policy_logps(out: PolicyOutputs, part: Rollout, objective: Objective, rows: int) -> torch.Tensor:
+    """Per-token log-probs [b, C] of the completion under the policy of the policy-gradient loss:
+    the final layer's logits, or (BuPO) the lens of `objective.policy_layer`, both / temperature."""
+    g, layer = objective.grpo, objective.policy_layer
+    if layer is None:
+        logits = out.logits
+    else:
+        # Readout.logits skips the norm for the last hidden-state index (already normed there), so
+        # asking for index L applies the unembedding (and logit post-processing) alone: BuPO's lens.
+        lens_index = layer if objective.policy_final_norm else objective.num_layers
+        logits = objective.readout.logits(out.hidden[layer], lens_index)  # [b, C, V]
+    return losses.token_logps(logits, part.completion_ids, g.temperature, chunk_size=rows)
+
+
+def ratio_terms(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logged importance ratio over completion tokens: "sum/importance_ratio/mean" (a token sum),
+    "min/..." and "max/..." (+inf / -inf when the mask is empty, so they combine over micro-batches)."""
+    sel = mask.bool()
+    inf = torch.tensor(float("inf"), device=ratio.device)
+    return {"sum/importance_ratio/mean": (ratio * mask).sum(),
+            "min/importance_ratio/min": torch.where(sel, ratio, inf).min() if sel.numel() else inf,
+            "max/importance_ratio/max": torch.where(sel, ratio, -inf).max() if sel.numel() else -inf}
+
+
+@dataclass
+class Alignment:
+    """How one micro-batch's per-token divergences become an alignment loss: weights from the
+    advantages (or rewards), the alignment aggregator `agg` (kwargs of `losses.aggregate`)."""
+
+    mask: torch.Tensor
+    adv: torch.Tensor
+    rewards: torch.Tensor | None
+    agg: dict
+
+    def loss(self, channel: str, divs: Mapping[int, torch.Tensor], weighting: str,
+             stats: dict) -> torch.Tensor:
+        """Weighted, aggregated loss averaged over student layers; adds the layer-mean
+        divergence's sums by advantage sign to `stats` under "stat/<channel>/"."""
+        total = sum(losses.alignment_loss(d, self.mask, self.adv, weighting, rewards=self.rewards, **self.agg)
+                    for d in divs.values())
+        mean_div = sum(d.detach() for d in divs.values()) / len(divs)
+        for key, value in losses.divergence_sums(mean_div, self.mask, self.adv).items():
+            stats[f"stat/{channel}/{key}"] = value
+        return total / len(divs)
+
+
+def think_divergence(out: PolicyOutputs, mask: torch.Tensor, objective: Objective) -> dict[int, torch.Tensor]:
+    """Per student layer, the per-token JSD(sg[p_L] || lens p_l): {k: [b, C]}, 0 off the mask."""
     m, sel = objective.method, mask.bool()
     # The final layer is the detached teacher; its rows are read chunk by chunk at the
     # completion tokens, never copied out as a whole [N, V] tensor.
     index = sel.nonzero(as_tuple=True)
     chunk = max(1, min(m.chunk_size, VOCAB_CHUNK_ELEMENTS // out.logits.shape[-1]))
-    total = torch.zeros((), device=out.logits.device)
+    per_tok = {}
     for layer in objective.student_layers:
         h = out.hidden[layer][sel]  # [N, D]
-        div = losses.chunked_lens_jsd(h, out.logits, objective.readout.for_layer(layer, m.lens_grad),
-                                      m.jsd_beta, m.jsd_temperature, chunk, teacher_index=index)
-        per_tok = torch.zeros_like(mask).masked_scatter(sel, div)
-        total = total + losses.alignment_loss(per_tok, mask, adv, m.weighting, **agg)
-    return total / len(objective.student_layers)
+        lens = objective.readout.for_layer(layer, m.lens_grad, norm=m.lens_norm)
+        div = losses.chunked_lens_jsd(h, out.logits, lens, m.jsd_beta, m.jsd_temperature, chunk,
+                                      teacher_index=index)
+        per_tok[layer] = torch.zeros_like(mask).masked_scatter(sel, div)
+    return per_tok
 
 
 def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective) -> dict[int, torch.Tensor]:
@@ -192,18 +280,8 @@ def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective
             student = out.attention_rows(layer, lo, hi, keys=width)
             per_tok[layer].append(losses.attention_row_jsd(
                 teacher, student, query_mask=mask[:, lo:hi].bool(), key_mask=keys[:, :width],
-                head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink))
+                head_reduce=m.attn_heads, exclude_sink=m.attn_exclude_sink, head_agg=m.attn_head_reduce))
     return {layer: torch.cat(parts, dim=1) for layer, parts in per_tok.items()}
-
-
-def attn_loss(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, agg: dict,
-              objective: Objective) -> torch.Tensor:
-    """L_attn averaged over student layers: weighted attention-row JSD per completion token."""
-    m, mask = objective.method, part.completion_mask
-    total = torch.zeros((), device=mask.device)
-    for div in attention_divergence(out, part, objective).values():
-        total = total + losses.alignment_loss(div, mask, adv, m.weighting, **agg)
-    return total / len(objective.student_layers)
 
 
 @torch.no_grad()
@@ -211,3 +289,39 @@ def reference_logps(ref_model, part: Rollout, temperature: float) -> torch.Tenso
     """Per-token log-probs [b, C] of the completion under a frozen reference model (for beta > 0)."""
     out = policy_forward(ref_model, part)
     return losses.token_logps(out.logits, part.completion_ids, temperature)
+
+
+@torch.no_grad()
+def old_policy_logps(model, rollout: Rollout, objective: Objective, micro_batch_size: int) -> torch.Tensor:
+    """The old policy's per-token log-probs [B, C] of the whole rollout (before its first update),
+    under the objective's policy head, in micro-batches of `micro_batch_size` rows (row order kept)."""
+    C = rollout.completion_mask.shape[1]
+    hidden = [objective.policy_layer] if objective.policy_layer is not None else []
+    pieces = []
+    for lo in range(0, len(rollout), micro_batch_size):
+        part = rollout.select(slice(lo, lo + micro_batch_size))
+        out = policy_forward(model, part, hidden_layers=hidden)
+        rows = max(1, VOCAB_CHUNK_ELEMENTS // out.logits.shape[-1])
+        logps = policy_logps(out, part, objective, rows)
+        pieces.append(torch.nn.functional.pad(logps, (0, C - logps.shape[1])))  # back to the full width
+    return torch.cat(pieces)
+
+
+def sampler_correction(rollout: Rollout, grpo) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sampler-mismatch weights of a rollout with `old_logps` and `sampler_logps`
+    (`losses.sampler_importance_weights` with the grpo.vllm_importance_sampling_* settings), and
+    TRL's `sampling/*` metrics: |old - sampler| over completion tokens, and the weights."""
+    mask = rollout.completion_mask
+    # a token without a sampler log-prob (NaN) counts as matching: no correction for it
+    sampler = torch.where(torch.isnan(rollout.sampler_logps), rollout.old_logps, rollout.sampler_logps)
+    weights = losses.sampler_importance_weights(
+        rollout.old_logps, sampler, mask, grpo.vllm_importance_sampling_mode,
+        grpo.vllm_importance_sampling_clip_min, grpo.vllm_importance_sampling_clip_max)
+    sel = mask.bool()
+    delta = (rollout.old_logps - sampler).abs()[sel]
+    flat = weights.flatten() if weights.shape[1] == 1 else weights[sel]
+    stats = {}
+    for name, values in (("sampling_logp_difference", delta), ("importance_sampling_ratio", flat)):
+        for reduce in ("min", "mean", "max"):
+            stats[f"sampling/{name}/{reduce}"] = float(getattr(values, reduce)()) if values.numel() else math.nan
+    return weights, stats

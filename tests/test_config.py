@@ -16,6 +16,7 @@ PRESETS = {
     "oisd_logit": (1.0, 0.0, "signed"),
     "oisd_attn": (0.0, 0.1, "signed"),
     "oisd_unsigned": (1.0, 0.1, "unsigned"),
+    "bupo": (0.0, 0.0, "signed"),
 }
 
 

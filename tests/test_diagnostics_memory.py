@@ -114,18 +114,20 @@ def test_layer_metrics_equal_the_plain_implementation(preset, char_tokenizer):
     part = _rollout(model, char_tokenizer)
     assert part.completion_mask.sum(1).min() < part.completion_mask.shape[1]  # some padding
     adv, rewards = _adv_rewards(len(part))
-    layers = list(range(readout.num_layers + 1))
-    got = diagnostics.layer_metrics(model, readout, part, adv, rewards, layers, chunk=7)
-    want = reference_layer_metrics(model, readout, part, adv, rewards, layers)
-    assert [(r["layer"], r["split"], sorted(r)) for r in got] == [(r["layer"], r["split"], sorted(r)) for r in want]
-    for g, w in zip(got, want, strict=True):
-        assert g["tokens"] == w["tokens"] and g["tokens"] > 0 or w["split"] in ("pos", "neg", "correct", "wrong")
-        for name in diagnostics.METRICS:
-            if name in w:
-                assert _close(g[name], w[name]), (g["layer"], g["split"], name, g[name], w[name])
-        assert len(g.get("attn_jsd_head", [])) == len(w.get("attn_jsd_head", []))
-        assert all(_close(a, b) for a, b in zip(g.get("attn_jsd_head", []), w.get("attn_jsd_head", []), strict=True))
-    assert any(r["attn_jsd"] > 1e-3 for r in got if r["layer"] not in (0, readout.num_layers) and r["split"] == "all")
+    L = readout.num_layers
+    for layers in (list(range(L + 1)), [0], [3, L]):
+        got = diagnostics.layer_metrics(model, readout, part, adv, rewards, layers, chunk=7)
+        want = reference_layer_metrics(model, readout, part, adv, rewards, layers)
+        assert [(r["layer"], r["split"], sorted(r)) for r in got] == [(r["layer"], r["split"], sorted(r)) for r in want]
+        for g, w in zip(got, want, strict=True):
+            assert g["tokens"] == w["tokens"] and (g["tokens"] > 0 or w["split"] != "all")
+            for name in diagnostics.METRICS:
+                if name in w:
+                    assert _close(g[name], w[name]), (g["layer"], g["split"], name, g[name], w[name])
+            assert len(g["attn_jsd_head"] if "attn_jsd_head" in g else []) == len(w.get("attn_jsd_head", []))
+            assert all(_close(a, b) for a, b in zip(g.get("attn_jsd_head", []), w.get("attn_jsd_head", []), strict=True))
+    full = diagnostics.layer_metrics(model, readout, part, adv, rewards, list(range(L + 1)))
+    assert any(r["attn_jsd"] > 1e-3 for r in full if r["layer"] not in (0, L) and r["split"] == "all")
 
 
 def test_snapshot_equals_the_plain_implementation(tiny_model, char_tokenizer):
@@ -163,6 +165,7 @@ def test_hidden_capture_equals_output_hidden_states(preset, char_tokenizer):
 
 def test_diagnosed_layers_and_rows():
     assert diagnostics.diagnosed_layers(6) == list(range(7))
+    assert diagnostics.diagnosed_layers(30) == list(range(31))  # SmolLM2: every layer
     deep = diagnostics.diagnosed_layers(36, None, [6])
     assert deep[0] == 0 and deep[-1] == 36 and 6 in deep and len(deep) <= 14
     assert diagnostics.diagnosed_layers(36, [3, 1, 3]) == [1, 3]
@@ -197,9 +200,9 @@ def _bound(layers: list[int], L: int, forward: int, chunk: int) -> int:
                                   forward_bytes=forward)
 
 
-def _peaks(depth: int, chunk: int = 256) -> dict:
+def _peaks(depth: int, chunk: int = 256, plain: bool = True) -> dict:
     """Peaks of one logging pass at this depth: the diagnostics on a fixed set of layers and on
-    the default set, and the plain implementation on every layer (as logging steps ran it)."""
+    the default set, and (`plain`) the plain implementation on every layer, as logging steps ran it."""
     model, part = _qwen3(depth), _long_rollout()
     readout, L = find_readout(model), depth
     fixed, default = [0, 1, 2, L], diagnostics.diagnosed_layers(L, None, [max(1, L // 6)])
@@ -210,8 +213,9 @@ def _peaks(depth: int, chunk: int = 256) -> dict:
         out[name] = profiler_peak(lambda layers=layers: diagnostics.layer_metrics(
             model, readout, part, adv, rewards, layers, chunk))
         out[f"{name}_bound"] = _bound(layers, L, forward, chunk)
-    every = list(range(L + 1))
-    out["plain"] = profiler_peak(lambda: reference_layer_metrics(model, readout, part, adv, rewards, every, chunk))
+    if plain:
+        every = list(range(L + 1))
+        out["plain"] = profiler_peak(lambda: reference_layer_metrics(model, readout, part, adv, rewards, every, chunk))
     return out
 
 
@@ -222,20 +226,21 @@ def _no_grad_forward(model, part):
 
 @pytest.fixture(scope="module")
 def peaks():
-    return {depth: _peaks(depth) for depth in (4, 24)}
+    """Depths 4 and 24 (every layer diagnosed by default) and 40 (the default subset)."""
+    return {4: _peaks(4), 24: _peaks(24), 40: _peaks(40, plain=False)}
 
 
 def test_diagnostics_peak_within_the_stated_bound(peaks):
     for depth, p in peaks.items():
         assert p["fixed"] <= p["fixed_bound"] and p["default"] <= p["default_bound"], (depth, p)
-    assert 12 <= peaks[24]["default_layers"] <= 14
+    assert peaks[24]["default_layers"] == 25 and 12 <= peaks[40]["default_layers"] <= 14
 
 
 def test_diagnostics_peak_does_not_grow_with_depth(peaks):
-    """6x the layers, the same diagnosed layers: the same peak. The plain implementation, run on
-    every layer as logging steps did, grows by at least one [b, H, T, T] float32 attention tensor
-    per layer."""
+    """6x and 10x the layers, the same diagnosed layers: the same peak; beyond 32 layers the default
+    set stays small. The plain implementation, run on every layer as logging steps did, grows by
+    at least one [b, H, T, T] float32 attention tensor per layer."""
     shallow, deep = peaks[4], peaks[24]
-    assert deep["fixed"] <= 1.05 * shallow["fixed"], (shallow, deep)
-    assert deep["default"] <= deep["default_bound"] < deep["plain"] / 2, deep
+    assert peaks[40]["fixed"] <= 1.05 * shallow["fixed"] and deep["fixed"] <= 1.05 * shallow["fixed"], peaks
+    assert peaks[40]["default"] < deep["default"] < deep["plain"] / 2, peaks
     assert deep["plain"] - shallow["plain"] >= 20 * ROWS * 4 * (P + C) ** 2 * 4, (shallow, deep)

@@ -441,15 +441,19 @@ def attention_maps(seed, b=2, h=3, t=5, key_mask=None):
     return torch.softmax(scores.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
 
 
-def naive_row_jsd(ta, sa, query_mask, key_mask, per_head, exclude_sink, beta=0.5):
-    """Loop over (b, t[, h]): build each row as a python list, then sum x log(x/m) by hand."""
+def naive_row_jsd(ta, sa, query_mask, key_mask, per_head, exclude_sink, beta=0.5, to_mean=False,
+                  head_sum=False):
+    """Loop over (b, t[, h]): build each row as a python list, then sum x log(x/m) by hand.
+    The sink is the first key that key_mask keeps in row b."""
     b_, h_, t_, s_ = ta.shape
     out = torch.zeros(b_, t_, dtype=torch.float64)
 
     def prep(row, b):
+        real = [k for k in range(s_) if key_mask is None or key_mask[b, k]]
+        sink = real[0] if real else -1
         row = [
             0.0
-            if (exclude_sink and k == 0) or (key_mask is not None and not key_mask[b, k])
+            if (exclude_sink and k == sink) or (key_mask is not None and not key_mask[b, k])
             else float(x)
             for k, x in enumerate(row)
         ]
@@ -465,16 +469,17 @@ def naive_row_jsd(ta, sa, query_mask, key_mask, per_head, exclude_sink, beta=0.5
         for t in range(t_):
             if not query_mask[b, t]:
                 continue
-            rows = (
-                [(ta[b, i, t], sa[b, i, t]) for i in range(h_)]
-                if per_head
-                else [(ta[b, :, t].mean(0), sa[b, :, t].mean(0))]
-            )
+            if to_mean:
+                rows = [(ta[b, :, t].mean(0), sa[b, i, t]) for i in range(h_)]
+            elif per_head:
+                rows = [(ta[b, i, t], sa[b, i, t]) for i in range(h_)]
+            else:
+                rows = [(ta[b, :, t].mean(0), sa[b, :, t].mean(0))]
             vals = []
             for tr, sr in rows:
                 p, q = prep(tr.tolist(), b), prep(sr.tolist(), b)
                 vals.append(div(p, q) if p is not None and q is not None else 0.0)
-            out[b, t] = sum(vals) / len(vals)
+            out[b, t] = sum(vals) / (1 if head_sum else len(vals))
     return out
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..collect import collect
 from ..provenance import commit_label
-from . import figures, tables
+from . import figures, gradients, tables
 from .runs import COLLECTED, GridData, load_grid
 
 
@@ -76,6 +76,7 @@ def write_tables(grid: GridData, out: Path) -> dict[str, str]:
     md["paper"] = _write_table(folder, "paper", tables.beside_paper(grid.aggregate, grid.paired),
                                "Ours next to the paper's Qwen3-4B headline numbers (Avg@K %, arXiv 2605.29089; "
                                "different model, tasks and scale: compare directions, not values).")
+    md.update(_gradient_tables(grid, folder))
     md["aggregate"] = _write_table(folder, "aggregate", tables.aggregate_table(grid.aggregate),
                                    "Every scalar metric, raw units: mean, std, 95% CI over seeds.")
     for name in COLLECTED:
@@ -87,6 +88,20 @@ def write_tables(grid: GridData, out: Path) -> dict[str, str]:
     if (grid.results_dir / "collect.json").is_file():
         shutil.copy(grid.results_dir / "collect.json", folder / "collect.json")
     return md
+
+
+def _gradient_tables(grid: GridData, folder: Path) -> dict[str, str]:
+    """The gradient view per variant, when the runs logged it (`log.gradient_view`)."""
+    if not gradients.has_gradient_view(grid.metrics):
+        return {}
+    by = "variant" if grid.axes else "method"
+    table = gradients.gradient_table(grid.metrics, grid.eval, by=by)
+    return {"gradients": _write_table(
+        folder, "gradients", table,
+        "Gradient view, mean over logging steps then mean ± std over seeds: each alignment term's "
+        "gradient norm as a share of the policy gradient's, its cosine with the policy gradient, the "
+        "unweighted mean per-token JSD by advantage sign, cov(advantage, length), the fraction of groups "
+        "with zero advantage, and the view's own time over the rest of the step's forward and backward.")}
 
 
 def _pair(methods) -> list[str]:
@@ -150,7 +165,9 @@ def figure_specs(grid: GridData) -> list[tuple[str, callable]]:
     """(name, draw) for every figure this grid has data for; lines split by `variant` (method and
     the other axis values) when the grid has axes beyond method, task and seed."""
     by = "variant" if grid.axes else "method"
-    return [*_result_specs(grid, by), *_layer_specs(grid, by), *_snapshot_specs(grid)]
+    view = [("gradient_shares", lambda: gradients.gradient_shares(grid.metrics, by=by))] \
+        if gradients.has_gradient_view(grid.metrics) else []
+    return [*_result_specs(grid, by), *view, *_layer_specs(grid, by), *_snapshot_specs(grid)]
 
 
 def write_figures(grid: GridData, out: Path) -> list[str]:
@@ -205,6 +222,7 @@ def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -
                 f"{len(sentences)} comparisons above; with few seeds the intervals are wide.", ""]
                if len(sentences) > 1 else []),
              "## Results", "", md["main"], *(["", md["paired"]] if "paired" in md else []), "",
+             *(["## Gradient view", "", md["gradients"], ""] if "gradients" in md else []),
              "## Beside the paper", "", md["paper"], "",
              "## Figures", "", *[f"- `{n}`: [PNG](figures/{n}.png), [PDF](figures/{n}.pdf)" for n in names], "",
              "## Runs", "", tables.to_markdown(_runs_table(grid)), "",

@@ -1,0 +1,94 @@
+"""The gradient view of a grid: what each loss term contributed to the update, per variant.
+
+Reads the `grad/*` columns that training logs on logging steps (`oisd_lab.gradient_view`) from a
+grid's metrics table: a table with one row per variant (method and other axis values), beside
+its held-out accuracy, and a figure of each alignment channel's share of the policy gradient
+over training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+GRADIENT_COLUMNS = {
+    "grad/think/share": "think share",
+    "grad/attn/share": "attn share",
+    "grad/think/cos_policy": "think cos",
+    "grad/attn/cos_policy": "attn cos",
+    "grad/policy/norm": "policy norm",
+    "grad/think/div_pos": "think JSD A>0",
+    "grad/think/div_neg": "think JSD A<0",
+    "grad/attn/div_pos": "attn JSD A>0",
+    "grad/attn/div_neg": "attn JSD A<0",
+    "grad/cov_adv_length": "cov(A, len)",
+    "grad/frac_zero_adv_groups": "zero-A groups",
+}
+"""Metric column -> table header, in table order."""
+
+ACCURACY_COLUMNS = {"avg_at_k": "Avg@K %", "greedy_acc": "greedy %"}
+
+
+def has_gradient_view(metrics: pd.DataFrame) -> bool:
+    return not metrics.empty and "grad/policy/norm" in metrics
+
+
+def gradient_summary(metrics: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
+    """Mean over a run's logging steps, then mean and std over runs, per `by` group.
+
+    metrics: a grid's metrics table (`GridData.metrics`). Returns a frame indexed by group with
+    columns (column, "mean" | "std"), plus ("view cost", ...): the gradient view's seconds as a
+    fraction of the rest of the step's forward and backward on the same logging steps.
+    """
+    rows = metrics[metrics["grad/policy/norm"].notna()].copy()
+    rows["view cost"] = rows["time/gradient_view"] / (rows["time/forward_backward"] - rows["time/gradient_view"])
+    cols = [c for c in GRADIENT_COLUMNS if c in rows] + ["view cost"]
+    per_run = rows.groupby([by, "run_id"])[cols].mean()
+    return per_run.groupby(level=0).agg(["mean", "std"])
+
+
+def _cell(mean: float, std: float, digits: int) -> str:
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.{digits}g}" if pd.isna(std) else f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def gradient_table(metrics: pd.DataFrame, evals: pd.DataFrame | None = None, by: str = "variant",
+                   digits: int = 3) -> pd.DataFrame:
+    """Display table: one row per group, "mean ± std over runs" of each gradient-view column, and
+    (from a grid's `eval` frame) the held-out accuracies after RL in %, mean over runs."""
+    summary = gradient_summary(metrics, by)
+    table = pd.DataFrame(index=summary.index)
+    if evals is not None and not evals.empty:
+        for col, label in ACCURACY_COLUMNS.items():
+            if col in evals:
+                table[label] = (evals.groupby(by)[col].mean() * 100).round(1).reindex(table.index)
+    for col in dict.fromkeys(c for c, _ in summary.columns):
+        label = GRADIENT_COLUMNS.get(col, col)
+        table[label] = [_cell(m, s, digits) for m, s in zip(summary[(col, "mean")], summary[(col, "std")],
+                                                            strict=True)]
+    table.index.name = by
+    return table
+
+
+def gradient_shares(metrics: pd.DataFrame, by: str = "variant",
+                    channels: Sequence[str] = ("think", "attn"), width: float = 7.0):
+    """Each alignment channel's gradient norm over the policy gradient's, per logging step (mean
+    over runs), one line per group, log scale."""
+    rows = metrics[metrics["grad/policy/norm"].notna()]
+    fig, axes = plt.subplots(1, len(channels), figsize=(width, width * 0.4), squeeze=False)
+    for ax, channel in zip(axes[0], channels, strict=True):
+        col = f"grad/{channel}/share"
+        if col in rows:
+            for group, frame in rows.dropna(subset=[col]).groupby(by):
+                curve = frame.groupby("step")[col].mean()
+                ax.plot(curve.index, curve.values, marker="o", ms=3, label=str(group))
+        ax.set(title=f"{channel}: |g| / |g_policy|", xlabel="step", yscale="log")
+    lines = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    if lines:
+        fig.legend(list(lines.values()), list(lines), fontsize=6, loc="upper center",
+                   bbox_to_anchor=(0.5, -0.02), ncol=3)
+    fig.tight_layout()
+    return fig
