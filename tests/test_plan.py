@@ -68,7 +68,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", [*CASES, "qwen3 vocabulary 151,936"])
-def test_planned_step_peak_is_within_15_percent_of_a_measured_cpu_step(case, tmp_path):
+def test_planned_step_peak_is_within_5_percent_of_a_measured_cpu_step(case, tmp_path):
     over = CASES.get(case) or [f"model={_narrow_qwen3(tmp_path)}", "method=oisd", "grpo.prompts_per_step=2",
                                "grpo.num_generations=2", "grpo.micro_batch_size=2",
                                "grpo.max_completion_length=32"]
@@ -77,20 +77,22 @@ def test_planned_step_peak_is_within_15_percent_of_a_measured_cpu_step(case, tmp
     step = planned.phases["policy step"]
     traced = sum(v for k, v in step.items() if k not in NOT_TRACED)
     measured = measure_step(cfg, prompt_length=24)
-    assert abs(traced / measured["step"] - 1) < 0.15, (traced, measured["step"])
+    assert abs(traced / measured["step"] - 1) < 0.05, (traced, measured["step"])
     total = measured["step"] + measured["parameters"] + measured["optimizer"]
-    assert abs(step["total"] - step.get("reference model", 0) - total) / total < 0.15
+    assert abs(step["total"] - step.get("reference model", 0) - total) / total < 0.05
     assert planned.state["parameters"] == measured["parameters"]
     assert planned.state["optimizer state"] == measured["optimizer"]
 
 
-def test_depth_extrapolation_matches_the_full_trace():
-    cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48"])
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_depth_extrapolation_matches_the_full_trace(checkpointing):
+    cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48",
+                   f"model.gradient_checkpointing={checkpointing}"])
     full, cut = make_plan(cfg, 20), make_plan(cfg, 20, max_layers=4)
     assert "full depth (8 layers)" in full.method and "2 and 4 layers" in cut.method
     assert cut.state == full.state  # parameters, gradients, optimizer state: linear in depth, exactly
     for phase, parts in full.phases.items():
-        assert cut.phases[phase]["total"] == pytest.approx(parts["total"], rel=0.02)
+        assert cut.phases[phase]["total"] == pytest.approx(parts["total"], rel=0.01)
 
 
 def test_precisions_set_parameter_optimizer_and_activation_dtypes():
@@ -103,7 +105,8 @@ def test_precisions_set_parameter_optimizer_and_activation_dtypes():
     mixed = make_plan(compose(["precision=bf16-mixed", "accelerator=cpu"]), 20)
     n = true.setup["parameters"]
     assert true.state["parameters"] == 2 * n and mixed.state["parameters"] == 4 * n  # fp32 master weights
-    assert true.state["optimizer state"] < 6.01 * n and mixed.state["optimizer state"] > 8 * n  # bf16 moments + Kahan buffer
+    # AdamW's two moments in fp32; Kahan-summed AdamW's moments and compensation buffer in bf16
+    assert 6 * n <= true.state["optimizer state"] < 6.01 * n and 8 * n <= mixed.state["optimizer state"] < 8.01 * n
     # the KV cache is in the compute dtype: bf16 for both
     assert true.phases["rollout"]["KV cache"] == mixed.phases["rollout"]["KV cache"]
 
@@ -191,3 +194,69 @@ def test_train_keeps_the_plan_beside_measured_peaks(tmp_path, cache_dir):
     assert set(measured["phases"]) == {"rollout", "diagnostics", "policy step"}
     for phase, row in measured["phases"].items():
         assert row["planned_bytes"] == planned["phases"][phase]["total"] and row["measured_bytes"] > 0
+
+
+def test_rollout_formula_is_within_15_percent_of_a_measured_generate():
+    from oisd_lab.bench.common import _NoEos
+    from oisd_lab.bench.memory import profiler_peak
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+    from oisd_lab.rollout import generate
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model("tiny", len(tok))
+    prompts, C, c = ["1+2*3=?" * 3] * 16, 64, model.config
+    measured = profiler_peak(lambda: generate(model, _NoEos(tok), prompts, 4, C))  # every row runs to C
+    geometry = (c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, 64,
+                len(prompts[0]) + C, 4)
+    planned = formulas.kv_cache_bytes(*geometry) + formulas.decode_step_bytes(*geometry, c.vocab_size)
+    assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+def test_planned_diagnostics_pass_matches_a_measured_one():
+    from oisd_lab import diagnostics
+    from oisd_lab.bench.memory import profiler_peak
+    from oisd_lab.plan.model_config import load_model_config
+    from oisd_lab.plan.setup import build_module, build_policy, micro_batches, step_shape
+
+    cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48",
+                   "accelerator=cpu"])
+    planned = make_plan(cfg, 20).phases["diagnostics"]
+    module = build_module(cfg, build_policy(cfg, load_model_config("tiny6m")))
+    (part, adv, _), = micro_batches(step_shape(cfg, 20), module.policy.config.vocab_size, count=1)
+    layers = list(range(module.num_layers + 1))
+
+    def run():
+        with torch.no_grad():
+            diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
+                                      cfg.method.chunk_size)
+
+    measured = profiler_peak(run)
+    traced = sum(v for k, v in planned.items() if k.startswith("diagnostics: "))
+    assert abs(traced / measured - 1) < 0.01, (traced, measured)
+
+
+def test_plan_of_a_hub_model_needs_no_network_and_no_weights(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plan tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    cfg = compose(["model=Qwen/Qwen3-0.6B", "method=oisd", "grpo.prompts_per_step=1", "grpo.num_generations=2",
+                   "grpo.max_completion_length=16", "accelerator=cpu"])
+    result = make_plan(cfg, prompt_length=16)
+    assert result.setup["parameters"] == SHIPPED["Qwen/Qwen3-0.6B"] and "extrapolated per layer to 28" in result.method
+    assert result.state["parameters"] == 4 * SHIPPED["Qwen/Qwen3-0.6B"]
+
+
+def test_fsdp_mixed_precision_computes_on_bf16_copies_of_fp32_masters():
+    base = ["accelerator=gpu", "devices=8", "precision=bf16-mixed", "model.dtype=float32"]
+    ddp = make_plan(compose([*base, "strategy=ddp"]), 20)
+    fsdp = make_plan(compose([*base, "strategy=fsdp"]), 20)
+    n = ddp.setup["parameters"]
+    assert fsdp.setup["parameters"] == n and ddp.state["parameters"] == 4 * n
+    assert fsdp.state["parameters"] == -(-4 * n // 8) and fsdp.state["optimizer state"] >= 8 * n // 8
+    assert ddp.phases["policy step"]["gradients"] == 4 * n  # fp32 gradients of fp32 parameters
+    assert fsdp.phases["policy step"]["gradients"] == 2 * n  # bf16 until reduce-scattered
+    assert fsdp.phases["policy step"]["FSDP gathered parameters"] == 2 * n

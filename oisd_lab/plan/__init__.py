@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .planner import FULL_DEPTH_LIMIT, Plan, make_plan, on_gpu, trace_key, world_size
+from .planner import FULL_DEPTH_LIMIT, Plan, make_plan, trace_key, world_size
 from .report import GIB, format_plan
 
 __all__ = ["plan", "Plan", "make_plan", "format_plan", "add_arguments", "run"]
@@ -37,7 +37,7 @@ def plan(cfg, memory_gib: float | None = None, prompt_length: int | None = None,
     limit = len(cache) + search
 
     def plan_fn(variant):
-        if trace_key(variant, on_gpu(variant), length, max_layers) not in cache and len(cache) >= limit:
+        if trace_key(variant, length, max_layers) not in cache and len(cache) >= limit:
             return None
         return make_plan(variant, length, max_layers, cache)
 

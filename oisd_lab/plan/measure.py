@@ -3,7 +3,14 @@ measurement the benchmarks use (torch.profiler's CPU allocator events), to check
 
 from __future__ import annotations
 
-from .setup import autocast_for, build_module, build_policy, micro_batches, reference_model, step_shape
+from .setup import (
+    autocast_for,
+    build_module,
+    build_policy,
+    micro_batches,
+    reference_model,
+    step_shape,
+)
 from .trace import training_step, warm_optimizer
 
 

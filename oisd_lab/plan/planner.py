@@ -4,13 +4,22 @@ cut depths extrapolated per layer), add what tracing cannot see, and sum the pha
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import formulas
-from .setup import (StepShape, at_depth, autocast_for, build_module, build_policy, micro_batches,
-                    reference_model, step_shape, with_depth)
+from .setup import (
+    StepShape,
+    at_depth,
+    autocast_for,
+    build_module,
+    build_policy,
+    micro_batches,
+    reference_model,
+    step_shape,
+    with_depth,
+)
 from .trace import Phase, fake_mode, tensor_bytes, trace, trace_step, warm_optimizer
 
 FULL_DEPTH_LIMIT = 12
@@ -29,6 +38,13 @@ class Traced:
     step: Phase
     diagnostics: Phase
 
+    def with_state_scaled(self, factor: float) -> Traced:
+        """Parameters, gradients, optimizer state and reference stored `factor` times as wide."""
+        if factor == 1:
+            return self
+        return replace(self, params=round(self.params * factor), grads=round(self.grads * factor),
+                       optimizer=round(self.optimizer * factor), reference=round(self.reference * factor))
+
     def scaled(self, other: Traced, layers: int) -> Traced:
         """Linear in depth through (self.layers, self) and (other.layers, other)."""
         f = (layers - self.layers) / (other.layers - self.layers)
@@ -46,8 +62,8 @@ class Traced:
 
 
 def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> Traced:
-    """Trace one step (its last micro-batch, which holds the gradients of the earlier ones) and one
-    diagnostics pass of the policy cut to `layers` layers, on fake tensors."""
+    """Trace one step (its last micro-batch, which holds the gradients of the earlier ones) of the
+    policy cut to `layers` layers, on fake tensors."""
     run_cfg = cfg if layers == model_config.num_hidden_layers else at_depth(cfg, layers)
     mc = with_depth(model_config, layers)
     with fake_mode():
@@ -61,40 +77,46 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
         parts = micro_batches(shape, mc.vocab_size, count=2)  # the second stands for all later ones
         step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg))
         grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
-        diag = trace_diagnostics(run_cfg, module, shape, mc.vocab_size)
         return Traced(layers, tensor_bytes(policy.parameters()), grads, opt_bytes,
-                      tensor_bytes(ref.parameters()) if ref is not None else 0, step, diag)
+                      tensor_bytes(ref.parameters()) if ref is not None else 0, step, Phase())
 
 
-def trace_diagnostics(cfg, module, shape: StepShape, vocab_size: int) -> Phase:
-    """One pass of the per-layer diagnostics (no grad; its rows and diagnosed layers), as
-    `LogStepHook` runs it on logging steps."""
+def trace_diagnostics(cfg, model_config, shape: StepShape) -> Phase:
+    """One pass of the per-layer diagnostics (no grad) as `LogStepHook.diagnose` runs it on
+    logging steps: `diagnostics.diag_rows` rollouts, the diagnosed layers of the full-depth model
+    (their number does not grow linearly with depth, so this is never extrapolated)."""
     from .. import diagnostics
     from ..run_hooks import MAX_DIAG_ROWS
 
-    rows = min(diagnostics.diag_rows(shape.prompt_length + shape.completion_length, shape.micro_batch),
-               MAX_DIAG_ROWS, shape.rows)
-    (part, adv, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
-                                    vocab_size, count=1)
-    layers = diagnostics.diagnosed_layers(module.num_layers, cfg.log.diag_layers, module.student_layers)
+    seq = shape.prompt_length + shape.completion_length
+    rows = min(diagnostics.diag_rows(seq, shape.micro_batch), MAX_DIAG_ROWS, shape.rows)
+    with fake_mode():
+        module = build_module(cfg, build_policy(cfg, model_config))
+        (part, adv, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
+                                        model_config.vocab_size, count=1)
+        layers = diagnostics.diagnosed_layers(module.num_layers, cfg.log.diag_layers, module.student_layers)
 
-    def run():
-        with torch.no_grad(), autocast_for(cfg)():
-            diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
-                                      cfg.method.chunk_size)
+        def run():
+            with torch.no_grad(), autocast_for(cfg)():
+                diagnostics.layer_metrics(module.policy, module.readout, part, adv, (adv > 0).float(), layers,
+                                          cfg.method.chunk_size)
 
-    return trace(run, "diagnostics", module.policy)[0]
+        return trace(run, "lens and attention metrics", module.policy)[0]
 
 
 def trace_model(cfg, model_config, shape: StepShape, gpu: bool, max_layers: int = FULL_DEPTH_LIMIT) -> tuple[Traced, str]:
     """(traced bytes at the model's depth, how they were obtained)."""
     depth = model_config.num_hidden_layers
+    diag = trace_diagnostics(cfg, model_config, shape)
     if depth <= max_layers:
-        return trace_depth(cfg, model_config, depth, shape, gpu), f"traced at full depth ({depth} layers)"
+        traced = trace_depth(cfg, model_config, depth, shape, gpu)
+        return replace(traced, diagnostics=diag), f"traced at full depth ({depth} layers)"
     low = (len(cfg.method.layers) or 1) + 1
     a = trace_depth(cfg, model_config, low, shape, gpu)
     b = trace_depth(cfg, model_config, low + 2, shape, gpu)
-    return a.scaled(b, depth), (f"traced at {low} and {low + 2} layers, extrapolated per layer to {depth}")
+    return replace(a.scaled(b, depth), diagnostics=diag), (
+        f"step traced at {low} and {low + 2} layers, extrapolated per layer to {depth}; "
+        "diagnostics traced at full depth")
 
 
 @dataclass
@@ -168,9 +190,22 @@ def default_prompt_length(cfg) -> tuple[int, str]:
     return DEFAULT_PROMPT_LENGTH, "assumed (--prompt-length)"
 
 
-def trace_key(cfg, gpu: bool, prompt_length, max_layers: int) -> str:
+def traced_config(cfg):
+    """The config whose step is traced. FSDP's mixed precision hands the forward bf16 copies of
+    fp32 parameters (no autocast weight casts, gradients in bf16 until reduce-scattered): that is
+    a bf16 policy under autocast; the fp32 state is then rescaled (`make_plan`)."""
+    param_dtype, low = formulas.precision_dtypes(cfg.precision, cfg.model.dtype)
+    if not str(cfg.strategy).startswith("fsdp") or low is None or low == param_dtype:
+        return cfg
+    from .suggest import with_overrides
+
+    return with_overrides(cfg, {"model.dtype": str(low).removeprefix("torch.")})
+
+
+def trace_key(cfg, prompt_length, max_layers: int) -> str:
     """What a trace depends on (the strategy and device count only move the persistent state)."""
-    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, gpu, prompt_length, max_layers))
+    cfg = traced_config(cfg)
+    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, on_gpu(cfg), prompt_length, max_layers))
 
 
 def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPTH_LIMIT,
@@ -187,12 +222,13 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
     shape = step_shape(cfg, prompt_length)
     gpu, world = on_gpu(cfg), world_size(cfg)
     fsdp = str(cfg.strategy).startswith("fsdp")
-    key = trace_key(cfg, gpu, prompt_length, max_layers)
+    key = trace_key(cfg, prompt_length, max_layers)
     cache = {} if cache is None else cache
     if key not in cache:
-        cache[key] = trace_model(cfg, mc, shape, gpu, max_layers)
+        cache[key] = trace_model(traced_config(cfg), mc, shape, gpu, max_layers)
     traced, how = cache[key]
     param_dtype, low = formulas.precision_dtypes(cfg.precision, cfg.model.dtype)
+    traced = traced.with_state_scaled(param_dtype.itemsize / _traced_dtype(cfg).itemsize)
     state, estimated = _state(traced, world, fsdp)
     phases = _phases(cfg, mc, shape, traced, state, fsdp, param_dtype, low)
     estimated += ["KV cache and decoding step of the rollout (formula)"]
@@ -211,6 +247,11 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
         "logit_weight": cfg.method.logit_weight, "attn_weight": cfg.method.attn_weight, "beta": cfg.grpo.beta,
     }
     return Plan(setup, state, phases, estimated, how, seconds=time.time() - start)
+
+
+def _traced_dtype(cfg) -> torch.dtype:
+    c = traced_config(cfg)
+    return formulas.precision_dtypes(c.precision, c.model.dtype)[0]
 
 
 def _state(traced: Traced, world: int, fsdp: bool) -> tuple[dict[str, int], list[str]]:

@@ -15,8 +15,13 @@ MEASURED_STEPS = 2
 
 
 def plan_run(cfg, run, module, log=print) -> None:
-    """Plan `cfg`, print it, write plan.json, and measure the phases of `module`'s first steps."""
+    """Plan `cfg`, print it, write plan.json, and measure the phases of `module`'s first steps
+    (rank 0 of a multi-process run only)."""
+    from ..run.trainer import launched_rank
     from . import plan
+
+    if launched_rank() != 0:
+        return
     from .report import GIB, format_plan
 
     memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None

@@ -53,8 +53,11 @@ class MemoryTrace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output on an input's storage (a view, an in-place op) allocates nothing, also when
+        # that input was made before tracing began (parameters, the rollout).
+        inputs = {_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and _key(t) not in inputs:
                 self._count(t)
         return out
 
