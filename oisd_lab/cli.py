@@ -32,11 +32,13 @@ def cmd_train(args) -> int:
     # torch is imported by the subcommands that need it, so grid, collect and --help start without it
     from lightning.pytorch.utilities import rank_zero_only
 
+    # on use: each subcommand imports only what it runs, so `oisd-lab --help` starts fast
     from .run.evaluation import report
     from .train import train
 
     cfg = compose(args.overrides, config_name=args.config)
     if cfg.grpo.rollout_backend == "vllm":
+        # on use: each subcommand imports only what it runs, so `oisd-lab --help` starts fast
         from .extras import require_extra
 
         require_extra("vllm", "grpo.rollout_backend=vllm")

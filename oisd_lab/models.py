@@ -173,6 +173,7 @@ def load_pretrained(
 
 def _require_gguf_reader() -> None:
     """transformers reads GGUF files with the `gguf` package (and `accelerate`): the `gguf` extra."""
+    # on use: only a failed GGUF load needs the install hint
     from .extras import install_hint, missing_module
 
     missing = missing_module("gguf")

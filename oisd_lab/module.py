@@ -180,6 +180,7 @@ class OISDModule(L.LightningModule):
 
     def _vllm_rollout(self, prompts: list[str]) -> Rollout:
         """Sample with the colocated vLLM engine (built on first use), synced to the current weights."""
+        # on use: vLLM is an optional extra
         from .rollout_vllm import VLLMRollout
 
         g = self.cfg.grpo

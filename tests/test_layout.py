@@ -109,3 +109,35 @@ def test_the_readme_names_every_module_and_no_import_points_up_its_table():
     upward = sorted(f"{name} -> {target}" for name, targets in _graph().items() for target in targets
                     if rank[_room(target)] > rank[_room(name)])
     assert upward == []
+
+
+def _unexplained_function_imports(path: Path) -> list[int]:
+    """Lines of package-internal imports inside a function whose import block has no comment
+    above it (or on the line)."""
+    lines = path.read_text().splitlines()
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for sub in ast.walk(node):
+            if not (isinstance(sub, ast.ImportFrom) and (sub.level or (sub.module or "").startswith("oisd_lab"))):
+                continue
+            i = sub.lineno - 1
+            while i > 0 and lines[i - 1].strip().startswith(("from ", "import ")) and "#" not in lines[i - 1]:
+                i -= 1  # the first line of this block of imports
+            if "#" not in lines[sub.lineno - 1] and not (i > 0 and lines[i - 1].strip().startswith("#")):
+                found.append(sub.lineno)
+    return found
+
+
+def test_the_checker_of_function_imports_sees_a_missing_comment(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    # why\n    from . import a\n    from . import b\n\n\ndef g():\n"
+                    "    x = 1\n    from .c import d\n    import os\n")
+    assert _unexplained_function_imports(path) == [9]
+
+
+def test_every_package_import_inside_a_function_says_why():
+    unexplained = [f"{p.relative_to(PACKAGE.parent)}:{n}" for p in sorted(PACKAGE.rglob("*.py"))
+                   for n in _unexplained_function_imports(p)]
+    assert unexplained == []

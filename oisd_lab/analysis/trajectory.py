@@ -21,6 +21,7 @@ def lens_trajectory(model, tokenizer, prompt: str, max_new_tokens: int = 16,
     # imported here: the rest of `analysis` reads files and must load without torch
     import torch
 
+    # model code on use: the analysis package stays torch-free until a trajectory is asked for
     from ..diagnostics import snapshot
     from ..lens import default_student_layer, find_readout
     from ..rollout import generate

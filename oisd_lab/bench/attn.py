@@ -24,6 +24,7 @@ from .common import (
 
 
 def bench_attn(s: Settings) -> dict:
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import build_char_tokenizer
     from ..rollout import generate
     from ..sources import load_source

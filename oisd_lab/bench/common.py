@@ -105,6 +105,7 @@ def _quiet() -> None:
 
 
 def _cfg(s: Settings, method: str, **extra):
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..config import compose
 
     over = [f"method={method}", f"seed={s.seed}", "max_steps=1000000", "log.progress_bar=false",
@@ -117,6 +118,7 @@ def _cfg(s: Settings, method: str, **extra):
 
 def _start_policy(s: Settings):
     """(policy, tokenizer) of the presets and TRL sections: `--init` random, warm or a checkpoint."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import build_char_tokenizer, load_pretrained
 
     if s.init == "random":
@@ -124,6 +126,7 @@ def _start_policy(s: Settings):
         return _policy(len(tok), s.seed), tok
     path = s.init
     if s.init == "warm":
+        # on use: a section loads training code only when it runs, so importing the bench package stays light
         from ..pretrain import warm_start
 
         path = warm_start(_cfg(s, "grpo"), log=lambda *a: None)
@@ -131,6 +134,7 @@ def _start_policy(s: Settings):
 
 
 def _policy(vocab_size: int, seed: int = 0, max_positions: int = 512):
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import build_tiny_model
 
     return build_tiny_model("tiny", vocab_size=vocab_size, seed=seed, max_positions=max_positions)
@@ -208,6 +212,7 @@ def _fit(module, steps: int) -> list[dict]:
 
 
 def _module(cfg, policy, tokenizer, source, fixed=None, hook=None, format_prompt=None):
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..module import OISDModule
 
     # With `fixed`, one rollout batch for every step: the optimisation step alone.
@@ -235,6 +240,7 @@ def _ratio(key: str):
 
 def _synthetic_rollout(tokenizer, batch: int, prompt_len: int, completion_len: int, seed: int = 0):
     """A rollout of random printable tokens, every completion exactly `completion_len` long."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..rollout import Rollout
 
     gen = torch.Generator().manual_seed(seed)

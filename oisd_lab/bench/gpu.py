@@ -124,6 +124,7 @@ def build_model(case: Case, device: torch.device, seed: int = 0):
     """Random float32 weights from the case's config, built on the device, checkpointing on."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..run.trainer import enable_checkpointing
 
     config = Qwen3Config(**{**case.config, "num_hidden_layers": case.layers})
@@ -136,6 +137,7 @@ def build_model(case: Case, device: torch.device, seed: int = 0):
 
 def synthetic_rollout(case: Case, seed: int = 0):
     """Random prompts and completions; a quarter of the completions end early (padding)."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..rollout import Rollout
 
     gen = torch.Generator().manual_seed(seed)
@@ -151,6 +153,7 @@ def synthetic_rollout(case: Case, seed: int = 0):
 
 def time_decoding(model, case: Case, device: torch.device) -> dict:
     """Tokens/s of sampling `decode_prompts` x `generations` completions of `decode_tokens` each."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..rollout import _decode
 
     phases = Phases(device)
@@ -171,6 +174,7 @@ def method_config(method: str, case: Case, device: torch.device):
     """The paper recipe's precision and optimizer settings, sized to the case (no Hydra needed)."""
     from omegaconf import OmegaConf
 
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..config import TrainConfig, config_dir, validate
 
     preset = OmegaConf.load(config_dir() / "method" / f"{method}.yaml")
@@ -202,6 +206,7 @@ def run_method(model, case: Case, method: str, device: torch.device, rollout, wo
     import lightning as L
     from torch.utils.data import DataLoader
 
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..module import OISDModule
     from ..run.folder import RunDir
     from ..run_hooks import LogStepHook

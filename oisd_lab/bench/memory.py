@@ -54,6 +54,7 @@ def profiler_peak(fn) -> int:
 
 
 def bench_memory(s: Settings) -> dict:
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import build_char_tokenizer
     from ..sources import load_source
 

@@ -24,6 +24,7 @@ from .common import (
 
 
 def bench_presets(s: Settings) -> dict:
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..rollout import generate
     from ..run.folder import RunDir
     from ..run_hooks import LogStepHook

@@ -44,6 +44,7 @@ def smol_settings(s: Settings) -> Settings:
 
 
 def bench_smollm2(s: Settings) -> dict:
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import load_pretrained
     from ..sources import load_source
 
@@ -88,6 +89,7 @@ def floor_arithmetic(config, prompt_len: int, completion_len: int) -> dict:
 
 
 def _decode_ours(policy, tok, prompts, sm):
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..rollout import generate
 
     return generate(policy, tok, prompts, sm.generations, sm.max_len)
@@ -141,6 +143,7 @@ def _presets(sm, cfgs, policy, tok, source, fixed, prompts, init, fmt) -> dict:
 
 def _diagnostics(sm, cfg, policy, tok, source, fmt) -> dict:
     """One `grpo` fit of two full steps with the run's logging hook: step 1 is a logging step."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..run.folder import RunDir
     from ..run_hooks import LogStepHook
 
@@ -159,6 +162,7 @@ def _diagnostics(sm, cfg, policy, tok, source, fmt) -> dict:
 
 def _diagnosed(cfg, module) -> list[int]:
     """The hidden-state indices a logging step diagnoses, as the logging hook chooses them."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..diagnostics import diagnosed_layers
 
     return diagnosed_layers(module.num_layers, cfg.log.diag_layers, module.student_layers)
@@ -191,6 +195,7 @@ def _versus_trl(sm, cfg, policy, tok, source, fmt) -> dict:
 
 def _memory(s: Settings, policy, tok, source, fmt) -> dict:
     """Peak bytes of one loss forward+backward (one micro-batch) at `smol_mem_len`-token completions."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from .common import _synthetic_rollout
     from .memory import _VocabOnly
 

@@ -26,6 +26,7 @@ def bench_trl(s: Settings) -> dict:
         import trl  # noqa: F401
     except ImportError:
         return {"skipped": "trl is not installed (pip install -e '.[bench]')"}
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..sources import load_source
 
     policy, tok = _start_policy(s)
@@ -56,6 +57,7 @@ def bench_trl(s: Settings) -> dict:
 
 def _ours_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> list[dict]:
     """`fmt`: prompt text -> what the model sees (e.g. the chat template), as for TRL."""
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import load_pretrained
 
     policy, tok = load_pretrained(model_dir)
@@ -69,6 +71,7 @@ def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> lis
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import load_pretrained
 
     steps = s.trl_steps + 1

@@ -41,6 +41,7 @@ def slurm_script(params: dict, command: list[str]) -> str:
 
 def require_submitit():
     """The submitit module, or a one-line ConfigError naming the install command."""
+    # on use: only a SLURM launch checks for its extra
     from ..extras import require_extra
 
     require_extra("slurm", "--launcher slurm")

@@ -26,6 +26,7 @@ def plan(cfg, memory_gib: float | None = None, prompt_length: int | None = None,
          max_layers: int = FULL_DEPTH_LIMIT, search: int = 4) -> Plan:
     """The plan of `cfg`; when it does not fit `memory_gib`, up to three settings that do, found
     with at most `search` more traces."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from .suggest import suggest
 
     cache: dict = {}
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..config import compose
 
     cfg = compose(args.overrides, config_name=args.config)

@@ -35,6 +35,7 @@ def shipped_name(name: str) -> str | None:
 
 def load_model_config(name: str) -> PretrainedConfig:
     """Config of `model.name` without downloading anything."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..models import TINY_PRESETS, build_char_tokenizer, tiny_config
 
     if name in TINY_PRESETS:

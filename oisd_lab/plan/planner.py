@@ -85,6 +85,7 @@ def trace_diagnostics(cfg, model_config, shape: StepShape) -> Phase:
     """One pass of the per-layer diagnostics (no grad) as `LogStepHook.diagnose` runs it on
     logging steps: `diagnostics.diag_rows` rollouts, the diagnosed layers of the full-depth model
     (their number does not grow linearly with depth, so this is never extrapolated)."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from .. import diagnostics
     from ..run_hooks import MAX_DIAG_ROWS
 
@@ -179,10 +180,12 @@ def on_gpu(cfg) -> bool:
 def default_prompt_length(cfg) -> tuple[int, str]:
     """(prompt tokens, where the number comes from): the longest of 64 training prompts of a
     synthetic task for a tiny model (character tokens), else an assumed length."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..models import is_tiny
     from ..tasks import TASKS
 
     if is_tiny(cfg.model.name) and cfg.task.name in TASKS:
+        # on use: the planner builds models and traces the step only when a plan is made
         from ..sources import load_source
 
         problems = load_source(cfg.task).train_batch(0, 64, cfg.seed)
@@ -197,6 +200,7 @@ def traced_config(cfg):
     param_dtype, low = formulas.precision_dtypes(cfg.precision, cfg.model.dtype)
     if not str(cfg.strategy).startswith("fsdp") or low is None or low == param_dtype:
         return cfg
+    # on use: the planner builds models and traces the step only when a plan is made
     from .suggest import with_overrides
 
     return with_overrides(cfg, {"model.dtype": str(low).removeprefix("torch.")})
@@ -212,6 +216,7 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
               cache: dict | None = None) -> Plan:
     """The memory plan of `cfg` per device; nothing is downloaded and no memory is used.
     `cache`: traces by `trace_key`, shared between plans of variants of one config."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from .model_config import load_model_config
 
     start = time.time()

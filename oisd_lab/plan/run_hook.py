@@ -17,11 +17,13 @@ MEASURED_STEPS = 2
 def plan_run(cfg, run, module, log=print) -> None:
     """Plan `cfg`, print it, write plan.json, and measure the phases of `module`'s first steps
     (rank 0 of a multi-process run only)."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..run.trainer import launched_rank
     from . import plan
 
     if launched_rank() != 0:
         return
+    # on use: the planner builds models and traces the step only when a plan is made
     from .report import GIB, format_plan
 
     memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
@@ -60,6 +62,7 @@ class PhaseMeter:
             torch.cuda.reset_peak_memory_stats()
             result = fn()
             return result, torch.cuda.max_memory_allocated()
+        # on use: the planner builds models and traces the step only when a plan is made
         from ..bench.memory import profiler_peak
 
         held, box = self._held(), []
@@ -67,6 +70,7 @@ class PhaseMeter:
         return box[0], held + peak
 
     def _held(self) -> int:
+        # on use: the planner builds models and traces the step only when a plan is made
         from .trace import tensor_bytes
 
         tensors = [*self.module.policy.parameters(), *(p.grad for p in self.module.policy.parameters()

@@ -49,6 +49,7 @@ def with_depth(model_config, layers: int):
 def build_policy(cfg, model_config, seed: int = 0):
     """The policy as a run trains it: the precision's parameter dtype, the attention kernel,
     gradient checkpointing, training mode."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..run.trainer import enable_checkpointing
 
     param_dtype, _ = precision_dtypes(cfg.precision, cfg.model.dtype)
@@ -61,6 +62,7 @@ def build_policy(cfg, model_config, seed: int = 0):
 
 
 def build_module(cfg, policy, ref=None):
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..module import OISDModule
 
     return OISDModule(cfg, policy, tokenizer=None, task=None, reward_fn=None, ref_model=ref)
@@ -70,6 +72,7 @@ def at_depth(cfg, layers: int):
     """The run's config for a model cut to `layers` decoder layers: the same number of student
     layers, placed where they exist (the memory of an alignment loss does not depend on which
     layer is the student; every hidden state is kept for backward anyway)."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..lens import default_student_layer
 
     out = copy.deepcopy(cfg)
@@ -83,6 +86,7 @@ def at_depth(cfg, layers: int):
 def micro_batches(shape: StepShape, vocab_size: int, count: int | None = None, seed: int = 0) -> list:
     """(rollout, advantages, normalisers) of the first `count` micro-batches of a step whose
     completions all run to full length (the bench's synthetic rollout, one prompt left-padded)."""
+    # on use: the planner builds models and traces the step only when a plan is made
     from ..bench.common import _synthetic_rollout
     from ..bench.memory import _VocabOnly
 
