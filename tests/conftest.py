@@ -40,3 +40,11 @@ def tiny_model(char_tokenizer):
 def tiny_overrides(run_dir, *extra: str) -> list[str]:
     """A run that finishes in seconds (experiments/debug/quick.yaml), in `run_dir`."""
     return [f"run_dir={run_dir}", "debug=quick", *extra]
+
+
+@pytest.fixture(autouse=True)
+def _own_wandb_service():
+    """Training subprocesses start their own W&B service: one inherited from a test that ran W&B
+    in this worker would keep a killed run's id "in use" and fail the resumed start."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield

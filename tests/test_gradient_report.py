@@ -11,6 +11,7 @@ from conftest import tiny_overrides
 from test_analysis import write_run
 
 from oisd_lab.analysis import gradients, report
+from oisd_lab.analysis.runs import load_grid
 from oisd_lab.collect import collect
 from oisd_lab.config import compose
 from oisd_lab.train import train
@@ -47,7 +48,7 @@ def view_grid(tmp_path):
 
 
 def test_gradient_summary_means_steps_then_runs(view_grid):
-    grid = report.load_grid(view_grid)
+    grid = load_grid(view_grid)
     summary = gradients.gradient_summary(grid.metrics, by="method")
     # oisd: run means 0.03 and 0.07 -> mean 0.05, std 0.02 * sqrt(2)
     assert summary.loc["oisd", ("grad/think/share", "mean")] == pytest.approx(0.05)

@@ -44,6 +44,9 @@ def cell_command(grid: Grid, cell: Cell, folder: Path, threads: int = 1) -> list
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("WANDB_MODE", "offline")
+    # A W&B service started in this process (a notebook, say) must not be shared by the cells:
+    # a killed cell's run id would stay "in use" there, and its resumed start would fail.
+    env.pop("WANDB_SERVICE", None)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, str(threads))
     return env
