@@ -102,7 +102,7 @@ def measure(cfg, start_dir: str, batches: int) -> list[dict]:
     rows = []
     for step in range(1, batches + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * 9_973)
-        problems, rollout = module._rollout(step, 0, 1)
+        problems, rollout = module.sampler(step, 0, 1)
         G = cfg.grpo.num_generations
         rewards = torch.tensor([source.reward(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
                                dtype=torch.float32)
