@@ -77,21 +77,29 @@ def _splits(adv: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor]
 def _lens_token_metrics(readout, hidden: dict[int, torch.Tensor], final: torch.Tensor, tokens: torch.Tensor,
                         chunk: int) -> dict[int, dict[str, torch.Tensor]]:
     """Per-token lens metrics {k: {metric: [N]}} from hidden states {k: [N, D]}, the final layer's
-    hidden state [N, D] and the sampled tokens [N]. The teacher's logits are made once per chunk
-    of tokens and shared by every layer; nothing [N, V] is kept."""
+    hidden state [N, D] and the sampled tokens [N]. The teacher's log-probabilities are made once
+    per chunk of tokens and shared by every layer (`losses.lens_divergences`); nothing [N, V] is
+    kept."""
     L = readout.num_layers
     out = {k: defaultdict(list) for k in hidden}
     for lo in range(0, final.shape[0], chunk):
         teacher = readout.logits(final[lo : lo + chunk], L).float()
         top, tok = teacher.argmax(-1), tokens[lo : lo + chunk]
+        teacher_logp = torch.log_softmax(teacher, dim=-1)
+        teacher_p = teacher_logp.exp()
+        del teacher
+        # The final layer against itself: KL = JSD = 0 exactly, as the plain functions give them.
+        zero = teacher_p.new_zeros(teacher_p.shape[0])
+        final_row = (zero, zero, -(teacher_p * teacher_logp).nansum(-1))
         for k, h in hidden.items():
-            lens = teacher if k == L else readout.logits(h[lo : lo + chunk], k).float()
-            arg = lens.argmax(-1)
+            lens = None if k == L else readout.logits(h[lo : lo + chunk], k).float()
+            arg = top if lens is None else lens.argmax(-1)
             out[k]["lens_acc"].append((arg == tok).float())
             out[k]["agree_top1"].append((arg == top).float())
-            out[k]["kl"].append(losses.kl_from_logits(teacher, lens))
-            out[k]["jsd"].append(losses.jsd(teacher, lens))
-            out[k]["entropy"].append(losses.entropy_from_logits(lens))
+            values = final_row if lens is None else losses.lens_divergences(teacher_logp, lens, teacher_p)
+            for name, v in zip(("kl", "jsd", "entropy"), values, strict=True):
+                out[k][name].append(v)
+            del lens, values
     return {k: {name: torch.cat(v) for name, v in d.items()} for k, d in out.items()}
 
 

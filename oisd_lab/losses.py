@@ -528,6 +528,35 @@ def kl_from_logits(p_logits: Tensor, q_logits: Tensor, temperature: float = 1.0)
     return _kl_from_logps(logp, logq)
 
 
+
+def lens_divergences(teacher_logp: Tensor, student_logits: Tensor, teacher_p: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """KL(P || Q), JSD(P, Q) (beta = 0.5) and H(Q) in nats per row, from one log-softmax of the student.
+
+    teacher_logp [..., V]: log P, already log-softmaxed (computed once and shared by every student);
+    teacher_p: its exp, optional, for the same reason; student_logits [..., V] -> three [...] tensors.
+    With log Q = log_softmax(student_logits) (temperature 1) and S = P + Q:
+        KL  = sum_v P (log P - log Q)                                    (`kl_from_logits`)
+        JSD = ln 2 + 1/2 sum_v [P (log P - log S) + Q (log Q - log S)]   (`jsd`, beta = 0.5, >= 0)
+        H   = -sum_v Q log Q                                             (`entropy_from_logits`)
+    (log M = log S - ln 2 with sum P = sum Q = 1.) log S from the probabilities is finite wherever
+    P or Q is positive, so every NaN term is a 0 log 0 (zero probability, -inf or underflowed logit)
+    and is summed as 0; KL stays +inf where P > 0 = Q, as `kl_from_logits`. float32 or wider;
+    no gradient (metrics: call under `torch.no_grad()`); temporaries are reused in place.
+    """
+    logq = F.log_softmax(_upcast(student_logits), dim=-1)
+    p = teacher_logp.exp() if teacher_p is None else teacher_p
+    q = logq.exp()
+    buf = torch.mul(q, logq)
+    entropy = -buf.nansum(-1)
+    kl = torch.sub(teacher_logp, logq, out=buf).mul_(p).nansum(-1)
+    log_s = torch.add(p, q).log_()
+    # Two sums, not one of the added terms: a 0 log 0 of P must not hide Q's term at that entry.
+    p_terms = torch.sub(teacher_logp, log_s, out=buf).mul_(p).nansum(-1)
+    div = logq.sub_(log_s).mul_(q).nansum(-1).add_(p_terms).mul_(0.5).add_(math.log(2.0))
+    # Rounding leaves ~1e-7 of either sign when P == Q; JSD >= 0 (as `jsd` clamps).
+    return kl, div.clamp_(min=0.0), entropy
+
 LENS_CHECKPOINT_MIN_ELEMENTS = 1 << 26
 """Tokens x vocabulary of the lens above which its chunks are recomputed in backward. Below it,
 each chunk keeps one [chunk, V] float32 tensor (its student-logit gradient, at most 256 MiB in
