@@ -16,24 +16,13 @@ resume:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-
-def table_rows(path: Path | None) -> list[dict]:
-    """Rows of the local metrics table; a torn last line (a killed writer) is skipped."""
-    rows = []
-    if path is not None and Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
+from .folder import read_jsonl
 
 
 class StepWandbLogger(WandbLogger):
@@ -54,7 +43,7 @@ class StepWandbLogger(WandbLogger):
         if self._backfilled:
             return
         self._backfilled = True
-        for row in table_rows(self._table):
+        for row in (read_jsonl(self._table) if self._table is not None else []):
             step = row.get("step")
             if isinstance(step, int) and self.logged_through < step < before:
                 values = {k: v for k, v in row.items() if k != "step" and v is not None}
