@@ -34,7 +34,7 @@ import torch
 from . import losses
 from .attention import AttentionCapture, attention_layer_of, hidden_index_of
 from .hidden_capture import HiddenCapture, backbone_of
-from .step import ATTN_ROW_BLOCK, VOCAB_CHUNK_ELEMENTS, completion_positions
+from .step import ATTN_ROW_BLOCK, VOCAB_CHUNK_ELEMENTS, attention_row_blocks, completion_positions
 
 METRICS = ("lens_acc", "agree_top1", "kl", "jsd", "entropy", "attn_jsd", "attn_cos")
 LENS_METRICS = METRICS[:5]
@@ -116,14 +116,13 @@ def _per_head_jsd(teacher: torch.Tensor, student: torch.Tensor, query: torch.Ten
 def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num_layers: int
                              ) -> dict[int, dict[str, torch.Tensor]]:
     """{k: {"attn_jsd": [b, C], "attn_cos": [b, C], "heads": [H, b, C]}}, recomputed from the
-    captured q/k one layer and one block of completion rows at a time. A block ending at row
-    P-2+hi reads only the first P-1+hi keys: causal rows see no further (exact)."""
+    captured q/k one layer and one block of completion rows at a time (`attention_row_blocks`:
+    each block reads only the keys its causal rows can see)."""
     mask, keys = part.completion_mask, part.attention_mask.bool()
-    P, C = part.prompt_length, mask.shape[1]
+    start = completion_positions(part).start
     out = {k: defaultdict(list) for k in layers}
-    for lo in range(0, C if layers else 0, ATTN_ROW_BLOCK):
-        hi = min(lo + ATTN_ROW_BLOCK, C)
-        rows, width = slice(P - 1 + lo, P - 1 + hi), P - 1 + hi
+    for lo, hi, width in attention_row_blocks(part) if layers else ():
+        rows = slice(start + lo, start + hi)
         query, key = mask[:, lo:hi].bool(), keys[:, :width]
         teacher = cap.probs_for(attention_layer_of(num_layers), rows, keys=width).float()  # [b, H, hi-lo, width]
         for k in layers:

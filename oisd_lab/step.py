@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -263,17 +263,22 @@ def think_divergence(out: PolicyOutputs, mask: torch.Tensor, objective: Objectiv
     return per_tok
 
 
+def attention_row_blocks(part: Rollout) -> Iterator[tuple[int, int, int]]:
+    """(lo, hi, width) of each block of `ATTN_ROW_BLOCK` completion rows lo..hi-1. Causal row
+    P-1+t attends to keys 0..P-1+t only, so the block needs just the first width = P-1+hi keys
+    (exact: the rest have probability 0)."""
+    P, C = part.prompt_length, part.completion_mask.shape[1]
+    for lo in range(0, C, ATTN_ROW_BLOCK):
+        hi = min(lo + ATTN_ROW_BLOCK, C)
+        yield lo, hi, P - 1 + hi
+
+
 def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective) -> dict[int, torch.Tensor]:
     """Per student layer, the per-token attention-row JSD to the final layer: {k: [b, C]}."""
     m, mask = objective.method, part.completion_mask
-    P, C = part.prompt_length, mask.shape[1]
     keys = part.attention_mask.bool()
     per_tok: dict[int, list[torch.Tensor]] = {layer: [] for layer in objective.student_layers}
-    # Blocks of completion rows: causal row P-1+t attends to keys 0..P-1+t only, so a block
-    # ending at row P-2+hi needs just the first P-1+hi keys (exact; the rest have probability 0).
-    for lo in range(0, C, ATTN_ROW_BLOCK):
-        hi = min(lo + ATTN_ROW_BLOCK, C)
-        width = P - 1 + hi
+    for lo, hi, width in attention_row_blocks(part):
         with torch.no_grad():  # the teacher is detached: build no graph for its rows
             teacher = out.attention_rows(objective.num_layers, lo, hi, keys=width)  # [b, H, hi-lo, width]
         for layer in objective.student_layers:
