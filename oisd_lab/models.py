@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from .errors import first_line
+from .extras import install_hint, missing_module
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -173,9 +174,6 @@ def load_pretrained(
 
 def _require_gguf_reader() -> None:
     """transformers reads GGUF files with the `gguf` package (and `accelerate`): the `gguf` extra."""
-    # on use: only a failed GGUF load needs the install hint
-    from .extras import install_hint, missing_module
-
     missing = missing_module("gguf")
     if missing is not None:
         raise ValueError(f"model.name: 'smollm2' is a GGUF checkpoint and needs {missing} (the 'gguf' extra); "

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..extras import require_extra
 from ..run.folder import RunDir
 from .local import _child_env, cell_command, cell_dir, settle
 from .spec import Cell, Grid
@@ -41,9 +42,6 @@ def slurm_script(params: dict, command: list[str]) -> str:
 
 def require_submitit():
     """The submitit module, or a one-line ConfigError naming the install command."""
-    # on use: only a SLURM launch checks for its extra
-    from ..extras import require_extra
-
     require_extra("slurm", "--launcher slurm")
     import submitit
 
