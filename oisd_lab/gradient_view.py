@@ -46,12 +46,13 @@ Grads = Sequence[Tensor | None]
 def grad_dot(a: Grads, b: Grads, where: Grads | None = None) -> float:
     """sum over parameters of <a_p, b_p>, over the parameters that `where` reaches (all if None);
     a None entry counts as zeros."""
-    total = 0.0
+    total = None  # summed on the gradients' device: one host sync per call, not per parameter
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x is None or y is None or (where is not None and where[i] is None):
             continue
-        total += float((x.double() * y.double()).sum())
-    return total
+        part = (x.double() * y.double()).sum()
+        total = part if total is None else total + part.to(total.device)
+    return 0.0 if total is None else float(total)
 
 
 def grad_norm(a: Grads, where: Grads | None = None) -> float:
