@@ -1,0 +1,85 @@
+"""The documentation in docs/ stays attached to the code: every citation of a doc from the package
+names an existing file and section, and every config field and package function a doc names exists."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+from oisd_lab import config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+CITATION = re.compile(r"docs/([\w-]+\.md)(?:, (?:section (\d+)|\"([^\"]+)\"))?")
+
+
+def _headings(doc: Path) -> list[str]:
+    return [line.lstrip("#").strip() for line in doc.read_text().splitlines() if line.startswith("#")]
+
+
+def _citations() -> list[tuple[str, str, str | None, str | None]]:
+    found = []
+    for path in sorted((ROOT / "oisd_lab").rglob("*.py")):
+        text = " ".join(path.read_text().split())  # a citation may wrap over two lines
+        found += [(str(path.relative_to(ROOT)), *m.groups()) for m in CITATION.finditer(text)]
+    return found
+
+
+def test_the_package_cites_docs_that_exist_by_section():
+    citations = _citations()
+    assert len(citations) >= 6, citations  # the finder itself works
+    for where, name, section, title in citations:
+        doc = DOCS / name
+        assert doc.is_file(), f"{where} cites docs/{name}, which does not exist"
+        heads = _headings(doc)
+        if section:
+            assert any(h.startswith(f"{section}. ") for h in heads), f"{where}: docs/{name} has no section {section}"
+        if title:
+            assert title in heads, f"{where}: docs/{name} has no heading {title!r}"
+
+
+def test_the_docs_cite_each_other_by_existing_sections():
+    refs = [(doc.name, *m) for doc in sorted(DOCS.glob("*.md"))
+            for m in re.findall(r"([\w-]+\.md),\s+sections?\s+(\d+)(?:\s+and\s+(\d+))?", doc.read_text())]
+    assert refs
+    for where, name, *sections in refs:
+        heads = _headings(DOCS / name)
+        for section in filter(None, sections):
+            assert any(h.startswith(f"{section}. ") for h in heads), f"{where}: {name} has no section {section}"
+
+
+def test_the_readme_links_both_docs():
+    readme = (ROOT / "README.md").read_text()
+    for name in ("oisd-method.md", "grpo-conventions.md"):
+        assert f"](docs/{name})" in readme and (DOCS / name).is_file()
+
+
+def _fields() -> set[str]:
+    groups = {f.name: f.type for f in dataclasses.fields(config.TrainConfig)}
+    names = set(groups)
+    for group in ("model", "task", "method", "grpo", "pretrain", "log", "eval"):
+        cls = getattr(config, type(getattr(config.TrainConfig(), group)).__name__)
+        names |= {f"{group}.{f.name}" for f in dataclasses.fields(cls)}
+    return names
+
+
+def _top_level(module: str) -> set[str]:
+    tree = ast.parse((ROOT / "oisd_lab" / f"{module}.py").read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            names |= {f"{node.name}.{n.name}" for n in node.body if isinstance(n, ast.FunctionDef)}
+    return names
+
+
+def test_every_config_field_and_function_the_docs_name_exists():
+    fields = _fields()
+    for doc in sorted(DOCS.glob("*.md")):
+        text = doc.read_text()
+        for group, name in re.findall(r"`(method|grpo|log|model|task)\.(\w+)", text):
+            assert f"{group}.{name}" in fields, f"{doc.name} names `{group}.{name}`, not a config field"
+        for module, name in re.findall(r"`(losses|step|lens|module|attention)\.(?!py`)([\w.]+)`", text):
+            assert name in _top_level(module), f"{doc.name} names `{module}.{name}`, not in oisd_lab/{module}.py"
