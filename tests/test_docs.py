@@ -1,5 +1,6 @@
 """The documentation in docs/ stays attached to the code: every citation of a doc from the package
-names an existing file and section, and every config field and package function a doc names exists."""
+names an existing file and section, every config field and package function a doc names exists,
+and section 5's length formula is what the alignment loss does."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import dataclasses
 import re
 from pathlib import Path
 
-from oisd_lab import config
+import pytest
+import torch
+
+from oisd_lab import config, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -83,3 +87,22 @@ def test_every_config_field_and_function_the_docs_name_exists():
             assert f"{group}.{name}" in fields, f"{doc.name} names `{group}.{name}`, not a config field"
         for module, name in re.findall(r"`(losses|step|lens|module|attention)\.(?!py`)([\w.]+)`", text):
             assert name in _top_level(module), f"{doc.name} names `{module}.{name}`, not in oisd_lab/{module}.py"
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo"])
+def test_section_5_length_effect_is_what_alignment_loss_does(loss_type):
+    """oisd-method.md, section 5: when every token shares one divergence gradient, signed weighting
+    leaves B cov(A, |o|) / N of it under dapo, cov(A, |o|) / max_completion_length under dr_grpo,
+    and nothing under grpo."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    adv = losses.group_advantages(rewards, num_generations=4)
+    lengths = torch.tensor([6, 2, 5, 3, 4, 6, 1, 2])
+    B, T = 8, 6
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()
+    x = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    loss = losses.alignment_loss(x * torch.ones(B, T, dtype=torch.float64), mask, adv.double(), "signed", loss_type)
+    (grad,) = torch.autograd.grad(loss, x)
+    cov = sum((a - adv.mean()) * (n - lengths.float().mean()) for a, n in zip(adv, lengths, strict=True)) / B
+    expected = {"dapo": B * cov / lengths.sum(), "dr_grpo": cov / T, "grpo": 0.0}[loss_type]
+    assert abs(float(cov)) > 0.05  # the case has a length effect to find
+    assert float(grad) == pytest.approx(float(expected), abs=1e-7)
