@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def _fields() -> set[str]:
     return names
 
 
+@functools.cache
 def _top_level(module: str) -> set[str]:
     tree = ast.parse((ROOT / "oisd_lab" / f"{module}.py").read_text())
     names = set()
