@@ -422,7 +422,7 @@ def aggregate(
     num_sequences: int | None = None,
     num_micro_batches: int = 1,
 ) -> Tensor:
-    """Reduce a per-token loss [B, T] with completion mask [B, T] to a scalar (grpo-conventions.md).
+    """Reduce a per-token loss [B, T] with completion mask [B, T] to a scalar (docs/grpo-conventions.md, section 5).
 
     With l = per_token, M = mask (masked slots are ignored through torch.where, so they may hold
     1e4, inf or NaN):
@@ -521,7 +521,7 @@ def jsd(p_logits: Tensor, q_logits: Tensor, beta: float = 0.5, temperature: floa
 def kl_from_logits(p_logits: Tensor, q_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(P || Q) in nats per position, P = softmax(p_logits / T), Q = softmax(q_logits / T).
 
-    [..., V] x2 -> [...]. Used for the per-layer KL(p_L || p_k) metric (docs section 4).
+    [..., V] x2 -> [...]. Used for the per-layer KL(p_L || p_k) metric (docs/oisd-method.md, section 4).
     """
     logp = F.log_softmax(_upcast(p_logits) / temperature, dim=-1)
     logq = F.log_softmax(_upcast(q_logits) / temperature, dim=-1)

@@ -12,7 +12,7 @@ IS_LEVELS = ("token", "sequence")
 SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 """grpo.vllm_importance_sampling_mode (see `losses.sampler_importance_weights`)."""
 SCALE_REWARDS = ("group", "batch", "none")
-"""grpo.scale_rewards: which standard deviation divides the advantages (see `losses.advantages`)."""
+"""grpo.scale_rewards: which standard deviation divides the advantages (see `losses.group_advantages`)."""
 NONFINITE = ("skip", "stop")
 """grpo.nonfinite: what a step with a NaN/Inf gradient norm does."""
 ROLLOUT_BACKENDS = ("hf", "vllm")
