@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ..collect import POWER_COLUMNS, annotate
 from ..grid import compact
 from ..run.folder import GRID_MANIFEST, RunDir, cell_folders, read_json
 from ..run.folder import read_jsonl as _read_rows
@@ -99,8 +100,13 @@ def read_table(folder: Path, name: str) -> pd.DataFrame | None:
 
 
 def load_results(results_dir: str | Path) -> dict[str, pd.DataFrame | None]:
-    """The collected tables of a grid: results (tidy), aggregate, paired."""
-    return {name: read_table(Path(results_dir), name) for name in COLLECTED}
+    """The collected tables of a grid: results (tidy), aggregate, paired. A paired table collected
+    before it carried what each comparison can detect gets those columns here (`collect.annotate`)."""
+    tables = {name: read_table(Path(results_dir), name) for name in COLLECTED}
+    paired = tables["paired"]
+    if paired is not None and not paired.empty and not set(POWER_COLUMNS) <= set(paired.columns):
+        tables["paired"] = annotate(paired, tables["aggregate"])
+    return tables
 
 
 @dataclass
