@@ -136,6 +136,12 @@ def method_task_table(aggregate: pd.DataFrame, metrics: Sequence[str] = ("avg_at
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("method")
 
 
+def flagged_non_result(r: pd.Series) -> bool:
+    """Whether a paired row is labelled a non-result (missing or unknown: no)."""
+    value = r.get("non_result")
+    return value is not None and not (isinstance(value, float) and pd.isna(value)) and bool(value)
+
+
 def paired_cell(r: pd.Series, scale: float, digits: int) -> str:
     """`mean [95% CI], MDE80 x` of one paired comparison; a zero-variance comparison shows its flag
     instead of an interval, and a non-result (detectable effect above the reference's own gain)
@@ -147,7 +153,7 @@ def paired_cell(r: pd.Series, scale: float, digits: int) -> str:
     text = f"{mean} {fmt_interval(r['ci95_low'], r['ci95_high'], scale, digits)}"
     if not pd.isna(r.get("mde80", np.nan)):
         text += f", MDE80 {r['mde80'] * scale:.{digits}f}"
-    if r.get("non_result") is True or r.get("non_result") == 1.0:
+    if flagged_non_result(r):
         text += " (non-result)"
     return text
 
@@ -236,9 +242,12 @@ def _verdict(task: str, who: str, r: pd.Series, name: str, scale: float, unit: s
     power = "" if pd.isna(mde) else f"; detectable at 80% power: {mde * scale:.{digits}f} {unit}".rstrip()
     holm = r.get("p_holm", np.nan)
     corrected = "" if pd.isna(holm) else f"; Holm-adjusted p={holm:.3f} over the table's {name} comparisons"
-    if r.get("non_result") is True or r.get("non_result") == 1.0:
+    if flagged_non_result(r):
         return (f"{task}: {who} minus GRPO on {name} is {d} ({ci}{power}): a non-result, since the design "
                 f"detects only effects larger than GRPO's own gain ({r['reference_gain'] * scale:+.{digits}f} {unit}).")
+    if (r["ci95_low"] > 0 or r["ci95_high"] < 0) and not pd.isna(holm) and holm > 0.05:
+        return (f"{task}: {who} minus GRPO on {name} is {d} ({ci}): the interval excludes 0, but not after "
+                f"correcting for the table's {name} comparisons (Holm-adjusted p={holm:.3f}), so no claim.")
     if r["ci95_low"] > 0:
         return f"{task}: {who} beats GRPO on {name} by {d} ({ci}; the interval excludes 0{corrected})."
     if r["ci95_high"] < 0:
