@@ -73,13 +73,15 @@ def write_tables(grid: GridData, out: Path) -> dict[str, str]:
     md.update(_gradient_tables(grid, folder))
     md["aggregate"] = _write_table(folder, "aggregate", tables.aggregate_table(grid.aggregate),
                                    "Every scalar metric, raw units: mean, std, 95% CI over seeds.")
+    same = folder.resolve() == grid.results_dir.resolve()  # the report writes beside the collected tables
     for name in COLLECTED:
         frame = getattr(grid, name)
         if (grid.results_dir / f"{name}.csv").is_file():
-            shutil.copy(grid.results_dir / f"{name}.csv", folder / f"{name}.csv")
+            if not same:
+                shutil.copy(grid.results_dir / f"{name}.csv", folder / f"{name}.csv")
         elif frame is not None:
             frame.to_csv(folder / f"{name}.csv", index=False)
-    if (grid.results_dir / "collect.json").is_file():
+    if (grid.results_dir / "collect.json").is_file() and not same:
         shutil.copy(grid.results_dir / "collect.json", folder / "collect.json")
     return md
 
