@@ -26,6 +26,7 @@ import torch
 from . import losses
 from .attention import AttentionCapture, attention_layer_of
 from .lens import Readout
+from .options import JSD_TEMPERATURE_SAMPLING
 from .rollout import Rollout
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24
@@ -107,6 +108,13 @@ class Objective:
     @property
     def num_layers(self) -> int:
         return self.readout.num_layers
+
+    @property
+    def jsd_temperature(self) -> float:
+        """Temperature of the logit channel: `method.jsd_temperature`, or `grpo.temperature` when it
+        is the word `sampling` (the only place that word is resolved)."""
+        value = self.method.jsd_temperature
+        return float(self.grpo.temperature if value == JSD_TEMPERATURE_SAMPLING else value)
 
     @property
     def logit_weight(self) -> float:
@@ -257,7 +265,7 @@ def think_divergence(out: PolicyOutputs, mask: torch.Tensor, objective: Objectiv
     for layer in objective.student_layers:
         h = out.hidden[layer][sel]  # [N, D]
         lens = objective.readout.for_layer(layer, m.lens_grad, norm=m.lens_norm)
-        div = losses.chunked_lens_jsd(h, out.logits, lens, m.jsd_beta, m.jsd_temperature, chunk,
+        div = losses.chunked_lens_jsd(h, out.logits, lens, m.jsd_beta, objective.jsd_temperature, chunk,
                                       teacher_index=index)
         per_tok[layer] = torch.zeros_like(mask).masked_scatter(sel, div)
     return per_tok
