@@ -162,7 +162,8 @@ class Objective:
 def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mapping, objective: Objective,
                ref_logps: torch.Tensor | None = None, rewards: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
-    """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser.
+    """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser (the
+    alignment losses with `method.align_loss_type`'s instead when it is set).
 
     out: `objective.forward(model, part)`; adv [b]; norm: whole-batch normalisers for
     `losses.aggregate` (num_items_in_batch, num_sequences, max_completion_length, and
