@@ -2,13 +2,16 @@
 
 rollout -> rewards -> advantages -> per micro-batch: policy forward (hidden states of the student
 layers, attention of student and final layers only) -> policy / think / attention losses, all
-aggregated with the policy loss's normaliser -> backward -> one optimizer step. Every N steps:
+aggregated with whole-batch normalisers (the alignment losses with the policy loss's normaliser
+unless `method.align_loss_type` is set) -> backward -> one optimizer step. Every N steps:
 per-layer diagnostics, completions and snapshots, and the gradient view (each term's gradient,
 `gradient_view.py`). The math lives in `losses.py`.
 
 Positions: the logits at position t predict token t+1, so both alignment channels act on the
 positions that produced the completion tokens (the last prompt position up to the one before the
-last completion token); the completion mask is shifted accordingly.
+last completion token). Those outputs are read one position early (`step.completion_positions`),
+so column t of every [b, C] tensor belongs to completion token t and the completion mask is used
+as it is, unshifted.
 """
 
 from __future__ import annotations
