@@ -31,6 +31,9 @@ def _grad_rows(method: str, seed: int) -> list[dict]:
             if RATIOS[(method, seed)]:
                 name = "share" if seed == 0 else "norm_ratio"
                 row.update({f"grad/think/{name}": RATIOS[(method, seed)][i // 2], "grad/think/cos_policy": 0.1})
+            if seed == 1 and step == 3:  # logged since the AdamW view and cos_prev: from the 2nd view step
+                row.update({"grad/policy/cos_prev": 0.2, **({"grad/think/cos_prev": 0.9, "grad/think/adam_norm_ratio":
+                                                              0.5} if method == "oisd" else {})})
         rows.append(row)
     return rows
 
@@ -62,6 +65,9 @@ def test_gradient_summary_means_steps_then_runs(view_grid):
     table = gradients.gradient_table(grid.metrics, grid.eval, by="method")
     assert table.loc["oisd", "think norm ratio"] == "0.05 ± 0.028" and table.loc["grpo", "think norm ratio"] == ""
     assert table.loc["oisd", "Avg@K %"] == 25.0
+    # the newer views: mean over the runs that logged them (one here, so no std)
+    assert table.loc["oisd", "think Adam ratio"] == "0.5" and table.loc["oisd", "think cos prev"] == "0.9"
+    assert table.loc["grpo", "policy cos prev"] == "0.2"
 
 
 def test_report_shows_the_gradient_view(view_grid, tmp_path, monkeypatch):
@@ -72,6 +78,7 @@ def test_report_shows_the_gradient_view(view_grid, tmp_path, monkeypatch):
     assert "0.05 ± 0.028" in table and (out / "tables" / "gradients.tex").is_file()
     assert "## Gradient view" in (out / "README.md").read_text()
     assert (out / "figures" / "gradient_norm_ratios.png").is_file()
+    assert (out / "figures" / "gradient_cos_prev.png").is_file()
     assert "think norm ratio" in table and "share" not in table
 
 

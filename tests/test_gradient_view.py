@@ -242,7 +242,8 @@ def test_gradient_view_over_two_real_adamw_steps(tiny_model, char_tokenizer):
     opt = build_optimizer(params, module.cfg.grpo)
     rollout = _rollout([6, 3, 8, 5, 2, 7, 8, 4] * 2, [0, 1, 2, 0] * 4)
     adv = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9, -0.9, -0.9, 1.2, -1.2, 0.3, -0.3])
-    refs, totals, got = [], [], []
+    refs, totals, got, sketched = [], [], [], []
+    sketch = PreviousGradients(dims=16384)  # the default sketch, beside the module's exact copy
     for step_adv in (adv, adv.flip(0)):  # the second step credits other rollouts
         refs.append(_naive(module, rollout, step_adv, micro=4))
         module.policy.zero_grad(set_to_none=True)
@@ -251,6 +252,7 @@ def test_gradient_view_over_two_real_adamw_steps(tiny_model, char_tokenizer):
         got.append(module.gradient_view_metrics(view, {k: v for k, v in sums.items() if k.startswith("stat/")},
                                                 rollout, step_adv))
         totals.append([p.grad.clone() for p in params])  # what AdamW is given (no clipping here)
+        sketched.append(sketch.update(view.grads, params))
         opt.step()
     assert not any("adam" in k or "cos_prev" in k for k in got[0])
     betas, eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
@@ -262,3 +264,5 @@ def test_gradient_view_over_two_real_adamw_steps(tiny_model, char_tokenizer):
     for name in ("policy", "think", "attn"):
         cos = _cos(_flat(refs[0][name], params), _flat(refs[1][name], params))
         assert got[1][f"grad/{name}/cos_prev"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+        # sketched: error std about sqrt((1 + cos^2) / 16384) < 0.011; 0.05 is more than 4 of them
+        assert sketched[1][f"grad/{name}/cos_prev"] == pytest.approx(cos, abs=0.05)

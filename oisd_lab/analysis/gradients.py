@@ -89,16 +89,44 @@ def gradient_norm_ratios(metrics: pd.DataFrame, by: str = "variant",
                          channels: Sequence[str] = ("think", "attn"), width: float = 7.0):
     """Each alignment channel's gradient norm over the policy gradient's (`norm_ratio`, a ratio of
     norms, not a fraction of the update), per logging step (mean over runs), one line per group,
-    log scale."""
+    log scale; dashed, where logged, the same ratio after AdamW's preconditioning."""
+    panels = [(f"{c}: |g| / |g_policy| (dashed: AdamW)", f"grad/{c}/norm_ratio", f"grad/{c}/adam_norm_ratio")
+              for c in channels]
+    return _per_step(metrics, by, panels, width, yscale="log")
+
+
+def has_cos_prev(metrics: pd.DataFrame) -> bool:
+    return has_gradient_view(metrics) and "grad/policy/cos_prev" in metrics
+
+
+def gradient_cos_prev(metrics: pd.DataFrame, by: str = "variant",
+                      terms: Sequence[str] = ("policy", "think", "attn"), width: float = 9.0):
+    """Each term's cosine between its gradient on a logging step and on the previous one
+    (`cos_prev`), per logging step (mean over runs), one line per group: near 1 a term pushes the
+    same way step after step, near 0 it turns."""
+    panels = [(f"{t}: cos(g, g on the previous view step)", f"grad/{t}/cos_prev", None) for t in terms]
+    return _per_step(metrics, by, panels, width, ylim=(-1.05, 1.05))
+
+
+def _per_step(metrics: pd.DataFrame, by: str, panels: Sequence[tuple[str, str, str | None]], width: float,
+              yscale: str = "linear", ylim: tuple[float, float] | None = None):
+    """One panel per (title, column, dashed column or None): the column's mean over runs per
+    logging step, one line per group (the dashed column in the same colour)."""
     rows = current_metric_names(metrics[metrics["grad/policy/norm"].notna()])
-    fig, axes = plt.subplots(1, len(channels), figsize=(width, width * 0.4), squeeze=False)
-    for ax, channel in zip(axes[0], channels, strict=True):
-        col = f"grad/{channel}/norm_ratio"
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, width * 0.4 * 2 / len(panels)), squeeze=False)
+    for ax, (title, col, dashed) in zip(axes[0], panels, strict=True):
         if col in rows:
             for group, frame in rows.dropna(subset=[col]).groupby(by):
                 curve = frame.groupby("step")[col].mean()
-                ax.plot(curve.index, curve.values, marker="o", ms=3, label=str(group))
-        ax.set(title=f"{channel}: |g| / |g_policy|", xlabel="step", yscale="log")
+                (line,) = ax.plot(curve.index, curve.values, marker="o", ms=3, label=str(group))
+                if dashed in frame and frame[dashed].notna().any():
+                    other = frame.groupby("step")[dashed].mean().dropna()
+                    ax.plot(other.index, other.values, ls="--", color=line.get_color(), label="_nolegend_")
+        ax.set(title=title, xlabel="step", yscale=yscale)
+        ax.title.set_fontsize(8)
+        if ylim:
+            ax.set_ylim(*ylim)
+            ax.axhline(0.0, color="0.6", lw=0.6)
     lines = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
     if lines:
         fig.legend(list(lines.values()), list(lines), fontsize=6, loc="upper center",

@@ -164,6 +164,8 @@ def figure_specs(grid: GridData) -> list[tuple[str, callable]]:
     by = "variant" if grid.axes else "method"
     view = [("gradient_norm_ratios", lambda: gradients.gradient_norm_ratios(grid.metrics, by=by))] \
         if gradients.has_gradient_view(grid.metrics) else []
+    if gradients.has_cos_prev(grid.metrics):
+        view.append(("gradient_cos_prev", lambda: gradients.gradient_cos_prev(grid.metrics, by=by)))
     return [*_result_specs(grid, by), *view, *_layer_specs(grid, by), *_snapshot_specs(grid)]
 
 
