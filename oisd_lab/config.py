@@ -236,8 +236,14 @@ class LogConfig:
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     gradient_view: bool = True
-    """On logging steps, log each loss term's gradient norm, its cosine with the policy gradient,
-    per-channel divergences by advantage sign and the rollout statistics that shape them (`grad/*`)."""
+    """On logging steps, log each loss term's gradient norm, its norm ratio to and cosine with the
+    policy gradient, the same after AdamW's preconditioning, its cosine with its own gradient on the
+    previous logging step, per-channel divergences by advantage sign and the rollout statistics that
+    shape them (`grad/*`; docs/oisd-method.md, "Reading the gradient view")."""
+    gradient_view_sketch: int = 16384
+    """Coordinates of the random sketch that keeps each term's gradient from one logging step to
+    the next for `grad/<term>/cos_prev` (cosine error about 1/sqrt of it); models with at most this
+    many trainable elements, or 0, keep the exact gradient (float32, on the CPU)."""
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
     wandb_project: str = "oisd_lab"
@@ -457,6 +463,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.max_steps >= 1, f"max_steps: is {cfg.max_steps}; use >= 1")
     check(cfg.checkpoint_every >= 1, "checkpoint_every: use >= 1")
     check(cfg.log.every_n_steps >= 1, "log.every_n_steps: use >= 1")
+    check(cfg.log.gradient_view_sketch >= 0, "log.gradient_view_sketch: use >= 0 (0 keeps exact gradients)")
     check_choice(cfg.log.wandb_mode, WANDB_MODES, "log.wandb_mode")
     check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")
     check(0 < cfg.task.test_fraction < 1, f"task.test_fraction: is {cfg.task.test_fraction}; use a value in (0, 1)")

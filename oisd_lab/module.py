@@ -30,7 +30,7 @@ from . import losses
 from . import step as step_lib
 from .config import TrainConfig
 from .errors import NonFiniteError
-from .gradient_view import GradientView
+from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
 from .rollout import Rollout, generate
@@ -67,6 +67,9 @@ class OISDModule(L.LightningModule):
         """(first step, problems, rollout, rewards, advantages, metrics) of the batch in use."""
         self.num_tokens = 0
         self.skipped_steps = 0
+        self.previous_gradients = PreviousGradients(cfg.log.gradient_view_sketch)
+        """Each term's gradient on the last gradient-view step (`grad/<term>/cos_prev`); not
+        checkpointed, so the first gradient-view step after a resume has no cos_prev."""
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -238,7 +241,7 @@ class OISDModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)
-        view = self.gradient_view() if self._is_log_step(self.global_step + 1) else None
+        view = self.gradient_view(opt) if self._is_log_step(self.global_step + 1) else None
         sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
         stats = {k: sums.pop(k) for k in list(sums) if k.startswith("stat/")}
         view_metrics = self.gradient_view_metrics(view, stats, rollout, adv)
@@ -253,15 +256,18 @@ class OISDModule(L.LightningModule):
         out.update(view_metrics)
         return out
 
-    def gradient_view(self) -> GradientView | None:
-        """A collector of each term's gradient for this step (`log.gradient_view`), or None."""
+    def gradient_view(self, optimizer=None) -> GradientView | None:
+        """A collector of each term's gradient for this step (`log.gradient_view`), or None.
+        optimizer (Lightning's wrapper or the torch optimizer): its state, read before this step's
+        update, gives the AdamW view; None leaves it out."""
         if not self.cfg.log.gradient_view:
             return None
         weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
         # .grad is this process's unscaled sum unless DDP averages it or a GradScaler scales it
         plain = self._trainer is None or (self.trainer.world_size == 1 and
                                           getattr(self.trainer.precision_plugin, "scaler", None) is None)
-        return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain)
+        return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain,
+                            optimizer=getattr(optimizer, "optimizer", optimizer), previous=self.previous_gradients)
 
     def gradient_view_metrics(self, view: GradientView | None, stats: dict, rollout: Rollout,
                               adv: torch.Tensor) -> dict:
