@@ -1,0 +1,157 @@
+"""The loss functions at their edges, against the formulas their docstrings state: advantages at
+G = 2 and under batch scaling, integer and float64 rewards, the log-ratio clamp at [-20, 20], the
+defaults TRL uses (CISPO's cap, SAPO's temperatures, the sampler correction's mode and cap), the
+boundaries of every comparison (a ratio exactly at the cap, an advantage of exactly 0), and the
+alignment schedule's step count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from oisd_lab import losses
+
+CLAMP = 20.0  # the documented bound on a log-ratio
+
+
+# ------------------------------------------------------------------------------ advantages
+def _plain_advantages(rewards: list[float], G: int, scale: str, eps: float = 1e-4) -> list[float]:
+    out = []
+    groups = [rewards[i:i + G] for i in range(0, len(rewards), G)]
+    mean_all = sum(rewards) / len(rewards)
+    std_all = math.sqrt(sum((r - mean_all) ** 2 for r in rewards) / (len(rewards) - 1))
+    for group in groups:
+        mean = sum(group) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (G - 1)) if G > 1 else 0.0
+        for r in group:
+            if all(x == group[0] for x in group):
+                out.append(0.0)
+            elif scale == "group":
+                out.append((r - mean) / (std + eps))
+            elif scale == "batch":
+                out.append((r - mean) / (std_all + eps))
+            else:
+                out.append(r - mean)
+    return out
+
+
+@pytest.mark.parametrize("G", [2, 4])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_are_the_formula_at_every_group_size(G, scale):
+    rewards = [1.0, 0.0, 0.5, 0.25, 0.0, 0.0, 2.0, 1.0]
+    got = losses.group_advantages(torch.tensor(rewards, dtype=torch.float64), G, scale)
+    torch.testing.assert_close(got, torch.tensor(_plain_advantages(rewards, G, scale), dtype=torch.float64),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_integer_rewards_give_the_float_advantages_and_float64_stays_float64():
+    ints = torch.tensor([1, 0, 0, 1, 1, 1, 0, 1])
+    as_float = losses.group_advantages(ints.float(), 4)
+    torch.testing.assert_close(losses.group_advantages(ints, 4), as_float)
+    assert losses.group_advantages(ints.double(), 4).dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------ clamps
+def test_the_ppo_ratio_is_clamped_at_exp_minus_and_plus_20():
+    logps = torch.tensor([[-30.0, 30.0, 0.5]], requires_grad=True)
+    old = torch.zeros(1, 3)
+    loss, _ = losses.clipped_surrogate(logps, old, torch.tensor([-1.0]), 1.0, 1e9)
+    # A < 0: -min(rho A, clip(rho) A) = rho |A| with the unclipped-from-above rho
+    torch.testing.assert_close(loss.detach(), torch.tensor([[math.exp(-CLAMP), math.exp(CLAMP), math.exp(0.5)]]),
+                               rtol=1e-6, atol=0)
+
+
+def test_the_k3_kl_clamps_its_log_ratio_at_20_both_ways():
+    logps = torch.tensor([[0.0, 0.0, 0.0]])
+    ref = torch.tensor([[-30.0, 30.0, 0.3]])
+    delta = torch.tensor([-CLAMP, CLAMP, 0.3], dtype=torch.float64)
+    expected = (torch.exp(delta) - delta - 1).float()[None]
+    torch.testing.assert_close(losses.kl_k3(logps, ref), expected, rtol=1e-6, atol=0)
+
+
+def test_the_sampler_weights_clamp_the_log_ratio_at_20_both_ways():
+    old = torch.tensor([[-30.0], [30.0], [0.4]])
+    sampler = torch.zeros(3, 1)
+    mask = torch.ones(3, 1)
+    w = losses.sampler_importance_weights(old, sampler, mask, "token_truncate", None, None)
+    torch.testing.assert_close(w, torch.tensor([[math.exp(-CLAMP)], [math.exp(CLAMP)], [math.exp(0.4)]]),
+                               rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------ the sampler correction
+def test_the_sampler_correction_defaults_are_trls():
+    """TRL: vllm_importance_sampling_mode='sequence_mask', cap 3.0, no lower bound."""
+    old = torch.tensor([[0.5, 0.6, 0.0], [0.1, 0.1, 0.1], [-0.5, -0.6, 0.0]])
+    sampler = torch.zeros(3, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    w = losses.sampler_importance_weights(old, sampler, mask)
+    seq = [math.exp(1.1), math.exp(0.3), math.exp(-1.1)]  # sum over the masked tokens
+    expected = torch.tensor([[0.0 if s > 3.0 else s] for s in seq])
+    torch.testing.assert_close(w, expected, rtol=1e-6, atol=0)
+    assert w.shape == (3, 1)
+
+
+@pytest.mark.parametrize("mode", ["token_mask", "sequence_mask"])
+def test_a_weight_exactly_at_a_bound_is_kept_by_the_mask(mode):
+    """Outside [clip_min, clip_max] is masked; the bounds themselves are inside."""
+    old = torch.tensor([[math.log(0.5)], [math.log(2.0)], [math.log(2.5)], [math.log(0.25)]], dtype=torch.float64)
+    w = losses.sampler_importance_weights(old, torch.zeros_like(old), torch.ones_like(old), mode, 0.5, 2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5], [2.0], [0.0], [0.0]], dtype=torch.float64))
+
+
+def test_truncation_with_one_bound_clamps_on_that_side_only():
+    old = torch.tensor([[math.log(0.1)], [math.log(5.0)]])
+    ones = torch.ones(2, 1)
+    low_only = losses.sampler_importance_weights(old, torch.zeros(2, 1), ones, "token_truncate", 0.5, None)
+    torch.testing.assert_close(low_only, torch.tensor([[0.5], [5.0]]))
+    high_only = losses.sampler_importance_weights(old, torch.zeros(2, 1), ones, "token_truncate", None, 3.0)
+    torch.testing.assert_close(high_only, torch.tensor([[0.1], [3.0]]))
+
+
+def test_the_sequence_weight_sums_over_tokens_of_each_row():
+    old = torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.2, 0.0]])
+    mask = torch.ones(2, 3)
+    w = losses.sampler_importance_weights(old, torch.zeros(2, 3), mask, "sequence_truncate", None, None)
+    torch.testing.assert_close(w, torch.tensor([[math.exp(0.6)], [math.exp(-0.2)]]))
+
+
+# ------------------------------------------------------------------------------ CISPO and SAPO
+def test_cispo_caps_the_ratio_at_trls_default_of_5_and_counts_only_ratios_above_it():
+    logps = torch.zeros(1, 4, requires_grad=True)
+    ratio = torch.tensor([[5.0, 5.5, 4.0, 6.0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, info = losses.cispo_surrogate(logps, ratio, adv)
+    loss.sum().backward()
+    # d loss / d logp = -min(rho, 5) A
+    torch.testing.assert_close(logps.grad, torch.tensor([[-5.0, -5.0, -4.0, 0.0]]))
+    assert info["is_high_clipped"].tolist() == [[False, True, False, False]]  # at the cap, and A = 0: not clipped
+
+
+def test_cispo_counts_a_clip_only_for_positive_advantages_of_any_size():
+    logps = torch.zeros(1, 3)
+    ratio = torch.full((1, 3), 9.0)
+    _, info = losses.cispo_surrogate(logps, ratio, torch.tensor([[0.5, -0.5, 2.0]]), epsilon_high=5.0)
+    assert info["is_high_clipped"].tolist() == [[True, False, True]]
+
+
+def test_sapo_default_temperatures_are_1_and_1_05():
+    ratio = torch.tensor([[1.3, 1.3]])
+    adv = torch.tensor([[1.0, -1.0]])
+    default, _ = losses.sapo_surrogate(ratio, adv)
+    explicit, _ = losses.sapo_surrogate(ratio, adv, 1.0, 1.05)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    for pos, neg in ((2.0, 1.05), (1.0, 2.05)):
+        other, _ = losses.sapo_surrogate(ratio, adv, pos, neg)
+        assert not torch.allclose(other, default)
+
+
+# ------------------------------------------------------------------------------ schedule
+def test_alignment_schedules_need_at_least_one_step_and_one_is_enough():
+    assert losses.alignment_scale(1, "stop", 1) == 1.0 and losses.alignment_scale(2, "stop", 1) == 0.0
+    assert losses.alignment_scale(1, "linear", 1) == 1.0 and losses.alignment_scale(2, "linear", 1) == 0.0
+    for schedule in ("stop", "linear"):
+        with pytest.raises(ValueError, match="steps >= 1"):
+            losses.alignment_scale(1, schedule)  # the default of 0 steps is refused
+    assert losses.alignment_scale(7, "constant") == 1.0
