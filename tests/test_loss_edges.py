@@ -155,3 +155,61 @@ def test_alignment_schedules_need_at_least_one_step_and_one_is_enough():
         with pytest.raises(ValueError, match="steps >= 1"):
             losses.alignment_scale(1, schedule)  # the default of 0 steps is refused
     assert losses.alignment_scale(7, "constant") == 1.0
+
+
+# ------------------------------------------------------------------------------ temperatures
+def _plain_logps(logits, tokens, T):
+    return torch.log_softmax(logits.double() / T, -1).gather(-1, tokens[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("T", [0.7, 1.0, 2.0])
+def test_token_logps_divide_by_any_temperature(T):
+    torch.manual_seed(0)
+    logits, tokens = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    torch.testing.assert_close(losses.token_logps(logits, tokens, T, chunk_size=3).double(),
+                               _plain_logps(logits, tokens, T), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_kl_from_logits_divides_both_sides_by_the_temperature(T):
+    torch.manual_seed(1)
+    p, q = torch.randn(3, 7), torch.randn(3, 7)
+    logp, logq = torch.log_softmax(p.double() / T, -1), torch.log_softmax(q.double() / T, -1)
+    expected = (logp.exp() * (logp - logq)).sum(-1)
+    torch.testing.assert_close(losses.kl_from_logits(p, q, T).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_the_lens_jsd_at_a_degenerate_beta_is_zero_with_a_zero_gradient(beta):
+    torch.manual_seed(2)
+    h = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(9, 6)
+    out = losses.chunked_lens_jsd(h, torch.randn(4, 9), lambda x: x @ w.T, beta=beta, chunk_size=3)
+    out.sum().backward()
+    assert torch.equal(out.detach(), torch.zeros(4))
+    assert h.grad is None or torch.equal(h.grad, torch.zeros(4, 6))  # nothing, or zeros, flows back
+
+
+# ------------------------------------------------------------------------------ attention similarity
+def _plain_cosine(teacher, student, keep):
+    """Head-mean rows with the dropped keys zeroed, then the cosine, row by row."""
+    t, s = teacher.double().mean(1), student.double().mean(1)  # [B, T, S]
+    out = torch.zeros(t.shape[:2], dtype=torch.float64)
+    for b in range(t.shape[0]):
+        for i in range(t.shape[1]):
+            a, c = t[b, i] * keep[b], s[b, i] * keep[b]
+            out[b, i] = (a @ c) / (a.norm() * c.norm())
+    return out
+
+
+@pytest.mark.parametrize("exclude_sink", [False, True])
+def test_attention_cosine_drops_masked_keys_and_the_sink(exclude_sink):
+    torch.manual_seed(3)
+    teacher = torch.softmax(torch.randn(2, 3, 4, 6), -1)  # mass on every key, padding included
+    student = torch.softmax(torch.randn(2, 3, 4, 6), -1)
+    key_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # row 0 is left-padded by one
+    keep = key_mask.bool().clone()
+    if exclude_sink:
+        keep[0, 1] = keep[1, 0] = False  # the first real key of each row
+    got = losses.attention_cosine(teacher, student, torch.ones(2, 4), key_mask, exclude_sink)
+    torch.testing.assert_close(got.double(), _plain_cosine(teacher, student, keep), rtol=1e-5, atol=1e-7)
