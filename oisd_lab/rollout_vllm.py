@@ -12,7 +12,8 @@ its own GPU (vLLM's `external_launcher` under DDP). On GPUs `gpu_memory_utilizat
 engine's share of the GPU; on CPU the KV cache gets a fixed size (`kv_cache_memory_bytes`) and the
 model runs eagerly (no compilation). The engine is built from a folder holding the policy as it
 is when the engine starts (config and weights; the tokenizer stays ours: prompts go in as token
-ids), so any policy loads, the embedded tiny models and a GGUF-loaded SmolLM2 included.
+ids), so any policy loads: the embedded tiny models, and a GGUF-loaded SmolLM2 saved as the plain
+float weights it holds.
 
 Sampling is plain ancestral sampling at `temperature` with optional top-p, as in
 `rollout.generate`, with no generation defaults of the checkpoint (`generation_config="vllm"`), so
