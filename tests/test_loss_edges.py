@@ -213,3 +213,11 @@ def test_attention_cosine_drops_masked_keys_and_the_sink(exclude_sink):
         keep[0, 1] = keep[1, 0] = False  # the first real key of each row
     got = losses.attention_cosine(teacher, student, torch.ones(2, 4), key_mask, exclude_sink)
     torch.testing.assert_close(got.double(), _plain_cosine(teacher, student, keep), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_the_jsd_at_a_degenerate_beta_keeps_every_leading_dimension(beta):
+    q = torch.randn(2, 3, 5, requires_grad=True)
+    out = losses.jsd(torch.randn(2, 3, 5), q, beta=beta)
+    assert out.shape == (2, 3) and torch.equal(out.detach(), torch.zeros(2, 3))
+    out.sum().backward()  # a zero that backward accepts
