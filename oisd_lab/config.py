@@ -292,7 +292,8 @@ class TrainConfig:
     devices: Any = 1
     """Lightning devices: a count or a list of GPU indices."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp or fsdp (GPUs)."""
+    """Lightning strategy: auto, ddp or fsdp (FSDP2: each decoder layer and the root sharded over
+    all ranks; GPUs over NCCL, CPU ranks over gloo)."""
     precision: str = "32-true"
     """Lightning precision. On GPUs use `bf16-mixed`: float32 weights and optimizer, bf16 compute.
     `bf16-true` / `16-true` cast the weights themselves (see `grpo.optimizer`)."""
@@ -454,8 +455,8 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.eval.batch_size >= 1, f"eval.batch_size: is {cfg.eval.batch_size}; use >= 1")
     check(cfg.pretrain.steps >= 0, "pretrain.steps: use >= 0")
     check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
-    check(not (str(cfg.strategy).startswith("fsdp") and cfg.accelerator == "cpu"),
-           "strategy: fsdp runs on GPUs only (a Lightning limit); on CPU use strategy=ddp")
+    check(not (str(cfg.strategy).startswith("fsdp") and cfg.strategy != "fsdp"),
+          f"strategy: is {cfg.strategy}; use fsdp (FSDP2, per-layer sharding on GPUs and CPU ranks)")
 
 
 def weight_dtype(cfg: TrainConfig) -> str:

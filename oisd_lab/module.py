@@ -31,6 +31,7 @@ from .gradient_view import GradientView
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
 from .rollout import Rollout, generate
+from .run.sharding import gathered
 from .run_hooks import PolicyView
 
 
@@ -72,6 +73,12 @@ class OISDModule(L.LightningModule):
         warm = max(g.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """Under `strategy=fsdp`, shard the policy per decoder layer (`run/sharding.py`)."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self.policy)
 
     def on_train_start(self) -> None:
         self.policy.train()
@@ -160,8 +167,9 @@ class OISDModule(L.LightningModule):
         prompts = [self.format_prompt(p.prompt) for p in problems]
         if g.rollout_backend == "vllm":
             return problems, self._vllm_rollout(prompts)
-        rollout = generate(self.policy, self.tokenizer, prompts, g.num_generations,
-                           g.max_completion_length, g.temperature, g.top_p)
+        with gathered(self.policy):  # one all-gather per rollout under FSDP
+            rollout = generate(self.policy, self.tokenizer, prompts, g.num_generations,
+                               g.max_completion_length, g.temperature, g.top_p)
         return problems, rollout
 
     def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
