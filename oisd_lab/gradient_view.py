@@ -133,6 +133,33 @@ class GradientView:
             policy.append(None if g is None else (g.detach() - sum(others) if others else g.detach()))
         self.grads = {"policy": policy, **self.grads}
 
+    def average_over_ranks(self) -> None:
+        """Each term's gradient averaged over the process group (a collective: every rank calls it),
+        as DDP and FSDP average `.grad`; a parameter that no rank reached stays None."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        world = dist.get_world_size()
+        for name in TERMS:  # the same order on every rank
+            grads = self.grads.get(name)
+            present = torch.tensor([0.0 if grads is None else 1.0])
+            dist.all_reduce(present)
+            if present.item() == 0:
+                continue
+            grads = grads or [None] * len(self.params)
+            reached = torch.tensor([0.0 if g is None else 1.0 for g in grads])
+            dist.all_reduce(reached)
+            out: list[Tensor | None] = []
+            for g, p, hit in zip(grads, self.params, reached.tolist(), strict=True):
+                if hit == 0:
+                    out.append(None)
+                    continue
+                g = torch.zeros(p.shape, dtype=torch.float32) if g is None else g.detach().float().clone()
+                dist.all_reduce(g)
+                out.append(g / world)
+            self.grads[name] = out
+
     def metrics(self, stats: Mapping[str, Tensor], advantages: Tensor, lengths: Tensor,
                 num_generations: int) -> dict[str, float]:
         out: dict[str, float] = {}

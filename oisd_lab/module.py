@@ -31,7 +31,7 @@ from .gradient_view import GradientView
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
 from .rollout import Rollout, generate
-from .run.sharding import gathered
+from .run.sharding import fsdp_units, gathered
 from .run_hooks import PolicyView
 
 
@@ -262,6 +262,11 @@ class OISDModule(L.LightningModule):
         """A collector of each term's gradient for this step (`log.gradient_view`), or None."""
         if not self.cfg.log.gradient_view:
             return None
+        if fsdp_units(self.policy):
+            # autograd.grad w.r.t. FSDP2's sharded parameters is not supported yet: no figures
+            # rather than a rank's partial ones
+            rank_zero_warn("log.gradient_view: not computed under strategy=fsdp (sharded parameters)")
+            return None
         weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
         # .grad is this process's unscaled sum unless DDP averages it or a GradScaler scales it
         plain = self._trainer is None or (self.trainer.world_size == 1 and
@@ -274,6 +279,7 @@ class OISDModule(L.LightningModule):
         if view is None:
             return {}
         view.finish([p.grad for p in view.params])
+        view.average_over_ranks()  # global figures under DDP and FSDP
         lengths = rollout.completion_mask.sum(1).to(adv.device)
         return view.metrics(stats, adv, lengths, self.cfg.grpo.num_generations)
 
