@@ -46,13 +46,30 @@ def main() -> None:
                         "rewards": rewards.clone(), "advantages": adv.clone()})
         return {}
 
-    module = OISDModule(cfg, model, tokenizer, source, digit_fraction,
-                        format_prompt=lambda text: source.format_prompt(text, tokenizer, False),
-                        on_log_step=record)
+    fmt = lambda text: source.format_prompt(text, tokenizer, False)  # noqa: E731
+    sampler = None
+    if os.environ.get("RANK_SEEDED") == "1":  # rollouts seeded per (batch, rank): equal under ddp and fsdp
+        from oisd_lab.rollout import generate
+        from oisd_lab.run.sharding import gathered
+
+        def sampler(batch: int, rank: int, world: int):
+            g = cfg.grpo
+            allp = source.train_batch(batch + 1, g.prompts_per_step * world, cfg.seed)
+            mine = allp[rank * g.prompts_per_step:(rank + 1) * g.prompts_per_step]
+            torch.manual_seed(1000 * batch + rank)
+            with gathered(module.policy):
+                return mine, generate(module.policy, tokenizer, [fmt(p.prompt) for p in mine], g.num_generations,
+                                      g.max_completion_length, g.temperature, g.top_p)
+
+    module = OISDModule(cfg, model, tokenizer, source, digit_fraction, format_prompt=fmt,
+                        on_log_step=record, sampler=sampler)
     trainer = make_trainer(cfg, RunDir(Path(cfg.run_dir)), [])
     loader = torch.utils.data.DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
-    params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    params = {k: v.detach().cpu().clone() for k, v in get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)).items()}
     torch.save({"rank": trainer.global_rank, "world_size": trainer.world_size, "params": params,
                 "start": start, "records": records}, out / f"rank{trainer.global_rank}.pt")
 
