@@ -6,6 +6,7 @@
     oisd-lab grid FILE [key=value ...]  run an ablation grid (skips finished cells, resumes the rest)
     oisd-lab collect GRID_DIR           one tidy results table (+ aggregates) for a grid
     oisd-lab report GRID_DIR --out DIR  figures and tables of a grid
+    oisd-lab power PILOT [--effect E]   seeds a target effect needs, from a pilot grid's variance
     oisd-lab bench                      step-time and memory benchmarks
     oisd-lab plan [key=value ...]       peak memory per device before launch, and settings that fit
 """
@@ -77,6 +78,7 @@ LAZY = {
     "grid": ("oisd_lab.grid", "run an ablation grid file from experiments/grids/"),
     "collect": ("oisd_lab.collect", "collect a grid's runs into results tables"),
     "report": ("oisd_lab.analysis.report", "write a grid's figures and tables"),
+    "power": ("oisd_lab.analysis.sizing", "what a pilot grid can detect, and the seeds a target effect needs"),
     "bench": ("oisd_lab.bench", "benchmark step time, memory and the TRL comparison"),
     "plan": ("oisd_lab.plan", "memory plan of a config: peak per device, where it comes from, what fits"),
 }

@@ -11,7 +11,14 @@
 - `aggregate`: per method x task x other axes x metric over seeds: mean, std (ddof 1), 95%
   t-interval, n_seeds.
 - `paired`: per method x task x other axes x metric, the difference from the `grpo` run with the
-  same task, seed and other axes: mean_diff, std, 95% t-interval, n_pairs. With
+  same task, seed and other axes: mean_diff, std, 95% t-interval, n_pairs, and what the
+  comparison can detect (`annotate`, from `oisd_lab.power`): `flag` ('zero variance' when every
+  pair gives the same difference: no interval is claimed; 'n<2'), the paired t-test `p`, `mde80`
+  (the smallest true difference detected with 80% power at alpha 0.05), `p_holm` (Holm-adjusted
+  over the family of every comparison of the same metric in the table), `bonf_low`/`bonf_high`
+  (Bonferroni-simultaneous 95% intervals over that family), `reference_gain` (for held-out
+  accuracies: GRPO's own gain over the warm start on the task) and `non_result` (the detectable
+  effect exceeds that gain: the design could not see an effect of the size that matters). With
   `--baseline-grid DIR`, the finished `grpo` runs of another grid join the tables and are the
   reference (matched on task and seed) for every value of this grid's axes.
 
@@ -28,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import power
 from .errors import ConfigError
 from .grid import compact
 from .provenance import git_commit
@@ -185,7 +193,54 @@ def paired(results, axes: list[str], baseline: str = BASELINE):
         rows.append({**dict(zip(keys, group, strict=True)), "baseline": baseline, "mean_diff": stats["mean"],
                      "std": stats["std"], "ci95_low": stats["ci95_low"], "ci95_high": stats["ci95_high"],
                      "n_pairs": stats["n"]})
-    return pd.DataFrame(rows, columns=[*keys, "baseline", "mean_diff", "std", "ci95_low", "ci95_high", "n_pairs"])
+    frame = pd.DataFrame(rows, columns=[*keys, "baseline", "mean_diff", "std", "ci95_low", "ci95_high", "n_pairs"])
+    return annotate(frame, aggregate(results, axes), baseline)
+
+
+GAINS = {"avg_at_k": "avg_at_k_before", "greedy_acc": "greedy_acc_before"}
+POWER_COLUMNS = ("flag", "p", "mde80", "p_holm", "bonf_low", "bonf_high", "reference_gain", "non_result")
+
+
+def reference_gains(aggregate, baseline: str = BASELINE) -> dict:
+    """(task, metric) -> the baseline's mean gain over the warm start (after - before), for the
+    held-out accuracies."""
+    base = aggregate[aggregate["method"] == baseline]
+    gains = {}
+    for task, frame in base.groupby("task"):
+        means = frame.groupby("metric")["mean"].mean()
+        for after, before in GAINS.items():
+            if after in means and before in means:
+                gains[(task, after)] = float(means[after] - means[before])
+    return gains
+
+
+def annotate(paired, aggregate=None, baseline: str = BASELINE):
+    """The paired table with what each comparison can detect (the columns in POWER_COLUMNS; see
+    the module docstring). Works on tables collected before these columns existed: it needs only
+    mean_diff, std and n_pairs, and the aggregate table for the reference gains."""
+    out = paired.copy()
+    gains = reference_gains(aggregate, baseline) if aggregate is not None else {}
+    stats = [power.comparison(r.mean_diff, r.std, int(r.n_pairs)) for r in out.itertuples()]
+    out["flag"] = [s["flag"] for s in stats]
+    out["p"] = [s["p"] for s in stats]
+    out["mde80"] = [s["mde80"] for s in stats]
+    zero = out["flag"] != ""
+    out.loc[zero, ["ci95_low", "ci95_high"]] = math.nan
+    out["p_holm"] = math.nan
+    out["bonf_low"] = math.nan
+    out["bonf_high"] = math.nan
+    for _, family in out.groupby("metric"):
+        out.loc[family.index, "p_holm"] = power.holm(family["p"].tolist())
+        level = power.bonferroni_level(len(family))
+        for i, r in family.iterrows():
+            if r["flag"] == "":
+                out.loc[i, ["bonf_low", "bonf_high"]] = power.interval(r["mean_diff"], r["std"], int(r["n_pairs"]),
+                                                                       level)
+    out["reference_gain"] = [gains.get((r.task, r.metric), math.nan) for r in out.itertuples()]
+    out["non_result"] = [power.non_result(m, g) if (t, k) in gains else None
+                         for m, g, t, k in zip(out["mde80"], out["reference_gain"], out["task"], out["metric"],
+                                               strict=True)]
+    return out
 
 
 def collect(grid_dir: str | Path, out: str | Path | None = None, baseline_grid: str | Path | None = None) -> dict:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..collect import collect
 from ..errors import ConfigError
-from .runs import COLLECTED, GridData, load_grid, load_run, read_table, snapshot_steps, with_run
+from .runs import COLLECTED, GridData, load_grid, load_run, read_table, snapshot_steps, with_power, with_run
 
 REQUIRED_COLUMNS = {
     "results": ("run_id", "method", "task", "seed", "metric", "value"),
@@ -78,7 +78,7 @@ def load_tables(tables_dir: str | Path) -> GridData:
     source = f"`oisd-lab collect GRID_DIR --out {folder}`"
     if not folder.is_dir():
         raise MissingInput(f"tables_dir {folder}: no such folder; make the tables with {source}")
-    tables = {name: _read(folder, name) for name in COLLECTED}
+    tables = with_power({name: _read(folder, name) for name in COLLECTED})
     info = {}
     if (folder / "collect.json").is_file():
         try:

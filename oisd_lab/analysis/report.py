@@ -63,7 +63,10 @@ def write_tables(grid: GridData, out: Path) -> dict[str, str]:
     if grid.paired is not None and not grid.paired.empty:
         md["paired"] = _write_table(folder, "paired", tables.paired_table(grid.paired),
                                     "Paired difference to GRPO (same task and seed), percentage points: "
-                                    "mean [95% CI] over seed pairs.")
+                                    "mean [95% CI] over seed pairs, and MDE80, the smallest true difference "
+                                    "the design detects with 80% power (two-sided alpha 0.05); '(non-result)': "
+                                    "MDE80 exceeds GRPO's own gain over the warm start; 'zero variance': every "
+                                    "pair gave the same difference, so no interval is claimed.")
     md["paper"] = _write_table(folder, "paper", tables.beside_paper(grid.aggregate, grid.paired),
                                "Ours next to the paper's Qwen3-4B headline numbers (Avg@K %, arXiv 2605.29089; "
                                "different model, tasks and scale: compare directions, not values).")
@@ -209,8 +212,11 @@ def readme(grid: GridData, md: dict[str, str], names: list[str], command: str) -
              "## Summary (OISD variants vs GRPO, paired by seed)", "",
              *([f"- {s}" for s in sentences] or ["- No paired comparison: GRPO and another method on the "
                                                  "same task and seeds are needed."]), "",
-             *(["Each interval is a per-comparison 95% t-interval over seed pairs, not corrected for the "
-                f"{len(sentences)} comparisons above; with few seeds the intervals are wide.", ""]
+             *(["Each interval is a per-comparison 95% t-interval over seed pairs. The Holm-adjusted p "
+                f"corrects for the {len(sentences)} comparisons above (family-wise error 0.05); Bonferroni-"
+                "simultaneous intervals are the `bonf_low`, `bonf_high` columns of `tables/paired.csv`. "
+                "A comparison whose detectable effect (80% power) exceeds GRPO's own gain over the warm "
+                "start is a non-result: it could not have seen an effect of the size that matters.", ""]
                if len(sentences) > 1 else []),
              "## Results", "", md["main"], *(["", md["paired"]] if "paired" in md else []), "",
              *(["## Gradient view", "", md["gradients"], ""] if "gradients" in md else []),

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ..collect import POWER_COLUMNS, annotate
 from ..grid import compact
 from ..run.folder import GRID_MANIFEST, RunDir, cell_folders, read_json
 from ..run.folder import read_jsonl as _read_rows
@@ -99,8 +100,18 @@ def read_table(folder: Path, name: str) -> pd.DataFrame | None:
 
 
 def load_results(results_dir: str | Path) -> dict[str, pd.DataFrame | None]:
-    """The collected tables of a grid: results (tidy), aggregate, paired."""
-    return {name: read_table(Path(results_dir), name) for name in COLLECTED}
+    """The collected tables of a grid: results (tidy), aggregate, paired. A paired table collected
+    before it carried what each comparison can detect gets those columns here (`collect.annotate`)."""
+    return with_power({name: read_table(Path(results_dir), name) for name in COLLECTED})
+
+
+def with_power(tables: dict[str, pd.DataFrame | None]) -> dict[str, pd.DataFrame | None]:
+    """The collected tables, the paired one given what each comparison can detect
+    (`collect.annotate`) when it was collected before it carried those columns."""
+    paired = tables.get("paired")
+    if paired is not None and not paired.empty and not set(POWER_COLUMNS) <= set(paired.columns):
+        tables = {**tables, "paired": annotate(paired, tables.get("aggregate"))}
+    return tables
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..collect import POWER_COLUMNS
 from ..collect import mean_ci as collect_mean_ci
 
 METHOD_ORDER = ("grpo", "oisd_logit", "oisd_attn", "oisd", "oisd_unsigned")
@@ -22,7 +23,7 @@ METRIC_LABELS = {"avg_at_k": "Avg@K", "greedy_acc": "greedy acc.", "avg_at_k_bef
                  "reward_last10": "reward, last 10 steps"}
 PERCENT = {"avg_at_k", "greedy_acc", "avg_at_k_before", "greedy_acc_before"}
 STAT_COLUMNS = ("metric", "mean", "mean_diff", "std", "ci95_low", "ci95_high", "n_seeds", "n_pairs", "value",
-                "step")
+                "step", "baseline", *POWER_COLUMNS)
 
 # The paper's headline table (Qwen3-4B, Avg@K in %, arXiv 2605.29089); blanks are not reported.
 PAPER_QWEN3_4B = pd.DataFrame(
@@ -135,10 +136,32 @@ def method_task_table(aggregate: pd.DataFrame, metrics: Sequence[str] = ("avg_at
     return pd.DataFrame.from_dict(out, orient="index").rename_axis("method")
 
 
+def flagged_non_result(r: pd.Series) -> bool:
+    """Whether a paired row is labelled a non-result (missing or unknown: no)."""
+    value = r.get("non_result")
+    return value is not None and not (isinstance(value, float) and pd.isna(value)) and bool(value)
+
+
+def paired_cell(r: pd.Series, scale: float, digits: int) -> str:
+    """`mean [95% CI], MDE80 x` of one paired comparison; a zero-variance comparison shows its flag
+    instead of an interval, and a non-result (detectable effect above the reference's own gain)
+    is marked `(non-result)`."""
+    mean = f"{r['mean_diff'] * scale:+.{digits}f}"
+    flag = r.get("flag")
+    if isinstance(flag, str) and flag:
+        return f"{mean} ({flag}, no interval)"
+    text = f"{mean} {fmt_interval(r['ci95_low'], r['ci95_high'], scale, digits)}"
+    if not pd.isna(r.get("mde80", np.nan)):
+        text += f", MDE80 {r['mde80'] * scale:.{digits}f}"
+    if flagged_non_result(r):
+        text += " (non-result)"
+    return text
+
+
 def paired_table(paired: pd.DataFrame, metrics: Sequence[str] = ("avg_at_k", "greedy_acc"),
                  digits: int = 1) -> pd.DataFrame:
-    """Method minus GRPO on the same task and seed: `mean [95% CI]` per task and metric (accuracies
-    in percentage points), and the number of seed pairs."""
+    """Method minus GRPO on the same task and seed: `mean [95% CI], MDE80 x` per task and metric
+    (accuracies in percentage points; `paired_cell`), and the number of seed pairs."""
     sel = paired[paired["metric"].isin(metrics)]
     keys = row_keys(sel)
     tasks = sorted(sel["task"].unique())
@@ -152,10 +175,7 @@ def paired_table(paired: pd.DataFrame, metrics: Sequence[str] = ("avg_at_k", "gr
                 if rows.empty:
                     cells[col] = "–"
                     continue
-                r = rows.iloc[0]
-                s = scale_of(metric)
-                interval = fmt_interval(r["ci95_low"], r["ci95_high"], s, digits)
-                cells[col] = f"{r['mean_diff'] * s:+.{digits}f} {interval}"
+                cells[col] = paired_cell(rows.iloc[0], scale_of(metric), digits)
             task_rows = select_rows(sel, keys, key, task=task)
             pairs.append(task_rows["n_pairs"].max() if not task_rows.empty else np.nan)
         cells["n pairs"] = _seed_counts(pairs)
@@ -212,13 +232,27 @@ def _verdict(task: str, who: str, r: pd.Series, name: str, scale: float, unit: s
     d = f"{r['mean_diff'] * scale:+.{digits}f} {unit}".rstrip()
     n = int(r["n_pairs"])
     ci = f"95% CI {fmt_interval(r['ci95_low'], r['ci95_high'], scale, digits)} over {n} paired seeds"
+    flag = r.get("flag")
+    if isinstance(flag, str) and flag == "zero variance":
+        return (f"{task}: {who} minus GRPO on {name} is {d} in each of {n} seed pairs (zero variance): too few "
+                f"seeds on a coarse metric to estimate an interval, so no claim either way.")
     if pd.isna(r["ci95_low"]) or pd.isna(r["ci95_high"]):
         return f"{task}: {who} minus GRPO on {name} is {d} from {n} seed pair(s); no interval, so no claim either way."
+    mde = r.get("mde80", np.nan)
+    power = "" if pd.isna(mde) else f"; detectable at 80% power: {mde * scale:.{digits}f} {unit}".rstrip()
+    holm = r.get("p_holm", np.nan)
+    corrected = "" if pd.isna(holm) else f"; Holm-adjusted p={holm:.3f} over the table's {name} comparisons"
+    if flagged_non_result(r):
+        return (f"{task}: {who} minus GRPO on {name} is {d} ({ci}{power}): a non-result, since the design "
+                f"detects only effects larger than GRPO's own gain ({r['reference_gain'] * scale:+.{digits}f} {unit}).")
+    if (r["ci95_low"] > 0 or r["ci95_high"] < 0) and not pd.isna(holm) and holm > 0.05:
+        return (f"{task}: {who} minus GRPO on {name} is {d} ({ci}): the interval excludes 0, but not after "
+                f"correcting for the table's {name} comparisons (Holm-adjusted p={holm:.3f}), so no claim.")
     if r["ci95_low"] > 0:
-        return f"{task}: {who} beats GRPO on {name} by {d} ({ci}; the interval excludes 0)."
+        return f"{task}: {who} beats GRPO on {name} by {d} ({ci}; the interval excludes 0{corrected})."
     if r["ci95_high"] < 0:
-        return f"{task}: {who} is worse than GRPO on {name} by {d} ({ci}; the interval excludes 0)."
-    return f"{task}: {who} does not beat GRPO on {name}: the difference is {d} and the {ci} includes 0."
+        return f"{task}: {who} is worse than GRPO on {name} by {d} ({ci}; the interval excludes 0{corrected})."
+    return f"{task}: {who} does not beat GRPO on {name}: the difference is {d} and the {ci} includes 0{power}."
 
 
 def summary_sentences(paired: pd.DataFrame, metric: str = "avg_at_k", digits: int = 1) -> list[str]:
