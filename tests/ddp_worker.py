@@ -2,9 +2,11 @@
 
     python tests/ddp_worker.py OUT_DIR [key=value ...]     (e.g. strategy=ddp devices=2 accelerator=cpu)
 
-Each rank writes OUT_DIR/rank<r>.pt: its final parameters, its starting parameters, and for every
-step the prompts it rolled out, their rewards and advantages. Used by tests/test_ddp.py. The model is
-a seeded random tiny decoder; the reward is dense (fraction of digit characters) so that every group
+Each rank writes OUT_DIR/rank<r>.pt: its final parameters, its starting parameters, for every
+step the prompts it rolled out, their rewards and advantages, and the metric rows it logged. With
+STRATEGIES="ddp fsdp" one launch of the ranks fits under each strategy in turn and writes
+OUT_DIR/<strategy>/rank<r>.pt. Used by tests/test_ddp.py and tests/test_fsdp.py. The model is a
+seeded random tiny decoder; the reward is dense (fraction of digit characters) so that every group
 has non-zero advantages and the gradients are worth synchronising; everything else (task source,
 prompt slicing per rank, rollout, scoring, advantages, losses, optimizer, Lightning strategy) is the
 training path of `oisd-lab train`.
@@ -17,14 +19,40 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch.loggers import Logger
 
 
 def digit_fraction(text: str, answer: str) -> float:
     return sum(c.isdigit() for c in text) / max(len(text), 1)
 
 
+class Recorder(Logger):
+    """A Lightning logger that keeps every row the module logs (the `grad/*` figures among them)."""
+
+    name, version = "record", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append({"step": step, **metrics})
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    strategies = os.environ.get("STRATEGIES", "").split()
+    if not strategies:
+        run(out, sys.argv[2:])
+    for strategy in strategies:
+        run(out / strategy, [*sys.argv[2:], f"strategy={strategy}"])
+
+
+def run(out: Path, overrides: list[str]) -> None:
     from oisd_lab.config import compose
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
     from oisd_lab.module import OISDModule
@@ -32,9 +60,9 @@ def main() -> None:
     from oisd_lab.run.trainer import make_trainer
     from oisd_lab.sources import load_source
 
-    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
     cfg = compose([f"run_dir={out / 'run'}", "log.progress_bar=false", "checkpoint_every=1000",
-                   "log.wandb_mode=disabled", *sys.argv[2:]])
+                   "log.wandb_mode=disabled", *overrides])
     source = load_source(cfg.task)
     tokenizer = build_char_tokenizer()
     model = build_tiny_model("tiny", vocab_size=len(tokenizer), seed=0)
@@ -63,7 +91,8 @@ def main() -> None:
 
     module = OISDModule(cfg, model, tokenizer, source, digit_fraction, format_prompt=fmt,
                         on_log_step=record, sampler=sampler)
-    trainer = make_trainer(cfg, RunDir(Path(cfg.run_dir)), [])
+    logger = Recorder()
+    trainer = make_trainer(cfg, RunDir(Path(cfg.run_dir)), [logger])
     loader = torch.utils.data.DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -71,7 +100,8 @@ def main() -> None:
     params = {k: v.detach().cpu().clone() for k, v in get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)).items()}
     torch.save({"rank": trainer.global_rank, "world_size": trainer.world_size, "params": params,
-                "start": start, "records": records}, out / f"rank{trainer.global_rank}.pt")
+                "start": start, "records": records, "metrics": logger.rows},
+               out / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

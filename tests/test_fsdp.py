@@ -1,8 +1,7 @@
 """Two CPU ranks under `strategy=fsdp` (FSDP2 over gloo): an OISD run with `num_iterations=2`
 (rollout with parameters gathered once, old log-probs, both alignment channels, the logit lens
-through the sharded root's norm and unembedding, diagnostics on every step) ends with the same
-parameters as the replicated run (`strategy=ddp`) on the same global batch and the same rollouts
-(sampling seeded per batch and rank)."""
+through the sharded root's norm and unembedding, diagnostics on every step) ends with the same parameters as the replicated run (`strategy=ddp`) on the same global batch and the same rollouts (sampling seeded per batch and
+rank). Both fits run in one launch of the two ranks."""
 
 from __future__ import annotations
 
@@ -22,18 +21,20 @@ ARGS = ["devices=2", "accelerator=cpu", "max_steps=2", "method=oisd", "grpo.prom
         "grpo.num_iterations=2", "log.every_n_steps=1", "log.gradient_view=false"]
 
 
-def _run(out: Path, strategy: str, port: int) -> dict:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OISD_LAB_CACHE": str(out / "cache"), "RANK_SEEDED": "1",
-           "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run([sys.executable, str(WORKER), str(out), f"strategy={strategy}", *ARGS], env=env,
+           "STRATEGIES": "fsdp ddp", "MASTER_PORT": "29641", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, str(WORKER), str(out), *ARGS], env=env,
                           capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out / "rank0.pt", weights_only=False)
+    return {s: [torch.load(out / s / f"rank{r}.pt", weights_only=False) for r in range(2)] for s in ("fsdp", "ddp")}
 
 
-def test_fsdp_update_equals_replicated(tmp_path):
-    sharded = _run(tmp_path / "fsdp", "fsdp", 29641)
-    replicated = _run(tmp_path / "ddp", "ddp", 29642)
+def test_fsdp_update_equals_replicated(runs):
+    sharded, replicated = runs["fsdp"][0], runs["ddp"][0]
     assert [r["rewards"].tolist() for r in sharded["records"]] == [r["rewards"].tolist() for r in replicated["records"]]
     update = max((replicated["params"][k] - replicated["start"][k]).abs().max().item() for k in replicated["params"])
     diff = max((sharded["params"][k] - replicated["params"][k]).abs().max().item() for k in replicated["params"])
