@@ -21,7 +21,10 @@ Cost, on logging steps only: one extra backward pass per alignment term (each re
 layers up to the student and the readout) and one parameter-sized buffer per term. The policy
 term's gradient is the accumulated `.grad` minus the alignment terms' (`derive_policy`), exact
 when `.grad` holds this process's unscaled sum; under data parallelism or a loss scaler it gets
-its own backward pass instead.
+its own backward pass instead. Under data parallelism each rank's figures are taken from the
+gradients averaged over ranks (as the update is); under FSDP the terms are differentiated
+w.r.t. the gathered parameters, which stay gathered through the logging step's passes (the full
+model per rank on logging steps only).
 """
 
 from __future__ import annotations
@@ -141,21 +144,22 @@ class GradientView:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         world = dist.get_world_size()
+        device = self.params[0].device  # NCCL reduces device tensors only
         for name in TERMS:  # the same order on every rank
             grads = self.grads.get(name)
-            present = torch.tensor([0.0 if grads is None else 1.0])
+            present = torch.tensor([0.0 if grads is None else 1.0], device=device)
             dist.all_reduce(present)
             if present.item() == 0:
                 continue
             grads = grads or [None] * len(self.params)
-            reached = torch.tensor([0.0 if g is None else 1.0 for g in grads])
+            reached = torch.tensor([0.0 if g is None else 1.0 for g in grads], device=device)
             dist.all_reduce(reached)
             out: list[Tensor | None] = []
             for g, p, hit in zip(grads, self.params, reached.tolist(), strict=True):
                 if hit == 0:
                     out.append(None)
                     continue
-                g = torch.zeros(p.shape, dtype=torch.float32) if g is None else g.detach().float().clone()
+                g = torch.zeros(p.shape, dtype=torch.float32, device=device) if g is None else g.detach().float().clone()
                 dist.all_reduce(g)
                 out.append(g / world)
             self.grads[name] = out

@@ -13,6 +13,7 @@ last completion token); the completion mask is shifted accordingly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -243,8 +244,11 @@ class OISDModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)
-        view = self.gradient_view() if self._is_log_step(self.global_step + 1) else None
-        sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
+        viewed = self.cfg.log.gradient_view and self._is_log_step(self.global_step + 1)
+        # under FSDP the view differentiates w.r.t. the gathered parameters, held for the whole step
+        with gathered(self.policy, through_backward=True) if viewed else contextlib.nullcontext():
+            view = self.gradient_view() if viewed else None
+            sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
         stats = {k: sums.pop(k) for k in list(sums) if k.startswith("stat/")}
         view_metrics = self.gradient_view_metrics(view, stats, rollout, adv)
         grad_norm = self._clip_and_step(opt, sched)
@@ -262,14 +266,11 @@ class OISDModule(L.LightningModule):
         """A collector of each term's gradient for this step (`log.gradient_view`), or None."""
         if not self.cfg.log.gradient_view:
             return None
-        if fsdp_units(self.policy):
-            # autograd.grad w.r.t. FSDP2's sharded parameters is not supported yet: no figures
-            # rather than a rank's partial ones
-            rank_zero_warn("log.gradient_view: not computed under strategy=fsdp (sharded parameters)")
-            return None
         weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
-        # .grad is this process's unscaled sum unless DDP averages it or a GradScaler scales it
-        plain = self._trainer is None or (self.trainer.world_size == 1 and
+        # .grad is this process's unscaled sum unless DDP averages it, a GradScaler scales it or
+        # FSDP moves it to the shards (under FSDP the parameters here are the gathered ones, inside
+        # `gathered(..., through_backward=True)`)
+        plain = self._trainer is None or (self.trainer.world_size == 1 and not fsdp_units(self.policy) and
                                           getattr(self.trainer.precision_plugin, "scaler", None) is None)
         return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain)
 

@@ -54,22 +54,32 @@ def fsdp_units(policy) -> list:
 
 
 @contextlib.contextmanager
-def gathered(policy):
+def gathered(policy, through_backward: bool = False):
     """Full parameters on every rank for the duration (a rollout, or calls into submodules outside
-    the root forward). A no-op for an unsharded policy."""
+    the root forward). through_backward: also kept through backward passes, resharded on exit (the
+    gradient view: its extra backward passes and the step's own all read the gathered weights).
+    Inside, `policy.parameters()` are the gathered parameters autograd differentiates. A no-op for
+    an unsharded policy."""
     units = fsdp_units(policy)
     if not units:
         yield
         return
     for unit in units:
-        unit.set_reshard_after_forward(False)
+        unit.set_reshard_after_forward(False, recurse=False)
+        if through_backward:
+            unit.set_reshard_after_backward(False, recurse=False)
         unit.unshard()
     try:
         yield
     finally:
-        for unit in units[1:] if units[0] is policy else units:
+        for unit in units:
+            root = unit is policy  # the root stays gathered from its forward to its backward
+            if through_backward:
+                unit.set_reshard_after_backward(True, recurse=False)
+            if root and not through_backward:
+                continue
             unit.reshard()
-            unit.set_reshard_after_forward(True)
+            unit.set_reshard_after_forward(not root, recurse=False)
 
 
 class ShardedStrategy(ModelParallelStrategy):
