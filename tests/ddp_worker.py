@@ -5,11 +5,12 @@
 Each rank writes OUT_DIR/rank<r>.pt: its final parameters, its starting parameters, for every
 step the prompts it rolled out, their rewards and advantages, and the metric rows it logged. With
 STRATEGIES="ddp fsdp" one launch of the ranks fits under each strategy in turn and writes
-OUT_DIR/<strategy>/rank<r>.pt. Used by tests/test_ddp.py and tests/test_fsdp.py. The model is a
-seeded random tiny decoder; the reward is dense (fraction of digit characters) so that every group
-has non-zero advantages and the gradients are worth synchronising; everything else (task source,
-prompt slicing per rank, rollout, scoring, advantages, losses, optimizer, Lightning strategy) is the
-training path of `oisd-lab train`.
+OUT_DIR/<strategy>/rank<r>.pt; with RESUME_FROM="fsdp/step=2.ckpt" that run is then fitted again
+from that checkpoint into OUT_DIR/fsdp/resumed. Used by tests/test_ddp.py and tests/test_fsdp.py.
+The model is a seeded random tiny decoder; the reward is dense (fraction of digit characters) so
+that every group has non-zero advantages and the gradients are worth synchronising; everything
+else (task source, prompt slicing per rank, rollout, scoring, advantages, losses, optimizer,
+Lightning strategy) is the training path of `oisd-lab train`.
 """
 
 from __future__ import annotations
@@ -50,9 +51,13 @@ def main() -> None:
         run(out, sys.argv[2:])
     for strategy in strategies:
         run(out / strategy, [*sys.argv[2:], f"strategy={strategy}"])
+    if os.environ.get("RESUME_FROM"):  # <strategy>/<checkpoint name>: that run again from that checkpoint
+        strategy, name = os.environ["RESUME_FROM"].split("/")
+        run(out / strategy / "resumed", [*sys.argv[2:], f"strategy={strategy}"],
+            ckpt_path=out / strategy / "run" / "checkpoints" / name)
 
 
-def run(out: Path, overrides: list[str]) -> None:
+def run(out: Path, overrides: list[str], ckpt_path: Path | None = None) -> None:
     from oisd_lab.config import compose
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
     from oisd_lab.module import OISDModule
@@ -94,7 +99,7 @@ def run(out: Path, overrides: list[str]) -> None:
     logger = Recorder()
     trainer = make_trainer(cfg, RunDir(Path(cfg.run_dir)), [logger])
     loader = torch.utils.data.DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     params = {k: v.detach().cpu().clone() for k, v in get_model_state_dict(

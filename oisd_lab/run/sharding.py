@@ -83,9 +83,19 @@ def gathered(policy, through_backward: bool = False):
 
 
 class ShardedStrategy(ModelParallelStrategy):
-    """FSDP2 over all ranks (data parallel only): `OISDModule.configure_model` calls `parallelize`."""
+    """FSDP2 over all ranks (data parallel only): `OISDModule.configure_model` calls `parallelize`.
+
+    Checkpoints are full: every rank joins the gather, rank 0 writes one file through the run's
+    `AtomicCheckpointIO` (atomic, digest, finite parameters) with the same keys as a DDP or
+    single-device checkpoint, and `find_resumable` picks it as any other. Resuming loads it into
+    the shards (each rank reads the file memory-mapped; parameters and AdamW state are broadcast
+    from rank 0). The cost: rank 0 holds the full parameters and optimizer state in CPU memory
+    while it saves."""
 
     strategy_name = "oisd_fsdp2"
+
+    def __init__(self) -> None:
+        super().__init__(save_distributed_checkpoint=False)
 
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
