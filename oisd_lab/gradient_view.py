@@ -138,7 +138,7 @@ class GradientView:
 
     def average_over_ranks(self) -> None:
         """Each term's gradient averaged over the process group (a collective: every rank calls it),
-        as DDP and FSDP average `.grad`; a parameter that no rank reached stays None."""
+        as DDP and FSDP average `.grad`, in place; a parameter that no rank reached stays None."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -159,9 +159,10 @@ class GradientView:
                 if hit == 0:
                     out.append(None)
                     continue
-                g = torch.zeros(p.shape, dtype=torch.float32, device=device) if g is None else g.detach().float().clone()
+                # in place and in the gradient's own dtype: no second model-sized copy per term
+                g = torch.zeros(p.shape, dtype=p.dtype, device=device) if g is None else g.detach()
                 dist.all_reduce(g)
-                out.append(g / world)
+                out.append(g.div_(world))
             self.grads[name] = out
 
     def metrics(self, stats: Mapping[str, Tensor], advantages: Tensor, lengths: Tensor,
