@@ -457,6 +457,9 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
     check(not (str(cfg.strategy).startswith("fsdp") and cfg.strategy != "fsdp"),
           f"strategy: is {cfg.strategy}; use fsdp (FSDP2, per-layer sharding on GPUs and CPU ranks)")
+    check(not (cfg.strategy == "fsdp" and cfg.grpo.rollout_backend == "vllm"),
+          "grpo.rollout_backend: vllm under strategy=fsdp is not supported yet (the engine would get "
+          "parameter shards); use grpo.rollout_backend=hf or strategy=ddp")
 
 
 def weight_dtype(cfg: TrainConfig) -> str:
