@@ -13,7 +13,11 @@ refuses.
 Decoding (`rollout.generate`) runs inside `training_step` with the policy's parameters gathered
 once per rollout (`gathered`): every unit is unsharded before the first token and resharded after
 the last, so a rollout costs one all-gather of the model and holds the full parameters for its
-duration, instead of one all-gather per layer per generated token.
+duration, instead of one all-gather per layer per generated token. On logging steps with the
+gradient view (`log.gradient_view`) the step itself runs inside `gathered(policy,
+through_backward=True)`: the view differentiates each loss term w.r.t. the gathered parameters.
+Checkpoints are full files (`ShardedStrategy`). `oisd-lab plan` counts the parameters gathered at
+once as this module gathers them (`plan/formulas.py`, `fsdp_gathered_bytes`).
 """
 
 from __future__ import annotations
