@@ -22,6 +22,7 @@ from .options import (
     HEAD_AGG,
     HEAD_REDUCE,
     IS_LEVELS,
+    JSD_TEMPERATURE_SAMPLING,
     LENS_GRAD_MODES,
     LOSS_TYPES,
     NONFINITE,
@@ -189,9 +190,12 @@ class MethodConfig:
     layers: list[Any] = field(default_factory=list)
     """Student layers: index, negative index or fraction of depth; empty = about 1/6 of depth."""
     jsd_beta: float = 0.5
-    """Mixture weight of the generalised JSD (0.5: symmetric; 0 and 1 give zero loss)."""
-    jsd_temperature: float = 1.0
-    """Temperature applied to the student and teacher logits in the think loss."""
+    """Mixture weight of the generalised JSD of the logit channel (0.5: symmetric; 0 and 1 give zero
+    loss); the attention channel always uses 0.5."""
+    jsd_temperature: float | int | str = 1.0
+    """Temperature dividing the teacher (final-layer) and student (lens) logits in the think loss: a
+    number > 0, or `sampling` for grpo.temperature. The default 1 compares the model's own
+    distributions, not the sampling distribution; the attention channel has no temperature."""
     attn_heads: str = "mean"
     """`mean` (head-mean rows), `per_head` (student head i vs teacher head i) or `per_head_to_mean`
     (each student head vs the teacher's head mean)."""
@@ -232,8 +236,14 @@ class LogConfig:
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     gradient_view: bool = True
-    """On logging steps, log each loss term's gradient norm, its cosine with the policy gradient,
-    per-channel divergences by advantage sign and the rollout statistics that shape them (`grad/*`)."""
+    """On logging steps, log each loss term's gradient norm, its norm ratio to and cosine with the
+    policy gradient, the same after AdamW's preconditioning, its cosine with its own gradient on the
+    previous logging step, per-channel divergences by advantage sign and the rollout statistics that
+    shape them (`grad/*`; docs/oisd-method.md, "Reading the gradient view")."""
+    gradient_view_sketch: int = 16384
+    """Coordinates of the random sketch that keeps each term's gradient from one logging step to
+    the next for `grad/<term>/cos_prev` (cosine error about 1/sqrt of it); models with at most this
+    many trainable elements, or 0, keep the exact gradient (float32, on the CPU)."""
     wandb_mode: str = "offline"
     """offline (default), online, or disabled."""
     wandb_project: str = "oisd_lab"
@@ -387,6 +397,13 @@ def _check_policy_loss(g: GRPOConfig) -> None:
     check(lo is None or hi is None or lo <= hi, f"grpo.vllm_importance_sampling_clip_min: {lo} is above clip_max {hi}")
 
 
+def _check_jsd_temperature(value: Any) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    check(value == JSD_TEMPERATURE_SAMPLING or (number and value > 0),
+          f"method.jsd_temperature: is {value!r}; use a number > 0 or '{JSD_TEMPERATURE_SAMPLING}' "
+          "(the sampling temperature grpo.temperature)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings with the arithmetic in the message."""
     g, m = cfg.grpo, cfg.method
@@ -434,7 +451,7 @@ def validate(cfg: TrainConfig) -> None:
           f"method.align_schedule_steps: is {m.align_schedule_steps}; schedule '{m.align_schedule}' needs >= 1")
     check_choice(m.lens_grad, LENS_GRAD_MODES, "method.lens_grad")
     check(0 <= m.jsd_beta <= 1, f"method.jsd_beta: is {m.jsd_beta}; use a value in [0, 1]")
-    check(m.jsd_temperature > 0, "method.jsd_temperature: use a value > 0")
+    _check_jsd_temperature(m.jsd_temperature)
     check(m.chunk_size >= 1, "method.chunk_size: use >= 1")
     check(m.bupo_steps >= 0, f"method.bupo_steps: is {m.bupo_steps}; use 0 (off), a fraction in (0, 1) or a step count")
     check(m.bupo_steps == 0 or len(m.layers) <= 1,
@@ -447,6 +464,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.max_steps >= 1, f"max_steps: is {cfg.max_steps}; use >= 1")
     check(cfg.checkpoint_every >= 1, "checkpoint_every: use >= 1")
     check(cfg.log.every_n_steps >= 1, "log.every_n_steps: use >= 1")
+    check(cfg.log.gradient_view_sketch >= 0, "log.gradient_view_sketch: use >= 0 (0 keeps exact gradients)")
     check_choice(cfg.log.wandb_mode, WANDB_MODES, "log.wandb_mode")
     check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")
     check(0 < cfg.task.test_fraction < 1, f"task.test_fraction: is {cfg.task.test_fraction}; use a value in (0, 1)")

@@ -727,9 +727,13 @@ def attention_row_jsd(
     first real key of each row (the attention sink: key 0 only on unpadded rows) and renormalises;
     a row with no remaining mass (<= eps) gives 0.
     head_reduce `mean`: average the H rows, then one JSD per row (the paper's default reading);
-    `per_head`: JSD of student head i against teacher head i (>= `mean` after a mean over heads,
-    by joint convexity of JSD); `per_head_to_mean`: JSD of each student head against the
-    teacher's head mean (pairing head i with head i across layers is arbitrary).
+    `per_head`: JSD of student head i against teacher head i; `per_head_to_mean`: JSD of each
+    student head against the teacher's head mean (pairing head i with head i across layers is
+    arbitrary). Joint convexity of JSD makes the head mean of `per_head` >= `mean` when the heads
+    of each side keep equal mass after key_mask and exclude_sink (renormalising then commutes with
+    the head mean): always without exclude_sink on a real layer's rows, whose padding keys hold no
+    mass. exclude_sink renormalises each head by its own non-sink mass, and `per_head` can then
+    fall below `mean`.
     head_agg: `mean` or `sum` of the per-head JSDs (sum = H x mean; one row under `mean`).
     Computed on probabilities with 0 log 0 = 0; beta in {0, 1} gives 0, as in `jsd`.
     """
@@ -788,7 +792,8 @@ def alignment_loss(
     rewards: Tensor | None = None,
     **agg_kwargs,
 ) -> Tensor:
-    """L_think / L_attn: aggregate over tokens of w_i * d_{i,t}, with the policy loss's normaliser.
+    """L_think / L_attn: aggregate over tokens of w_i * d_{i,t} with the normaliser `loss_type`:
+    the policy loss's unless `method.align_loss_type` is set (`step.loss_terms` chooses).
 
     per_token_div [B, T] (from `chunked_lens_jsd` scattered back to [B, T], or
     `attention_row_jsd`), mask [B, T], advantages [B] (detached here) or [B, T]; weighting in

@@ -2,13 +2,16 @@
 
 rollout -> rewards -> advantages -> per micro-batch: policy forward (hidden states of the student
 layers, attention of student and final layers only) -> policy / think / attention losses, all
-aggregated with the policy loss's normaliser -> backward -> one optimizer step. Every N steps:
+aggregated with whole-batch normalisers (the alignment losses with the policy loss's normaliser
+unless `method.align_loss_type` is set) -> backward -> one optimizer step. Every N steps:
 per-layer diagnostics, completions and snapshots, and the gradient view (each term's gradient,
 `gradient_view.py`). The math lives in `losses.py`.
 
 Positions: the logits at position t predict token t+1, so both alignment channels act on the
 positions that produced the completion tokens (the last prompt position up to the one before the
-last completion token); the completion mask is shifted accordingly.
+last completion token). Those outputs are read one position early (`step.completion_positions`),
+so column t of every [b, C] tensor belongs to completion token t and the completion mask is used
+as it is, unshifted.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from . import losses
 from . import step as step_lib
 from .config import TrainConfig
 from .errors import NonFiniteError
-from .gradient_view import GradientView
+from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
 from .rollout import Rollout, generate
@@ -66,6 +69,9 @@ class OISDModule(L.LightningModule):
         """(first step, problems, rollout, rewards, advantages, metrics) of the batch in use."""
         self.num_tokens = 0
         self.skipped_steps = 0
+        self.previous_gradients = PreviousGradients(cfg.log.gradient_view_sketch)
+        """Each term's gradient on the last gradient-view step (`grad/<term>/cos_prev`); not
+        checkpointed, so the first gradient-view step after a resume has no cos_prev."""
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -247,7 +253,7 @@ class OISDModule(L.LightningModule):
         viewed = self.cfg.log.gradient_view and self._is_log_step(self.global_step + 1)
         # under FSDP the view differentiates w.r.t. the gathered parameters, held for the whole step
         with gathered(self.policy, through_backward=True) if viewed else contextlib.nullcontext():
-            view = self.gradient_view() if viewed else None
+            view = self.gradient_view(opt, state_params=_optimised(opt, self.policy)) if viewed else None
             sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
         stats = {k: sums.pop(k) for k in list(sums) if k.startswith("stat/")}
         view_metrics = self.gradient_view_metrics(view, stats, rollout, adv)
@@ -262,8 +268,12 @@ class OISDModule(L.LightningModule):
         out.update(view_metrics)
         return out
 
-    def gradient_view(self) -> GradientView | None:
-        """A collector of each term's gradient for this step (`log.gradient_view`), or None."""
+    def gradient_view(self, optimizer=None, state_params=None) -> GradientView | None:
+        """A collector of each term's gradient for this step (`log.gradient_view`), or None.
+        optimizer (Lightning's wrapper or the torch optimizer): its state, read before this step's
+        update, gives the AdamW view; None leaves it out. state_params: the parameters the
+        optimizer holds, in the order of `policy.parameters()` (under FSDP the shards, while the
+        view differentiates w.r.t. the gathered parameters); default: the same parameters."""
         if not self.cfg.log.gradient_view:
             return None
         weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
@@ -272,7 +282,9 @@ class OISDModule(L.LightningModule):
         # `gathered(..., through_backward=True)`)
         plain = self._trainer is None or (self.trainer.world_size == 1 and not fsdp_units(self.policy) and
                                           getattr(self.trainer.precision_plugin, "scaler", None) is None)
-        return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain)
+        return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain,
+                            optimizer=getattr(optimizer, "optimizer", optimizer), previous=self.previous_gradients,
+                            state_params=state_params)
 
     def gradient_view_metrics(self, view: GradientView | None, stats: dict, rollout: Rollout,
                               adv: torch.Tensor) -> dict:
@@ -377,6 +389,18 @@ def _combine(key: str, total: torch.Tensor | None, value: torch.Tensor) -> torch
     if key.startswith("max/"):
         return torch.maximum(total, value)
     return total + value
+
+
+def _optimised(optimizer, policy) -> list | None:
+    """The optimizer's parameters (shards under FSDP), one per trainable parameter of `policy` in
+    its order (gathered ones inside `gathered`), or None where they do not pair up in order
+    and shape (DTensor shards report the full shape)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    held = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    current = [p for p in policy.parameters() if p.requires_grad]
+    if len(held) != len(current) or any(a.shape != b.shape for a, b in zip(held, current, strict=True)):
+        return None
+    return held
 
 
 class _Timer:

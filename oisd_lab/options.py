@@ -27,6 +27,9 @@ HEAD_AGG = ("mean", "sum")
 """method.attn_head_reduce: how per-head attention divergences combine."""
 SCHEDULES = ("constant", "stop", "linear")
 """method.align_schedule: the alignment weights' multiplier over training (see `losses.alignment_scale`)."""
+JSD_TEMPERATURE_SAMPLING = "sampling"
+"""method.jsd_temperature: the word that sets the logit channel's temperature to grpo.temperature
+(see `step.Objective.jsd_temperature`); any other value is a number > 0."""
 LENS_GRAD_MODES = ("full", "hidden_only")
 """method.lens_grad: whether the logit lens passes gradient to its readout weights."""
 WANDB_MODES = ("offline", "online", "disabled")

@@ -26,6 +26,7 @@ import torch
 from . import losses
 from .attention import AttentionCapture, attention_layer_of
 from .lens import Readout
+from .options import JSD_TEMPERATURE_SAMPLING
 from .rollout import Rollout
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24
@@ -109,6 +110,13 @@ class Objective:
         return self.readout.num_layers
 
     @property
+    def jsd_temperature(self) -> float:
+        """Temperature of the logit channel: `method.jsd_temperature`, or `grpo.temperature` when it
+        is the word `sampling` (the only place that word is resolved)."""
+        value = self.method.jsd_temperature
+        return float(self.grpo.temperature if value == JSD_TEMPERATURE_SAMPLING else value)
+
+    @property
     def logit_weight(self) -> float:
         """This step's weight of L_think: method.logit_weight x the schedule."""
         return self.method.logit_weight * self.align_scale
@@ -154,7 +162,8 @@ class Objective:
 def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mapping, objective: Objective,
                ref_logps: torch.Tensor | None = None, rewards: torch.Tensor | None = None
                ) -> dict[str, torch.Tensor]:
-    """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser.
+    """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser (the
+    alignment losses with `method.align_loss_type`'s instead when it is set).
 
     out: `objective.forward(model, part)`; adv [b]; norm: whole-batch normalisers for
     `losses.aggregate` (num_items_in_batch, num_sequences, max_completion_length, and
@@ -257,7 +266,7 @@ def think_divergence(out: PolicyOutputs, mask: torch.Tensor, objective: Objectiv
     for layer in objective.student_layers:
         h = out.hidden[layer][sel]  # [N, D]
         lens = objective.readout.for_layer(layer, m.lens_grad, norm=m.lens_norm)
-        div = losses.chunked_lens_jsd(h, out.logits, lens, m.jsd_beta, m.jsd_temperature, chunk,
+        div = losses.chunked_lens_jsd(h, out.logits, lens, m.jsd_beta, objective.jsd_temperature, chunk,
                                       teacher_index=index)
         per_tok[layer] = torch.zeros_like(mask).masked_scatter(sel, div)
     return per_tok

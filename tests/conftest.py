@@ -42,6 +42,13 @@ def tiny_overrides(run_dir, *extra: str) -> list[str]:
     return [f"run_dir={run_dir}", "debug=quick", *extra]
 
 
+def assert_gradients_flowed(rows: list[dict]) -> None:
+    """The metrics rows of a training run in which the policy gradient existed: some group's
+    rewards differed (non-zero advantages) and some step's gradient norm was positive."""
+    assert any(r["frac_reward_zero_std"] < 1 for r in rows), "every group's rewards were equal: no policy gradient"
+    assert any((r.get("grad_norm") or 0) > 0 for r in rows), "no step had a non-zero gradient"
+
+
 @pytest.fixture(autouse=True)
 def _own_wandb_service():
     """Training subprocesses start their own W&B service: one inherited from a test that ran W&B

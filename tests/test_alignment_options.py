@@ -17,10 +17,12 @@ from oisd_lab.losses import (
     alignment_scale,
     attention_row_jsd,
     divergence_sums,
+    jsd,
 )
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import Rollout
 from oisd_lab.sources import load_source
+from oisd_lab.step import policy_forward
 
 
 def _module(tiny_model, tok, *overrides):
@@ -220,6 +222,38 @@ def test_lens_without_final_norm(tiny_model, char_tokenizer):
     torch.testing.assert_close(raw["loss/attn"], normed["loss/attn"])  # attention has no lens
 
 
+def _think_by_hand(module, rollout, adv, temperature):
+    """L_think of `_terms`'s batch from the plain `jsd` (not the chunked path the step uses): the
+    detached final logits and the lens of the student layer, both / temperature, signed weights,
+    `dapo` over the batch's tokens."""
+    (layer,) = module.student_layers
+    mask = rollout.completion_mask
+    with torch.no_grad():
+        out = policy_forward(module.policy, rollout, hidden_layers=[layer])
+        div = jsd(out.logits, module.readout.for_layer(layer)(out.hidden[layer]), 0.5, temperature)
+    return (adv[:, None] * div * mask).sum() / mask.sum()
+
+
+def test_jsd_temperature_sampling_is_the_sampling_temperature(tiny_model, char_tokenizer):
+    hot = "grpo.temperature=0.7"
+    word, word_grads = _terms(tiny_model, char_tokenizer, hot, "method.jsd_temperature=sampling")
+    number, number_grads = _terms(tiny_model, char_tokenizer, hot, "method.jsd_temperature=0.7")
+    one, one_grads = _terms(tiny_model, char_tokenizer, hot)
+    assert word.keys() == number.keys()
+    for key in word:
+        assert torch.equal(word[key], number[key]), key
+    assert word_grads.keys() == number_grads.keys()
+    for name in word_grads:
+        assert torch.equal(word_grads[name], number_grads[name]), name
+    module = _module(tiny_model, char_tokenizer, "method=oisd", hot)
+    rollout, adv = _rollout([6, 3, 8, 5] * 4, [0, 1, 2, 0] * 4), torch.tensor([1.2, -0.4, 0.0, -0.8] * 4)
+    torch.testing.assert_close(word["loss/think"], _think_by_hand(module, rollout, adv, 0.7))
+    torch.testing.assert_close(one["loss/think"], _think_by_hand(module, rollout, adv, 1.0))
+    assert not torch.allclose(word["loss/think"], one["loss/think"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(word["loss/attn"], one["loss/attn"])  # the attention channel has no temperature
+    assert any(not torch.allclose(word_grads[n], one_grads[n]) for n in word_grads)
+
+
 def test_head_sum_is_heads_times_mean_in_the_module(tiny_model, char_tokenizer):
     mean, _ = _terms(tiny_model, char_tokenizer, "method.attn_heads=per_head_to_mean")
     total, _ = _terms(tiny_model, char_tokenizer, "method.attn_heads=per_head_to_mean",
@@ -234,6 +268,8 @@ def test_head_sum_is_heads_times_mean_in_the_module(tiny_model, char_tokenizer):
     (["method.think_weighting=abs"], "method.think_weighting"),
     (["method.align_loss_type=mean"], "method.align_loss_type"),
     (["method.attn_heads=max"], "method.attn_heads"),
+    (["method.jsd_temperature=hot"], "method.jsd_temperature"),
+    (["method.jsd_temperature=0"], "method.jsd_temperature"),
 ])
 def test_bad_option_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")) as err:

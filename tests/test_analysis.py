@@ -337,6 +337,21 @@ def test_report_command_writes_figures_tables_readme(grid_dir, tmp_path, monkeyp
     assert f"{diff['mean_diff'] * 100:+.1f} points" in sentence and sentence in readme
 
 
+def test_report_into_the_folder_of_its_collected_tables(grid_dir, tmp_path, monkeypatch):
+    """`--results OUT/tables`: the report writes its tables beside the collected ones and keeps them."""
+    from oisd_lab.analysis import report
+    from oisd_lab.collect import collect
+
+    monkeypatch.setattr(report, "_layer_specs", lambda grid, by: [])
+    monkeypatch.setattr(report, "_snapshot_specs", lambda grid: [])
+    out = tmp_path / "report"
+    collect(grid_dir, out / "tables")
+    before = (out / "tables" / "paired.csv").read_text()
+    report.write_report(grid_dir, out, results_dir=out / "tables")
+    assert (out / "tables" / "paired.csv").read_text() == before
+    assert (out / "tables" / "main.md").is_file() and (out / "README.md").is_file()
+
+
 def test_report_collects_when_tables_are_missing(grid_dir, tmp_path):
     for path in grid_dir.glob("*.parquet"):
         path.unlink()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from oisd_lab.config import ConfigError, compose, config_dir, load_yaml, method_presets, to_yaml
+from oisd_lab.preflight import check_run_dir
 
 PRESETS = {
     "grpo": (0.0, 0.0, "signed"),
@@ -64,6 +65,22 @@ def test_resolved_config_round_trips(tmp_path):
     assert back == cfg
 
 
+@pytest.mark.parametrize("value, kept", [("sampling", "sampling"), ("0.7", 0.7), ("2", 2)])
+def test_jsd_temperature_keeps_the_word_or_the_number_through_config_yaml(tmp_path, value, kept):
+    cfg = compose(["method=oisd", f"method.jsd_temperature={value}"])
+    assert cfg.method.jsd_temperature == kept
+    path = Path(tmp_path) / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    back = load_yaml(path)
+    assert back == cfg and back.method.jsd_temperature == kept
+    assert type(back.method.jsd_temperature) is type(kept)
+    cfg.run_dir = str(tmp_path)  # resuming in that folder accepts the same setting, not another one
+    check_run_dir(cfg)
+    other = compose(["method=oisd", "method.jsd_temperature=1.5", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"method\.jsd_temperature"):
+        check_run_dir(other)
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -83,6 +100,10 @@ def test_resolved_config_round_trips(tmp_path):
         (["method.lens_grad=some"], "method.lens_grad"),
         (["method.layers=[a]"], "method.layers"),
         (["grpo.temperature=0"], "grpo.temperature"),
+        (["method.jsd_temperature=0"], "method.jsd_temperature"),
+        (["method.jsd_temperature=-1"], "method.jsd_temperature"),
+        (["method.jsd_temperature=sample"], "method.jsd_temperature"),
+        (["method.jsd_temperature=true"], "method.jsd_temperature"),
         (["max_steps=0"], "max_steps"),
         (["log.wandb_mode=cloud"], "log.wandb_mode"),
         (["seed"], "seed"),
@@ -115,9 +136,10 @@ def test_a_new_method_preset_is_a_yaml_file_and_nothing_else(tmp_path, monkeypat
 
 def test_the_debug_preset_holds_the_small_settings():
     cfg = compose(["debug=quick"])
-    assert (cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.max_steps, cfg.checkpoint_every) == (30, 16, 3, 2)
+    # the default warm start (shipped with the package: nothing to pretrain), whose rewards vary
+    assert (cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.max_steps, cfg.checkpoint_every) == (500, 64, 3, 2)
     g = cfg.grpo
-    assert (g.prompts_per_step, g.num_generations, g.micro_batch_size, g.max_completion_length) == (4, 4, 8, 12)
+    assert (g.prompts_per_step, g.num_generations, g.micro_batch_size, g.max_completion_length) == (4, 4, 8, 32)
     assert (cfg.task.num_test, cfg.eval.k, cfg.log.every_n_steps, cfg.log.progress_bar) == (16, 2, 2, False)
     # a preset is a starting point: the method and explicit overrides still apply on top of it
     cfg = compose(["debug=quick", "method=oisd", "max_steps=5"])

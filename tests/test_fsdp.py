@@ -56,8 +56,10 @@ def _grad_rows(rank: dict) -> list[dict]:
 
 def test_fsdp_gradient_view_equals_replicated(runs):
     """Under FSDP each term is differentiated w.r.t. the gathered parameters and averaged over
-    ranks: norms, shares, cosines and reach equal DDP's global figures (the same on both ranks);
-    the per-rank figures (divergences, advantage-length covariance) equal DDP's on that rank."""
+    ranks, and the AdamW view reads the sharded second moments: norms, ratios, cosines (with the
+    policy, with the previous view step, through AdamW) and reach equal DDP's global figures (the
+    same on both ranks); the per-rank figures (divergences, advantage-length covariance) equal
+    DDP's on that rank."""
     for rank in range(2):
         replicated, sharded = _grad_rows(runs["ddp"][rank]), _grad_rows(runs["fsdp"][rank])
         assert len(replicated) == 4
@@ -67,12 +69,16 @@ def test_fsdp_gradient_view_equals_replicated(runs):
         assert [sorted(r) for r in sharded] == [sorted(r) for r in replicated]
         # step 1 starts from equal parameters (measured: below 1e-6 relative); later steps from parameters
         # that differ in reduction order (measured: 6e-5 relative on the smallest attention divergences)
+        # AdamW's view divides by the second moment of the earlier steps' gradients: coordinates whose
+        # earlier gradients are near 0 magnify those differences (measured: 4% at step 2, 2e-3 after)
         for got, want, tol in zip(sharded, replicated, (1e-6, 1e-3, 1e-3, 1e-3), strict=True):
             for key, value in want.items():
                 if key.endswith("/reach"):
                     assert got[key] == value, key
                 else:
-                    assert math.isclose(got[key], value, rel_tol=tol, abs_tol=1e-12), (key, got[key], value)
+                    rel = 0.1 if "/adam_" in key else tol
+                    assert math.isclose(got[key], value, rel_tol=rel, abs_tol=1e-12), (key, got[key], value)
+        assert any("/adam_" in key for key in replicated[-1]) and any("/cos_prev" in key for key in replicated[-1])
     for a, b in zip(_grad_rows(runs["fsdp"][0]), _grad_rows(runs["fsdp"][1]), strict=True):
         for term in ("policy", "think", "attn"):
             assert math.isclose(a[f"grad/{term}/norm"], b[f"grad/{term}/norm"], rel_tol=1e-6), term

@@ -1,5 +1,6 @@
-"""The gradient view: its pure math by hand, and the per-term gradients on a tiny model against a
-naive reference (one separate backward pass per term)."""
+"""The gradient view: its pure math by hand; the AdamW view against a hand computation from the
+gradients AdamW was given; the cross-step cosine exact and sketched; and the per-term gradients
+on a tiny model against a naive reference (one separate backward pass per term)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,20 @@ import torch
 from test_alignment_options import _module, _rollout
 
 from oisd_lab.gradient_view import (
+    GradientView,
+    PreviousGradients,
+    adam_state,
+    adam_view,
     advantage_length_cov,
     divergence_means,
+    flat_cosine,
     frac_zero_advantage_groups,
     grad_cosine,
     grad_dot,
     grad_norm,
     reach_fraction,
 )
+from oisd_lab.optim import build_optimizer
 
 
 def test_gradient_math_by_hand():
@@ -42,6 +49,135 @@ def test_rollout_statistics_by_hand():
     stats = {"stat/think/div_pos": torch.tensor(0.6), "stat/think/tokens_pos": torch.tensor(3.0),
              "stat/think/div_neg": torch.tensor(0.0), "stat/think/tokens_neg": torch.tensor(0.0)}
     assert divergence_means(stats) == {"grad/think/div_pos": pytest.approx(0.2)}  # empty split left out
+
+
+# --------------------------------------------------------------------------- AdamW's view
+
+
+def _flat(grads, params):
+    return torch.cat([torch.zeros(p.numel(), dtype=torch.float64) if g is None else g.double().flatten()
+                      for g, p in zip(grads, params, strict=True)])
+
+
+def _adam_by_hand(history, grads, params, betas=(0.9, 0.999), eps=1e-8):
+    """u = g / (sqrt(v_hat) + eps) from the gradients AdamW was given, in float64: v_t = beta2 v_{t-1}
+    + (1 - beta2) g_t^2 after len(history) steps, v_hat = v_t / (1 - beta2^t). -> {term: flat u}."""
+    t = len(history)
+    v = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    for step_grads in history:
+        v = [betas[1] * vi + (1 - betas[1]) * g.double() ** 2 for vi, g in zip(v, step_grads, strict=True)]
+    denom = [(vi / (1 - betas[1] ** t)).sqrt() + eps for vi in v]
+    return {name: _flat([None if x is None else x.double() / d for x, d in zip(g, denom, strict=True)], params)
+            for name, g in grads.items()}
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _params_and_history(steps: int, opt_cls=torch.optim.AdamW, eps=1e-8, **kw):
+    """Two parameters, `steps` real AdamW steps on gradients whose scale differs per coordinate (so
+    the second moment reweights them), and the next step's policy and think gradients."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4, generator=gen)), torch.nn.Parameter(torch.randn(5, generator=gen))]
+    scale = [torch.logspace(-3, 1, 12).reshape(3, 4), torch.logspace(1, -2, 5)]
+    opt = opt_cls(params, lr=0.01, betas=(0.9, 0.999), eps=eps, weight_decay=0.1, **kw)
+    history = []
+    for _ in range(steps):
+        history.append([torch.randn(p.shape, generator=gen) * s for p, s in zip(params, scale, strict=True)])
+        for p, g in zip(params, history[-1], strict=True):
+            p.grad = g.clone()
+        opt.step()
+    policy = [torch.randn(p.shape, generator=gen) * s for p, s in zip(params, scale, strict=True)]
+    # think reaches the first parameter only: the policy gradient there plus noise of scale 1
+    grads = {"policy": policy, "think": [policy[0] + torch.randn(3, 4, generator=gen), None]}
+    return params, opt, history, grads
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-2])  # 1e-2: comparable to the small coordinates' sqrt(v_hat)
+def test_adam_view_matches_a_hand_computation_from_adamw_state(eps):
+    params, opt, history, grads = _params_and_history(2, eps=eps)
+    u = _adam_by_hand(history, grads, params, eps=eps)
+    # the state read is the one after the 2 steps taken, before this step's update
+    v_state = opt.state[params[0]]["exp_avg_sq"].double()
+    torch.testing.assert_close(v_state, 0.999 * 0.001 * history[0][0] ** 2 + 0.001 * history[1][0] ** 2,
+                               check_dtype=False, rtol=1e-5, atol=0)
+    got = adam_view(grads, adam_state(opt, params))
+    ratio, cos = float(u["think"].norm() / u["policy"].norm()), _cos(u["think"], u["policy"])
+    assert got["grad/think/adam_norm_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert got["grad/think/adam_cos_policy"] == pytest.approx(cos, rel=1e-5)
+    assert got.keys() == {"grad/think/adam_norm_ratio", "grad/think/adam_cos_policy"}
+    # the preconditioning matters here: the plain ratio and cosine are far from AdamW's
+    plain = {name: _flat(g, params) for name, g in grads.items()}
+    assert abs(float(plain["think"].norm() / plain["policy"].norm()) / ratio - 1) > 0.5
+    assert abs(_cos(plain["think"], plain["policy"]) - cos) > 0.2
+
+
+def test_adam_view_of_torch_optimi_and_amsgrad():
+    optimi = pytest.importorskip("optimi")
+    _, _, _, grads = _params_and_history(3)
+    params, opt, history, _ = _params_and_history(3, optimi.AdamW, foreach=False)
+    u = _adam_by_hand(history, grads, params)  # optimi keeps v debiased: the same u
+    got = adam_view(grads, adam_state(opt, params))
+    assert got["grad/think/adam_norm_ratio"] == pytest.approx(float(u["think"].norm() / u["policy"].norm()), rel=1e-5)
+    assert got["grad/think/adam_cos_policy"] == pytest.approx(_cos(u["think"], u["policy"]), rel=1e-5)
+    params, opt, history, _ = _params_and_history(2, amsgrad=True)
+    state = adam_state(opt, params)
+    assert state[0][0] is opt.state[params[0]]["max_exp_avg_sq"] and state[0][1] == pytest.approx((1 - 0.999**2) ** 0.5)
+
+
+def test_no_adam_view_without_state_or_adam():
+    params, opt, _, grads = _params_and_history(0)
+    assert adam_state(opt, params) is None  # no step yet
+    assert adam_state(torch.optim.SGD(params, lr=0.1), params) is None
+    view = GradientView(params, {"policy": 1.0, "think": 1.0}, optimizer=torch.optim.SGD(params, lr=0.1))
+    view.grads = grads
+    got = view.metrics({}, torch.zeros(4), torch.ones(4), 2)
+    assert "grad/think/norm_ratio" in got and not any("adam" in k for k in got)
+    extra = torch.nn.Parameter(torch.zeros(2))  # a gradient where the optimizer keeps no state
+    params, opt, _, grads = _params_and_history(1)
+    grads = {name: [*g, torch.ones(2)] for name, g in grads.items()}
+    assert adam_view(grads, adam_state(opt, [*params, extra])) == {}
+
+
+# --------------------------------------------------------------------------- across steps
+
+
+def test_cos_prev_is_the_cosine_with_the_previous_view_step():
+    params = [torch.zeros(2), torch.zeros(3)]
+    prev = PreviousGradients(dims=0)
+    first = {"policy": [torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0, -1.0])], "think": [None, torch.ones(3)]}
+    second = {"policy": [torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0, 1.0])], "think": [torch.ones(2), None]}
+    assert prev.update(first, params) == {}
+    got = prev.update(second, params)
+    # policy: <(1,2,0,1,-1), (2,0,1,1,1)> = 2 + 0 + 0 + 1 - 1 = 2, norms sqrt(7) and sqrt(7)
+    assert got["grad/policy/cos_prev"] == pytest.approx(2 / 7)
+    assert got["grad/think/cos_prev"] == 0.0  # disjoint reach
+    assert prev.update({"policy": second["policy"]}, params) == {"grad/policy/cos_prev": pytest.approx(1.0)}
+    assert "grad/think/cos_prev" not in prev.update(second, params)  # think skipped the last view step
+
+
+@pytest.mark.parametrize("cos", [-0.9, -0.3, 0.0, 0.5, 0.95])
+def test_sketched_cos_prev_approximates_the_exact_cosine(cos):
+    """The CountSketch's cosine error has std about sqrt((1 + cos^2) / dims) = 0.016-0.022 at dims
+    4096; the tolerance 0.07 is more than 3 of them."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(300, 400), (30_000,), (7, 1000)]
+    a = [torch.randn(s, generator=gen) for s in shapes]
+    noise = [torch.randn(s, generator=gen) for s in shapes]
+    b = [cos * x + (1 - cos**2) ** 0.5 * n for x, n in zip(a, noise, strict=True)]
+    params = [torch.zeros(s) for s in shapes]
+    exact = flat_cosine(_flat(a, params), _flat(b, params))
+    assert exact == pytest.approx(cos, abs=0.01)
+    sketch = PreviousGradients(dims=4096, seed=3)
+    sketch.CHUNK = 50_000  # several chunks per large parameter
+    assert sketch.vector(a, params).shape == (4096,)
+    sketch.update({"think": a}, params)
+    assert sketch.update({"think": b}, params)["grad/think/cos_prev"] == pytest.approx(exact, abs=0.07)
+    assert sketch.update({"think": b}, params)["grad/think/cos_prev"] == pytest.approx(1.0, abs=1e-6)
+    # the sketch is linear and the same on every call: S(a + b) = S a + S b
+    torch.testing.assert_close(sketch.vector([x + y for x, y in zip(a, b, strict=True)], params),
+                               sketch.vector(a, params) + sketch.vector(b, params), rtol=1e-4, atol=1e-3)
 
 
 def _naive(module, rollout, adv, micro):
@@ -79,9 +215,11 @@ def test_gradient_view_matches_separate_backward_passes(tiny_model, char_tokeniz
     for name in ("think", "attn"):
         cos = grad_cosine(ref[name], ref["policy"])
         assert got[f"grad/{name}/cos_policy"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
-        assert got[f"grad/{name}/share"] == pytest.approx(grad_norm(ref[name]) / grad_norm(ref["policy"]), rel=1e-5)
-        share_reach = grad_norm(ref[name]) / grad_norm(ref["policy"], where=ref[name])
-        assert got[f"grad/{name}/share_reach"] == pytest.approx(share_reach, rel=1e-5)
+        ratio = grad_norm(ref[name]) / grad_norm(ref["policy"])
+        assert got[f"grad/{name}/norm_ratio"] == pytest.approx(ratio, rel=1e-5)
+        ratio_reach = grad_norm(ref[name]) / grad_norm(ref["policy"], where=ref[name])
+        assert got[f"grad/{name}/norm_ratio_reach"] == pytest.approx(ratio_reach, rel=1e-5)
+        assert f"grad/{name}/share" not in got and f"grad/{name}/adam_norm_ratio" not in got  # no optimizer
     # the detached teacher keeps the layers above the student out of reach; hidden_only also the readout
     readout = module.policy.model.norm.weight
     index = [i for i, p in enumerate(module.policy.parameters()) if p is readout][0]
@@ -92,3 +230,39 @@ def test_gradient_view_matches_separate_backward_passes(tiny_model, char_tokeniz
     for i, (name, p) in enumerate(module.policy.named_parameters()):
         parts = [ref[t][i] for t in ("policy", "think", "attn") if ref[t][i] is not None]
         torch.testing.assert_close(p.grad, sum(parts), rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_gradient_view_over_two_real_adamw_steps(tiny_model, char_tokenizer):
+    """The module's view on two consecutive steps with the recipe's AdamW: no AdamW view and no
+    cos_prev on the first; on the second, both equal hand computations from the naive per-term
+    gradients and the total gradient AdamW was given on the first."""
+    module = _module(tiny_model, char_tokenizer, "method=oisd", "method.attn_weight=10",
+                     "log.gradient_view_sketch=0")
+    params = list(module.policy.parameters())
+    opt = build_optimizer(params, module.cfg.grpo)
+    rollout = _rollout([6, 3, 8, 5, 2, 7, 8, 4] * 2, [0, 1, 2, 0] * 4)
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9, -0.9, -0.9, 1.2, -1.2, 0.3, -0.3])
+    refs, totals, got, sketched = [], [], [], []
+    sketch = PreviousGradients(dims=16384)  # the default sketch, beside the module's exact copy
+    for step_adv in (adv, adv.flip(0)):  # the second step credits other rollouts
+        refs.append(_naive(module, rollout, step_adv, micro=4))
+        module.policy.zero_grad(set_to_none=True)
+        view = module.gradient_view(opt)
+        sums = module.accumulate(rollout, step_adv, backward=torch.Tensor.backward, view=view)
+        got.append(module.gradient_view_metrics(view, {k: v for k, v in sums.items() if k.startswith("stat/")},
+                                                rollout, step_adv))
+        totals.append([p.grad.clone() for p in params])  # what AdamW is given (no clipping here)
+        sketched.append(sketch.update(view.grads, params))
+        opt.step()
+    assert not any("adam" in k or "cos_prev" in k for k in got[0])
+    betas, eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+    u = _adam_by_hand(totals[:1], refs[1], params, betas=betas, eps=eps)
+    for name in ("think", "attn"):
+        ratio = float(u[name].norm() / u["policy"].norm())
+        assert got[1][f"grad/{name}/adam_norm_ratio"] == pytest.approx(ratio, rel=1e-4)
+        assert got[1][f"grad/{name}/adam_cos_policy"] == pytest.approx(_cos(u[name], u["policy"]), rel=1e-4, abs=1e-6)
+    for name in ("policy", "think", "attn"):
+        cos = _cos(_flat(refs[0][name], params), _flat(refs[1][name], params))
+        assert got[1][f"grad/{name}/cos_prev"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+        # sketched: error std about sqrt((1 + cos^2) / 16384) < 0.011; 0.05 is more than 4 of them
+        assert sketched[1][f"grad/{name}/cos_prev"] == pytest.approx(cos, abs=0.05)

@@ -509,7 +509,7 @@ def test_attention_row_jsd_properties():
     query_mask = torch.ones(2, 5, dtype=torch.bool)
     mean = attention_row_jsd(teacher, student, query_mask)
     per_head = attention_row_jsd(teacher, student, query_mask, head_reduce="per_head")
-    assert (per_head[:, 1:] > mean[:, 1:] + 1e-6).all()  # joint convexity; row 0 is one key
+    assert (per_head[:, 1:] > mean[:, 1:] + 1e-6).all()  # joint convexity (every row keeps mass 1); row 0 is one key
     assert torch.equal(
         attention_row_jsd(teacher, teacher, query_mask), torch.zeros(2, 5, dtype=torch.float64)
     )
@@ -525,6 +525,28 @@ def test_attention_row_jsd_properties():
     assert teacher.grad is None and torch.isfinite(student.grad).all()
     with pytest.raises(ValueError, match="head_reduce"):
         attention_row_jsd(teacher, student, query_mask, head_reduce="max")
+
+
+def test_per_head_bounds_mean_from_above_only_when_rows_keep_their_mass():
+    # [1 query, 2 heads, 1 row, 3 keys]; key 0 is the sink. The teacher's heads look at keys 1 and
+    # 2; student head 0 puts 0.9 on the sink and the rest on key 1, student head 1 copies teacher
+    # head 1. Without the sink every student head matches its teacher head: per_head gives 0.
+    teacher = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)[None, :, None]
+    student = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)[None, :, None]
+    query_mask = torch.ones(1, 1, dtype=torch.bool)
+    per_head = attention_row_jsd(teacher, student, query_mask, head_reduce="per_head", exclude_sink=True)
+    mean = attention_row_jsd(teacher, student, query_mask, exclude_sink=True)
+    assert per_head.item() == pytest.approx(0.0, abs=1e-12)
+    # head means (0, .5, .5) and (.45, .05, .5), renormalised over keys 1, 2: (1/2, 1/2) vs (1/11, 10/11)
+    p, q = [0.5, 0.5], [1 / 11, 10 / 11]
+    m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+    want = sum(0.5 * a * math.log(a / c) + 0.5 * b * math.log(b / c) for a, b, c in zip(p, q, m, strict=True))
+    assert mean.item() == pytest.approx(want, rel=1e-12)
+    assert want > 0.1  # per_head < mean: the convexity bound fails once heads are renormalised apart
+    # the sink kept, every row keeps mass 1 and the bound holds (here with equality: head 1 adds
+    # the same key-2 mass to both sides)
+    kept = attention_row_jsd(teacher, student, query_mask, head_reduce="per_head")
+    assert kept.item() >= attention_row_jsd(teacher, student, query_mask).item() - 1e-12
 
 
 def test_attention_cosine():

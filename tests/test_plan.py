@@ -200,6 +200,21 @@ def test_train_keeps_the_plan_beside_measured_peaks(tmp_path, cache_dir):
         assert row["planned_bytes"] == planned["phases"][phase]["total"] and row["measured_bytes"] > 0
 
 
+def test_the_profiler_peak_is_an_allocation_and_prints_nothing_of_its_own(capfd):
+    import sys
+
+    from oisd_lab.bench.memory import profiler_peak
+
+    def fn():
+        x = torch.ones(1000, 1000)  # 4,000,000 bytes held at once
+        print("from fn", file=sys.stderr)
+        return x.sum()
+
+    assert 4_000_000 <= profiler_peak(fn) < 4_100_000
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "profiler_stop" not in err and "from fn" in err
+
+
 def test_rollout_formula_is_within_15_percent_of_a_measured_generate():
     from oisd_lab.bench.common import _NoEos
     from oisd_lab.bench.memory import profiler_peak

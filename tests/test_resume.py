@@ -72,7 +72,10 @@ def reference(cache_dir, tmp_path_factory) -> Path:
 
 
 def test_reference_run_trains_and_checkpoints(reference, cache_dir):
-    start = next((cache_dir / "base").glob("tiny-arith-30steps-*/model.safetensors"))
+    from oisd_lab.config import compose
+    from oisd_lab.pretrain import warm_start
+
+    start = warm_start(compose(overrides(reference))) / "model.safetensors"
     before, after = load_file(start), final_tensors(reference)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the comparison is not trivial
     names = sorted(p.name for p in (reference / "checkpoints").iterdir())

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import assert_gradients_flowed, tiny_overrides
 from safetensors.torch import load_file
 
 from oisd_lab.cli import main
 from oisd_lab.config import compose
 from oisd_lab.pretrain import warm_start
+from oisd_lab.sources import TaskSource
 from oisd_lab.train import train
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,8 @@ def _rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def oisd_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("runs") / "oisd"
-    # uniform weighting: the alignment terms move every parameter even when a 30-step warm start
-    # earns no reward yet (zero advantages would, correctly, give a zero gradient)
+    # uniform weighting: the alignment terms move every parameter, also in groups whose rewards
+    # are all equal (zero advantages would, correctly, give them no signed alignment gradient)
     cfg = compose(tiny_overrides(run_dir, "method=oisd", "method.weighting=uniform"))
     return cfg, train(cfg)
 
@@ -80,13 +81,28 @@ def test_per_layer_diagnostics_cover_all_layers_and_splits(oisd_run):
 
 def test_training_changes_the_parameters(oisd_run, cache_dir):
     cfg, run = oisd_run
+    rows = _rows(run / "metrics.jsonl")
+    assert_gradients_flowed(rows)
     start = load_file(str(warm_start(cfg) / "model.safetensors"))
     end = load_file(str(run / "final_model" / "model.safetensors"))
     assert start.keys() == end.keys()
+    # rewards vary within groups: the policy gradient reaches every weight
+    assert {k for k in start if not torch.equal(start[k], end[k])} == set(start)
+
+
+def test_the_alignment_alone_moves_only_what_the_lens_reaches(tmp_path, cache_dir, monkeypatch):
+    # equal rewards everywhere: no policy gradient, so only the (uniformly weighted) alignment terms
+    # move weights: the student (layer 1, i.e. decoder layer 0), the tied embedding/unembedding and
+    # the final norm that the lens reuses. The layers above the student only shape the detached
+    # teacher and must stay exactly as they were.
+    monkeypatch.setattr(TaskSource, "reward", lambda self, text, answer: 0.0)
+    cfg = compose(tiny_overrides(tmp_path / "run", "method=oisd", "method.weighting=uniform",
+                                 "log.wandb_mode=disabled"))
+    run = train(cfg)
+    assert all(r["frac_reward_zero_std"] == 1.0 for r in _rows(run / "metrics.jsonl"))
+    start = load_file(str(warm_start(cfg) / "model.safetensors"))
+    end = load_file(str(run / "final_model" / "model.safetensors"))
     changed = {k for k in start if not torch.equal(start[k], end[k])}
-    # No reward yet, so only the alignment terms move weights: the student (layer 1, i.e. decoder
-    # layer 0), the tied embedding/unembedding and the final norm that the lens reuses. The layers
-    # above the student only shape the detached teacher and must stay exactly as they were.
     expected = {k for k in start if k.startswith("model.layers.0.")} | {"model.embed_tokens.weight", "model.norm.weight"}
     assert changed == expected
 

@@ -73,13 +73,15 @@ def write_tables(grid: GridData, out: Path) -> dict[str, str]:
     md.update(_gradient_tables(grid, folder))
     md["aggregate"] = _write_table(folder, "aggregate", tables.aggregate_table(grid.aggregate),
                                    "Every scalar metric, raw units: mean, std, 95% CI over seeds.")
+    same = folder.resolve() == grid.results_dir.resolve()  # the report writes beside the collected tables
     for name in COLLECTED:
         frame = getattr(grid, name)
         if (grid.results_dir / f"{name}.csv").is_file():
-            shutil.copy(grid.results_dir / f"{name}.csv", folder / f"{name}.csv")
+            if not same:
+                shutil.copy(grid.results_dir / f"{name}.csv", folder / f"{name}.csv")
         elif frame is not None:
             frame.to_csv(folder / f"{name}.csv", index=False)
-    if (grid.results_dir / "collect.json").is_file():
+    if (grid.results_dir / "collect.json").is_file() and not same:
         shutil.copy(grid.results_dir / "collect.json", folder / "collect.json")
     return md
 
@@ -93,7 +95,10 @@ def _gradient_tables(grid: GridData, folder: Path) -> dict[str, str]:
     return {"gradients": _write_table(
         folder, "gradients", table,
         "Gradient view, mean over logging steps then mean ± std over seeds: each alignment term's "
-        "gradient norm as a share of the policy gradient's, its cosine with the policy gradient, the "
+        "gradient norm over the policy gradient's (norm ratio: a ratio of gradient norms, which can "
+        "exceed 1, not a fraction of the update) and its cosine with the policy gradient; where logged, "
+        "the same ratio and cosine after AdamW's preconditioning (Adam ratio, Adam cos) and each term's "
+        "cosine with its own gradient on the previous logging step (cos prev); the "
         "unweighted mean per-token JSD by advantage sign, cov(advantage, length), the fraction of groups "
         "with zero advantage, and the view's own time over the rest of the step's forward and backward.")}
 
@@ -159,8 +164,10 @@ def figure_specs(grid: GridData) -> list[tuple[str, callable]]:
     """(name, draw) for every figure this grid has data for; lines split by `variant` (method and
     the other axis values) when the grid has axes beyond method, task and seed."""
     by = "variant" if grid.axes else "method"
-    view = [("gradient_shares", lambda: gradients.gradient_shares(grid.metrics, by=by))] \
+    view = [("gradient_norm_ratios", lambda: gradients.gradient_norm_ratios(grid.metrics, by=by))] \
         if gradients.has_gradient_view(grid.metrics) else []
+    if gradients.has_cos_prev(grid.metrics):
+        view.append(("gradient_cos_prev", lambda: gradients.gradient_cos_prev(grid.metrics, by=by)))
     return [*_result_specs(grid, by), *view, *_layer_specs(grid, by), *_snapshot_specs(grid)]
 
 

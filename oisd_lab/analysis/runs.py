@@ -30,6 +30,28 @@ def read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(_read_rows(path))
 
 
+LEGACY_METRICS = {"share": "norm_ratio", "share_reach": "norm_ratio_reach"}
+"""Old last part of a `grad/<term>/...` metric -> its name now, the same quantity: the gradient
+view logged |g_term| / |g_policy| as `share` before it was named for what it is, a norm ratio."""
+
+
+def current_metric_names(metrics: pd.DataFrame) -> pd.DataFrame:
+    """A metrics frame with `grad/<term>/share` read as `grad/<term>/norm_ratio` (and `share_reach`
+    as `norm_ratio_reach`). Where a frame has both, the new column keeps its values and takes the
+    old one's where it has none."""
+    renames = {}
+    for column in metrics.columns:
+        parts = str(column).split("/")
+        if len(parts) == 3 and parts[0] == "grad" and parts[2] in LEGACY_METRICS:
+            renames[column] = f"grad/{parts[1]}/{LEGACY_METRICS[parts[2]]}"
+    if not renames:
+        return metrics
+    out = metrics.copy()
+    for old, new in renames.items():
+        out[new] = out[new].fillna(out[old]) if new in out else out[old]
+    return out.drop(columns=list(renames))
+
+
 @dataclass
 class RunData:
     """One run directory as frames: `metrics` (one row per step), `diagnostics` (one row per
@@ -85,7 +107,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if not run.config.is_file():
         raise FileNotFoundError(f"{run.root}: not a run directory (no {run.config.name})")
     return RunData(root=run.root, config=yaml.safe_load(run.config.read_text()) or {},
-                   eval=read_json(run.eval), metrics=read_jsonl(run.metrics),
+                   eval=read_json(run.eval), metrics=current_metric_names(read_jsonl(run.metrics)),
                    diagnostics=read_jsonl(run.diagnostics), snapshot_steps=run.snapshot_steps())
 
 

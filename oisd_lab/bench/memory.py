@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 
 import torch
@@ -39,12 +41,33 @@ class _RssPeak:
         return self.peak - self.base
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ side prints its own start/stop lines there."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def profiler_peak(fn) -> int:
-    """Peak bytes held by tensors allocated inside `fn()` (CPU allocator events of torch.profiler)."""
+    """Peak bytes held by tensors allocated inside `fn()` (CPU allocator events of torch.profiler).
+    The profiler's own start/stop lines are kept off stderr; what `fn` writes there is not."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():
+        prof.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     cur = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):

@@ -1,5 +1,6 @@
 """The decisive grid's pre-registered reading, recomputed from the per-run files committed beside
-this script (`runs/<cell>/`: eval.json, metrics.jsonl, status.json, cell.json, config.yaml).
+this script (`grid/cells/<cell>/`: eval.json, metrics.jsonl, diagnostics.jsonl, status.json,
+cell.json, config.yaml, env.json; `grid/grid.json` is the grid runner's manifest).
 
     python reports/decisive/analyse.py [runs_folder]     # writes outcome.md beside this file
 
@@ -73,7 +74,11 @@ def fmt(c: dict, digits: int = 2) -> str:
     if c["flag"]:
         return f"{c['mean']:+.{digits}f} ({c['flag']}, n={c['n']})"
     return (f"{c['mean']:+.{digits}f} [{c['ci95_low']:+.{digits}f}, {c['ci95_high']:+.{digits}f}], "
-            f"n={c['n']}, p={c['p']:.3f}, MDE80={c['mde80']:.{digits}f}")
+            f"n={c['n']}, {pval(c['p'])}, MDE80={c['mde80']:.{digits}f}")
+
+
+def pval(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 def reading(cells: dict) -> list[str]:
@@ -113,7 +118,7 @@ def reading(cells: dict) -> list[str]:
     ]
     for c, p in zip(secondary, holm, strict=True):
         digits = 4 if c["label"].endswith(STUDENT) else 2
-        lines.append(f"| 4. secondary: {c['label']} | {fmt(c, digits)}; Holm-adjusted p={p:.3f} (family of 4) |")
+        lines.append(f"| 4. secondary: {c['label']} | {fmt(c, digits)}; Holm-adjusted {pval(p)} (family of 4) |")
     return lines
 
 
@@ -129,8 +134,37 @@ def per_seed(cells: dict) -> list[str]:
     return lines
 
 
+GRADIENT_KEYS = (("think", "logit channel"), ("attn", "attention channel"))
+
+
+def run_mean(cell: dict, key: str) -> float | None:
+    """Mean over the gradient-view steps of one logged key (metrics tables written before the
+    rename call the norm ratio `share`)."""
+    names = (key, key.replace("/norm_ratio", "/share"))
+    xs = [r[n] for r in cell["rows"] for n in names if r.get(n) is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def gradient_view(cells: dict) -> list[str]:
+    """Per method and channel: the norm ratio |g_channel| / |g_policy| and the cosine between the
+    two gradients, each averaged over a run's gradient-view steps, then over seeds."""
+    lines = ["| method | channel | norm ratio mean [min, max over seeds] | cosine to policy gradient mean "
+             "[min, max] | seeds |", "|---|---|---:|---:|---:|"]
+    for method in METHODS[1:]:
+        for term, label in GRADIENT_KEYS:
+            ratio = [v for k, c in cells.items() if k[0] == method
+                     if (v := run_mean(c, f"grad/{term}/norm_ratio")) is not None]
+            cos = [v for k, c in cells.items() if k[0] == method
+                   if (v := run_mean(c, f"grad/{term}/cos_policy")) is not None]
+            if ratio and cos:
+                lines.append(f"| {method} | {label} | {sum(ratio) / len(ratio):.4f} [{min(ratio):.4f}, "
+                             f"{max(ratio):.4f}] | {sum(cos) / len(cos):+.4f} [{min(cos):+.4f}, {max(cos):+.4f}] "
+                             f"| {len(ratio)} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
-    runs = Path(argv[0]) if argv else HERE / "runs"
+    runs = Path(argv[0]) if argv else HERE / "grid" / "cells"
     cells = load(runs)
     before = {round(c["eval"]["before"]["avg_at_k"], 6) for c in cells.values()}
     problems = integrity(cells)
@@ -140,7 +174,9 @@ def main(argv: list[str]) -> int:
             "",
             "Integrity: " + ("every cell finished, and every step 1..150 appears exactly once in every "
                              "metrics table." if not problems else "; ".join(problems)),
-            "", *reading(cells), "", "Per seed (after RL, %; lens JSD at the last step):", "", *per_seed(cells), ""]
+            "", *reading(cells), "",
+            "Gradient view (step 1 and every 10th step, 16 per run; a ratio of gradient norms, not a fraction of the AdamW "
+            "update):", "", *gradient_view(cells), "", "Per seed (after RL, %; lens JSD at the last step):", "", *per_seed(cells), ""]
     (HERE / "outcome.md").write_text("\n".join(text))
     print("\n".join(text))
     return 0
