@@ -310,7 +310,8 @@ class TrainConfig:
     devices: Any = 1
     """Lightning devices: a count or a list of GPU indices."""
     strategy: str = "auto"
-    """Lightning strategy: auto, ddp or fsdp (GPUs)."""
+    """Lightning strategy: auto, ddp or fsdp (FSDP2: each decoder layer and the root sharded over
+    all ranks; GPUs over NCCL, CPU ranks over gloo)."""
     precision: str = "32-true"
     """Lightning precision. On GPUs use `bf16-mixed`: float32 weights and optimizer, bf16 compute.
     `bf16-true` / `16-true` cast the weights themselves (see `grpo.optimizer`)."""
@@ -484,8 +485,11 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.eval.batch_size >= 1, f"eval.batch_size: is {cfg.eval.batch_size}; use >= 1")
     check(cfg.pretrain.steps >= 0, "pretrain.steps: use >= 0")
     check(cfg.num_threads >= 0, "num_threads: use >= 0 (0 = torch default)")
-    check(not (str(cfg.strategy).startswith("fsdp") and cfg.accelerator == "cpu"),
-           "strategy: fsdp runs on GPUs only (a Lightning limit); on CPU use strategy=ddp")
+    check(not (str(cfg.strategy).startswith("fsdp") and cfg.strategy != "fsdp"),
+          f"strategy: is {cfg.strategy}; use fsdp (FSDP2, per-layer sharding on GPUs and CPU ranks)")
+    check(not (cfg.strategy == "fsdp" and cfg.grpo.rollout_backend == "vllm"),
+          "grpo.rollout_backend: vllm under strategy=fsdp is not supported yet (the engine would get "
+          "parameter shards); use grpo.rollout_backend=hf or strategy=ddp")
 
 
 def weight_dtype(cfg: TrainConfig) -> str:

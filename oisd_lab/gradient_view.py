@@ -34,7 +34,11 @@ logging steps (on the default tiny model, 1.5M parameters, both together add abo
 logging step on one CPU thread). The policy
 term's gradient is the accumulated `.grad` minus the alignment terms' (`derive_policy`), exact
 when `.grad` holds this process's unscaled sum; under data parallelism or a loss scaler it gets
-its own backward pass instead.
+its own backward pass instead. Under data parallelism each rank's figures are taken from the
+gradients averaged over ranks (as the update is); under FSDP the terms are differentiated
+w.r.t. the gathered parameters, which stay gathered through the logging step's passes (the full
+model per rank on logging steps only), and the AdamW view gathers each parameter's second
+moment from its shards as it goes.
 """
 
 from __future__ import annotations
@@ -171,6 +175,8 @@ def adam_view(grads: Mapping[str, Grads], state: Sequence[AdamEntry | None]) -> 
         if entry is None:
             return {}
         v, c, eps = entry
+        if hasattr(v, "full_tensor"):  # an FSDP shard: gathered one parameter at a time (a collective)
+            v = v.full_tensor()
         denom = v.float().sqrt().div_(c).add_(eps)
         u = {name: g.float() / denom for name, g in here.items()}
         for name, x in u.items():
@@ -273,12 +279,16 @@ class GradientView:
     policy term's gradient as the total minus the alignment terms' instead of from its own backward
     pass. optimizer: the AdamW view from its state (`adam_state`; None or another optimizer: no
     `adam_*` keys). previous: the gradients of the last gradient-view step (`PreviousGradients`,
-    kept across steps by the caller; None: no `cos_prev`).
+    kept across steps by the caller; None: no `cos_prev`). state_params: where the optimizer keeps
+    the state of each of `params` (FSDP: the shards of the gathered `params`; default `params`).
     """
 
     def __init__(self, params: Sequence[Tensor], weights: Mapping[str, float], derive_policy: bool = False,
-                 optimizer=None, previous: PreviousGradients | None = None):
+                 optimizer=None, previous: PreviousGradients | None = None,
+                 state_params: Sequence[Tensor] | None = None):
         self.params = list(params)
+        self.state_params = self.params if state_params is None else list(state_params)
+        """The optimizer's own parameters, one per entry of `params` (FSDP: the shards)."""
         self.weights = dict(weights)  # term -> its weight in the total (policy 1)
         self.derive_policy = derive_policy
         self.optimizer = optimizer
@@ -312,6 +322,35 @@ class GradientView:
             policy.append(None if g is None else (g.detach() - sum(others) if others else g.detach()))
         self.grads = {"policy": policy, **self.grads}
 
+    def average_over_ranks(self) -> None:
+        """Each term's gradient averaged over the process group (a collective: every rank calls it),
+        as DDP and FSDP average `.grad`, in place; a parameter that no rank reached stays None."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        world = dist.get_world_size()
+        device = self.params[0].device  # NCCL reduces device tensors only
+        for name in TERMS:  # the same order on every rank
+            grads = self.grads.get(name)
+            present = torch.tensor([0.0 if grads is None else 1.0], device=device)
+            dist.all_reduce(present)
+            if present.item() == 0:
+                continue
+            grads = grads or [None] * len(self.params)
+            reached = torch.tensor([0.0 if g is None else 1.0 for g in grads], device=device)
+            dist.all_reduce(reached)
+            out: list[Tensor | None] = []
+            for g, p, hit in zip(grads, self.params, reached.tolist(), strict=True):
+                if hit == 0:
+                    out.append(None)
+                    continue
+                # in place and in the gradient's own dtype: no second model-sized copy per term
+                g = torch.zeros(p.shape, dtype=p.dtype, device=device) if g is None else g.detach()
+                dist.all_reduce(g)
+                out.append(g.div_(world))
+            self.grads[name] = out
+
     def metrics(self, stats: Mapping[str, Tensor], advantages: Tensor, lengths: Tensor,
                 num_generations: int) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -326,7 +365,7 @@ class GradientView:
             out[f"grad/{name}/norm_ratio_reach"] = out[f"grad/{name}/norm"] / reach if reach > 0 else 0.0
             out[f"grad/{name}/cos_policy"] = grad_cosine(grads, policy)
         start = time.perf_counter()
-        state = adam_state(self.optimizer, self.params) if self.optimizer is not None else None
+        state = adam_state(self.optimizer, self.state_params) if self.optimizer is not None else None
         if state is not None:
             out.update(adam_view(self.grads, state))
         if self.previous is not None:

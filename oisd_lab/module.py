@@ -16,6 +16,7 @@ as it is, unshifted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -34,6 +35,7 @@ from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
 from .rollout import Rollout, generate
+from .run.sharding import fsdp_units, gathered
 from .run_hooks import PolicyView
 
 
@@ -78,6 +80,12 @@ class OISDModule(L.LightningModule):
         warm = max(g.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """Under `strategy=fsdp`, shard the policy per decoder layer (`run/sharding.py`)."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self.policy)
 
     def on_train_start(self) -> None:
         self.policy.train()
@@ -166,8 +174,9 @@ class OISDModule(L.LightningModule):
         prompts = [self.format_prompt(p.prompt) for p in problems]
         if g.rollout_backend == "vllm":
             return problems, self._vllm_rollout(prompts)
-        rollout = generate(self.policy, self.tokenizer, prompts, g.num_generations,
-                           g.max_completion_length, g.temperature, g.top_p)
+        with gathered(self.policy):  # one all-gather per rollout under FSDP
+            rollout = generate(self.policy, self.tokenizer, prompts, g.num_generations,
+                               g.max_completion_length, g.temperature, g.top_p)
         return problems, rollout
 
     def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -245,8 +254,11 @@ class OISDModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)
-        view = self.gradient_view(opt) if self._is_log_step(self.global_step + 1) else None
-        sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
+        viewed = self.cfg.log.gradient_view and self._is_log_step(self.global_step + 1)
+        # under FSDP the view differentiates w.r.t. the gathered parameters, held for the whole step
+        with gathered(self.policy, through_backward=True) if viewed else contextlib.nullcontext():
+            view = self.gradient_view(opt, state_params=_optimised(opt, self.policy)) if viewed else None
+            sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
         stats = {k: sums.pop(k) for k in list(sums) if k.startswith("stat/")}
         view_metrics = self.gradient_view_metrics(view, stats, rollout, adv)
         grad_norm = self._clip_and_step(opt, sched)
@@ -260,18 +272,23 @@ class OISDModule(L.LightningModule):
         out.update(view_metrics)
         return out
 
-    def gradient_view(self, optimizer=None) -> GradientView | None:
+    def gradient_view(self, optimizer=None, state_params=None) -> GradientView | None:
         """A collector of each term's gradient for this step (`log.gradient_view`), or None.
         optimizer (Lightning's wrapper or the torch optimizer): its state, read before this step's
-        update, gives the AdamW view; None leaves it out."""
+        update, gives the AdamW view; None leaves it out. state_params: the parameters the
+        optimizer holds, in the order of `policy.parameters()` (under FSDP the shards, while the
+        view differentiates w.r.t. the gathered parameters); default: the same parameters."""
         if not self.cfg.log.gradient_view:
             return None
         weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
-        # .grad is this process's unscaled sum unless DDP averages it or a GradScaler scales it
-        plain = self._trainer is None or (self.trainer.world_size == 1 and
+        # .grad is this process's unscaled sum unless DDP averages it, a GradScaler scales it or
+        # FSDP moves it to the shards (under FSDP the parameters here are the gathered ones, inside
+        # `gathered(..., through_backward=True)`)
+        plain = self._trainer is None or (self.trainer.world_size == 1 and not fsdp_units(self.policy) and
                                           getattr(self.trainer.precision_plugin, "scaler", None) is None)
         return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain,
-                            optimizer=getattr(optimizer, "optimizer", optimizer), previous=self.previous_gradients)
+                            optimizer=getattr(optimizer, "optimizer", optimizer), previous=self.previous_gradients,
+                            state_params=state_params)
 
     def gradient_view_metrics(self, view: GradientView | None, stats: dict, rollout: Rollout,
                               adv: torch.Tensor) -> dict:
@@ -279,6 +296,7 @@ class OISDModule(L.LightningModule):
         if view is None:
             return {}
         view.finish([p.grad for p in view.params])
+        view.average_over_ranks()  # global figures under DDP and FSDP
         lengths = rollout.completion_mask.sum(1).to(adv.device)
         return view.metrics(stats, adv, lengths, self.cfg.grpo.num_generations)
 
@@ -375,6 +393,18 @@ def _combine(key: str, total: torch.Tensor | None, value: torch.Tensor) -> torch
     if key.startswith("max/"):
         return torch.maximum(total, value)
     return total + value
+
+
+def _optimised(optimizer, policy) -> list | None:
+    """The optimizer's parameters (shards under FSDP), one per trainable parameter of `policy` in
+    its order (gathered ones inside `gathered`), or None where they do not pair up in order
+    and shape (DTensor shards report the full shape)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    held = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    current = [p for p in policy.parameters() if p.requires_grad]
+    if len(held) != len(current) or any(a.shape != b.shape for a, b in zip(held, current, strict=True)):
+        return None
+    return held
 
 
 class _Timer:

@@ -232,7 +232,8 @@ def test_train_command_takes_a_config_name():
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
-    [(["strategy=fsdp", "accelerator=cpu"], "strategy: fsdp runs on GPUs only"),
+    [(["strategy=fsdp1"], "strategy: is fsdp1; use fsdp"),
+     (["strategy=fsdp", "grpo.rollout_backend=vllm"], "grpo.rollout_backend: vllm under strategy=fsdp is not"),
      (["grpo.rollout_backend=sglang"], "grpo.rollout_backend: unknown value 'sglang'")],
 )
 def test_scale_out_settings_are_validated(overrides, expected):

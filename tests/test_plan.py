@@ -117,6 +117,9 @@ def test_kv_cache_formula_by_hand():
     assert formulas.kv_cache_bytes(36, 8, 128, 64, 2560, 2) == 147_456 * 64 * 2560
     assert formulas.ddp_bucket_bytes(100, 1) == 0 and formulas.ddp_bucket_bytes(100, 8) == 100
     assert formulas.fsdp_shard(10, 4) == 3
+    # per-layer FSDP: 100 parameters, 4 layers of 20, root 20; root + 2 layers gathered, 2 bytes each
+    assert formulas.fsdp_gathered_bytes(100, 20, 4, 2, 2) == (20 + 2 * 20) * 2
+    assert formulas.fsdp_gathered_bytes(100, 20, 4, 9, 2) == 100 * 2  # never more than the model
 
 
 def test_strategies_share_the_trace_and_move_the_state():
@@ -127,7 +130,8 @@ def test_strategies_share_the_trace_and_move_the_state():
     assert len(cache) == 1  # one trace for both
     assert ddp.state["DDP gradient buckets"] == ddp.state["gradients"]
     assert fsdp.state["parameters"] == -(-ddp.state["parameters"] // 8)
-    assert fsdp.phases["policy step"]["FSDP gathered parameters"] == ddp.state["parameters"]
+    assert fsdp.phases["rollout"]["FSDP gathered parameters"] == ddp.state["parameters"]
+    assert fsdp.phases["policy step"]["FSDP gathered parameters"] < ddp.state["parameters"] / 2
     assert ddp.required > ddp.peak * 1.1  # fragmentation, CUDA context and NCCL on GPU
 
 
@@ -273,5 +277,29 @@ def test_fsdp_mixed_precision_computes_on_bf16_copies_of_fp32_masters():
     assert fsdp.setup["parameters"] == n and ddp.state["parameters"] == 4 * n
     assert fsdp.state["parameters"] == -(-4 * n // 8) and fsdp.state["optimizer state"] >= 8 * n // 8
     assert ddp.phases["policy step"]["gradients"] == 4 * n  # fp32 gradients of fp32 parameters
-    assert fsdp.phases["policy step"]["gradients"] == 2 * n  # bf16 until reduce-scattered
-    assert fsdp.phases["policy step"]["FSDP gathered parameters"] == 2 * n
+    # bf16 until reduce-scattered, one layer at a time: far below a full bf16 copy
+    assert fsdp.state["gradients"] < fsdp.phases["policy step"]["gradients"] < 2 * n
+    assert fsdp.phases["rollout"]["FSDP gathered parameters"] == 2 * n
+
+
+def test_fsdp_gathers_the_whole_model_for_the_rollout_and_one_layer_at_a_time_for_the_step():
+    """Per-layer FSDP2: the rollout holds every parameter gathered; the step the root (embedding,
+    final norm, unembedding) and two decoder layers (the one computing and the one prefetched in
+    backward), and their unsharded gradients; the diagnostics pass the root and one layer. Counts
+    from the built model."""
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+
+    model = build_tiny_model("tiny", vocab_size=len(build_char_tokenizer()), seed=0)
+    layers = model.model.layers
+    n = sum(p.numel() for p in model.parameters())
+    layer = sum(p.numel() for p in layers[0].parameters())
+    root = n - len(layers) * layer
+    assert root == sum(p.numel() for name, p in model.named_parameters() if ".layers." not in name)
+    plan = make_plan(compose(["accelerator=gpu", "devices=8", "precision=bf16-mixed", "model.dtype=float32",
+                              "strategy=fsdp"]), 20)
+    assert plan.setup["parameters"] == n and plan.setup["layers"] == len(layers) == 6
+    gathered = {k: v["FSDP gathered parameters"] for k, v in plan.phases.items()}
+    assert gathered == {"rollout": 2 * n, "diagnostics": 2 * (root + layer), "policy step": 2 * (root + 2 * layer)}
+    # fp32 gradient shards, plus the bf16 gradients of the root and the two layers before reduce-scatter
+    assert plan.state["gradients"] == -(-4 * n // 8)
+    assert plan.phases["policy step"]["gradients"] == -(-4 * n // 8) + 2 * (root + 2 * layer)

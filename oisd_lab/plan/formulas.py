@@ -57,3 +57,19 @@ def ddp_bucket_bytes(grad_bytes: int, world: int) -> int:
 def fsdp_shard(nbytes: int, world: int) -> int:
     """Bytes of one rank's shard under full sharding (padded to a multiple of the world size)."""
     return -(-nbytes // world)
+
+
+FSDP_STEP_LAYERS = 2
+"""Decoder layers gathered at once in the policy step under `strategy=fsdp`: the one computing
+and, during backward, the one FSDP2 prefetches."""
+FSDP_DIAGNOSTICS_LAYERS = 1
+"""Decoder layers gathered at once in the diagnostics pass (a forward only, nothing prefetched)."""
+
+
+def fsdp_gathered_bytes(params: int, layer_params: int, layers: int, gathered_layers: int, dtype_bytes: int) -> int:
+    """Bytes of the parameters gathered at once under per-layer FSDP2 (`run/sharding.py`): the root
+    (all that is outside the decoder layers: embedding, final norm, unembedding; it stays gathered
+    from its forward to its backward) plus `gathered_layers` decoder layers, in the compute dtype.
+    params: the model's parameter count; layer_params: one decoder layer's."""
+    root = params - layers * layer_params
+    return (root + min(gathered_layers, layers) * layer_params) * dtype_bytes

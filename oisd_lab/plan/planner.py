@@ -37,13 +37,16 @@ class Traced:
     reference: int
     step: Phase
     diagnostics: Phase
+    layer_params: int = 0
+    """Bytes of one decoder layer's parameters (what per-layer FSDP gathers at a time)."""
 
     def with_state_scaled(self, factor: float) -> Traced:
         """Parameters, gradients, optimizer state and reference stored `factor` times as wide."""
         if factor == 1:
             return self
         return replace(self, params=round(self.params * factor), grads=round(self.grads * factor),
-                       optimizer=round(self.optimizer * factor), reference=round(self.reference * factor))
+                       optimizer=round(self.optimizer * factor), reference=round(self.reference * factor),
+                       layer_params=round(self.layer_params * factor))
 
     def scaled(self, other: Traced, layers: int) -> Traced:
         """Linear in depth through (self.layers, self) and (other.layers, other)."""
@@ -58,7 +61,8 @@ class Traced:
 
         return Traced(layers, lin(self.params, other.params), lin(self.grads, other.grads),
                       lin(self.optimizer, other.optimizer), lin(self.reference, other.reference),
-                      phase(self.step, other.step), phase(self.diagnostics, other.diagnostics))
+                      phase(self.step, other.step), phase(self.diagnostics, other.diagnostics),
+                      lin(self.layer_params, other.layer_params))
 
 
 def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> Traced:
@@ -78,7 +82,20 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
         step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg))
         grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
         return Traced(layers, tensor_bytes(policy.parameters()), grads, opt_bytes,
-                      tensor_bytes(ref.parameters()) if ref is not None else 0, step, Phase())
+                      tensor_bytes(ref.parameters()) if ref is not None else 0, step, Phase(),
+                      _layer_bytes(policy))
+
+
+def _layer_bytes(policy) -> int:
+    """Bytes of the first decoder layer's parameters (0 for a model without `.model.layers`: FSDP is
+    then planned as gathering the whole model)."""
+    # on use: the sharding module loads Lightning's strategies
+    from ..run.sharding import decoder_layers
+
+    try:
+        return tensor_bytes(decoder_layers(policy)[0].parameters())
+    except (ValueError, IndexError):
+        return 0
 
 
 def trace_diagnostics(cfg, model_config, shape: StepShape) -> Phase:
@@ -266,8 +283,10 @@ def _state(traced: Traced, world: int, fsdp: bool) -> tuple[dict[str, int], list
              "optimizer state": shard(traced.optimizer), "reference model": traced.reference}
     estimated = []
     if fsdp:
-        estimated.append("FSDP sharding of parameters, gradients and optimizer state (1/world each) "
-                         "and the gathered full parameters (formula)")
+        estimated.append("FSDP sharding of parameters, gradients and optimizer state (1/world each), "
+                         "the parameters gathered for the rollout (all) and for the step and the diagnostics "
+                         "(the root and one decoder layer at a time, two during backward), the step's unsharded "
+                         "gradients (the root's and those layers') (formula)")
     elif world > 1:
         state["DDP gradient buckets"] = formulas.ddp_bucket_bytes(traced.grads, world)
         estimated.append("DDP gradient buckets (one flat copy of the gradients, formula)")
@@ -277,19 +296,32 @@ def _state(traced: Traced, world: int, fsdp: bool) -> tuple[dict[str, int], list
 def _phases(cfg, mc, shape: StepShape, traced: Traced, state: dict, fsdp: bool, param_dtype, low) -> dict:
     """Bytes of each phase by source, and their total."""
     n_params = traced.params // param_dtype.itemsize
-    gathered = {"FSDP gathered parameters": n_params * (low or param_dtype).itemsize} if fsdp else {}
     act = (low or param_dtype).itemsize
+    gathered = {"rollout": {}, "diagnostics": {}, "policy step": {}}
+    step = dict(traced.step.at_peak)
+    if fsdp:  # the rollout gathers the whole model once; the step and the diagnostics a layer at a time
+        per_layer = (n_params, traced.layer_params // param_dtype.itemsize, mc.num_hidden_layers)
+        in_flight = formulas.fsdp_gathered_bytes(*per_layer, formulas.FSDP_STEP_LAYERS, act)
+        gathered = {"rollout": n_params * act,
+                    "diagnostics": formulas.fsdp_gathered_bytes(*per_layer, formulas.FSDP_DIAGNOSTICS_LAYERS, act),
+                    "policy step": in_flight}
+        gathered = {k: {"FSDP gathered parameters": v} for k, v in gathered.items()}
+        if "gradients" in step:
+            # each layer's gradients are reduce-scattered as its backward ends: the sharded gradients,
+            # plus the unsharded ones (compute dtype) of the root and the layers in flight
+            step["gradients"] = state["gradients"] + in_flight
     kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     tokens = shape.prompt_length + shape.completion_length
     geometry = (mc.num_hidden_layers, kv_heads, head_dim, shape.rows, tokens, act)
-    between_steps = {**state, **gathered}  # gradients live from one step's backward to the next's zero_grad
-    without_grads = {k: v for k, v in between_steps.items() if k != "gradients"}
+    # gradients live from one step's backward to the next's zero_grad
+    without_grads = {k: v for k, v in state.items() if k != "gradients"}
     phases = {
-        "rollout": {**between_steps, "KV cache": formulas.kv_cache_bytes(*geometry),
+        "rollout": {**state, **gathered["rollout"], "KV cache": formulas.kv_cache_bytes(*geometry),
                     "decoding step": formulas.decode_step_bytes(*geometry, mc.vocab_size)},
-        "diagnostics": {**between_steps, **{f"diagnostics: {k}": v for k, v in traced.diagnostics.at_peak.items()}},
-        "policy step": {**without_grads, **traced.step.at_peak},
+        "diagnostics": {**state, **gathered["diagnostics"],
+                        **{f"diagnostics: {k}": v for k, v in traced.diagnostics.at_peak.items()}},
+        "policy step": {**without_grads, **gathered["policy step"], **step},
     }
     for parts in phases.values():
         parts["total"] = sum(parts.values())

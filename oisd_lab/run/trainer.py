@@ -13,6 +13,7 @@ from ..config import TrainConfig
 from ..models import load_pretrained
 from .checkpointing import AtomicCheckpointIO
 from .folder import RunDir
+from .sharding import ShardedStrategy, make_strategy
 
 
 def make_trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
@@ -26,7 +27,7 @@ def make_trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
     if cfg.log.progress_bar:
         callbacks.append(_step_bar(cfg.method.name))
     return L.Trainer(
-        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy,
+        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=make_strategy(cfg.strategy),
         precision=cfg.precision, logger=loggers, callbacks=callbacks, log_every_n_steps=1,
         enable_progress_bar=cfg.log.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run.root, use_distributed_sampler=False, max_epochs=-1, plugins=[AtomicCheckpointIO()],
@@ -72,13 +73,14 @@ def checkpoint_step(path: Path) -> int:
 def unsharded_policy(trainer: L.Trainer, model, start_dir: Path, cfg: TrainConfig):
     """The trained policy with full parameters on rank 0. Under FSDP the parameters are shards
     after `fit`: every rank joins the gather, and rank 0 loads the full weights into a fresh copy."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not isinstance(trainer.strategy, FSDPStrategy):
+    if not isinstance(trainer.strategy, ShardedStrategy):
         return model
-    state = trainer.strategy.lightning_module_state_dict()  # collective; full on rank 0 only
+    # collective; full on rank 0 only
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.global_rank != 0:
         return model
     full, _ = load_pretrained(start_dir, cfg.model.dtype, cfg.model.attn_implementation)
-    full.load_state_dict({k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")})
+    full.load_state_dict(state)
     return full.to(trainer.strategy.root_device)

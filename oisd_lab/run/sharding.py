@@ -1,0 +1,120 @@
+"""Sharded training: FSDP2 (`torch.distributed.fsdp.fully_shard`) through Lightning's
+`ModelParallelStrategy`, on GPUs (NCCL) and on CPU ranks (gloo).
+
+`strategy=fsdp` shards every decoder layer and then the root (embedding, final norm, unembedding)
+over all ranks as one data-parallel mesh; a layer's parameters are gathered for its forward and
+backward and freed after. Under `precision=bf16-mixed` compute runs in bf16 while the master
+weights, the optimizer state and the gradient reduction stay float32. FSDP1
+(`FullyShardedDataParallel`, Lightning's `FSDPStrategy`) is not offered: FSDP2 is the path torch,
+accelerate and verl maintain, its DTensor parameters work with `clip_grad_norm_` and
+`torch.distributed.checkpoint` as they are, and it runs on CPU ranks, which FSDP1 under Lightning
+refuses.
+
+Decoding (`rollout.generate`) runs inside `training_step` with the policy's parameters gathered
+once per rollout (`gathered`): every unit is unsharded before the first token and resharded after
+the last, so a rollout costs one all-gather of the model and holds the full parameters for its
+duration, instead of one all-gather per layer per generated token. On logging steps with the
+gradient view (`log.gradient_view`) the step itself runs inside `gathered(policy,
+through_backward=True)`: the view differentiates each loss term w.r.t. the gathered parameters.
+Checkpoints are full files (`ShardedStrategy`). `oisd-lab plan` counts the parameters gathered at
+once as this module gathers them (`plan/formulas.py`, `fsdp_gathered_bytes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+def decoder_layers(policy) -> list[torch.nn.Module]:
+    """The policy's decoder blocks (the units sharded one by one)."""
+    base = getattr(policy, "model", policy)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError("strategy: fsdp needs a decoder with `.model.layers`; use strategy=ddp for this model")
+    return list(layers)
+
+
+def shard(policy, mesh, bf16: bool) -> None:
+    """Apply `fully_shard` to each decoder layer, then to the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(policy):
+        fully_shard(layer, **kwargs)
+    # the root (embedding, final norm, unembedding) stays gathered from its forward to its backward:
+    # the logit lens and the closed-form lens gradient call norm and lm_head outside the root forward
+    fully_shard(policy, reshard_after_forward=False, **kwargs)
+
+
+def fsdp_units(policy) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in policy.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(policy, through_backward: bool = False):
+    """Full parameters on every rank for the duration (a rollout, or calls into submodules outside
+    the root forward). through_backward: also kept through backward passes, resharded on exit (the
+    gradient view: its extra backward passes and the step's own all read the gathered weights).
+    Inside, `policy.parameters()` are the gathered parameters autograd differentiates. A no-op for
+    an unsharded policy."""
+    units = fsdp_units(policy)
+    if not units:
+        yield
+        return
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        if through_backward:
+            unit.set_reshard_after_backward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            root = unit is policy  # the root stays gathered from its forward to its backward
+            if through_backward:
+                unit.set_reshard_after_backward(True, recurse=False)
+            if root and not through_backward:
+                continue
+            unit.reshard()
+            unit.set_reshard_after_forward(not root, recurse=False)
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """FSDP2 over all ranks (data parallel only): `OISDModule.configure_model` calls `parallelize`.
+
+    Checkpoints are full: every rank joins the gather, rank 0 writes one file through the run's
+    `AtomicCheckpointIO` (atomic, digest, finite parameters) with the same keys as a DDP or
+    single-device checkpoint, and `find_resumable` picks it as any other. Resuming loads it into
+    the shards (each rank reads the file memory-mapped; parameters and AdamW state are broadcast
+    from rank 0). The cost: rank 0 holds the full parameters and optimizer state in CPU memory
+    while it saves."""
+
+    strategy_name = "oisd_fsdp2"
+
+    def __init__(self) -> None:
+        super().__init__(save_distributed_checkpoint=False)
+
+    def setup_environment(self) -> None:
+        world = self.num_nodes * self.num_processes
+        self._data_parallel_size, self._tensor_parallel_size = world, 1
+        super().setup_environment()
+
+    def parallelize(self, policy) -> None:
+        if fsdp_units(policy):
+            return
+        bf16 = str(self.precision_plugin.precision).startswith("bf16")
+        shard(policy, self.device_mesh["data_parallel"], bf16)
+
+
+def make_strategy(name: str):
+    """The Lightning strategy for `strategy`: `fsdp` is FSDP2 (`ShardedStrategy`), others pass through."""
+    if name == "fsdp":
+        return ShardedStrategy()
+    return name
