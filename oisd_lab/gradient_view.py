@@ -215,8 +215,9 @@ class PreviousGradients:
     with h_j uniform in [0, dims) and the sign s_j = ±1 drawn from a generator seeded by (seed, k,
     chunk), the same on every call. The sketched inner product is an unbiased estimate of the
     exact one, and the sketched cosine has a standard deviation of about sqrt((1 + cos^2) / dims)
-    around the exact cosine (0.008-0.011 at dims = 16384). The vectors live in this object only:
-    after a resume the first gradient-view step has no `cos_prev`.
+    around the exact cosine (0.008-0.011 at dims = 16384). The module keeps the vectors in its
+    checkpoints, so a resumed run logs the same `cos_prev` as an uninterrupted one (a checkpoint
+    written before they were kept resumes without `cos_prev` on its first gradient-view step).
     """
 
     CHUNK = 1 << 22

@@ -374,11 +374,15 @@ class OISDModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["oisd_counters"] = {"num_tokens": self.num_tokens, "skipped_steps": self.skipped_steps}
+        # the last gradient-view step's (sketched) term gradients, so a resumed run logs cos_prev as
+        # an uninterrupted one does
+        checkpoint["oisd_previous_gradients"] = dict(self.previous_gradients.last)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("oisd_counters", {})
         self.num_tokens = counters.get("num_tokens", 0)
         self.skipped_steps = counters.get("skipped_steps", 0)
+        self.previous_gradients.last = dict(checkpoint.get("oisd_previous_gradients", {}))
 
 
 _REDUCED = ("sum/", "min/", "max/")
