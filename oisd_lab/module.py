@@ -35,7 +35,7 @@ from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
 from .rollout import Rollout, generate
-from .run.sharding import fsdp_units, gathered
+from .sharding import fsdp_units, gathered
 from .run_hooks import PolicyView
 
 
@@ -82,7 +82,7 @@ class OISDModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_model(self) -> None:
-        """Under `strategy=fsdp`, shard the policy per decoder layer (`run/sharding.py`)."""
+        """Under `strategy=fsdp`, shard the policy per decoder layer (`sharding.py`)."""
         parallelize = getattr(self.trainer.strategy, "parallelize", None)
         if parallelize is not None:
             parallelize(self.policy)

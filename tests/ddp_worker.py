@@ -83,7 +83,7 @@ def run(out: Path, overrides: list[str], ckpt_path: Path | None = None) -> None:
     sampler = None
     if os.environ.get("RANK_SEEDED") == "1":  # rollouts seeded per (batch, rank): equal under ddp and fsdp
         from oisd_lab.rollout import generate
-        from oisd_lab.run.sharding import gathered
+        from oisd_lab.sharding import gathered
 
         def sampler(batch: int, rank: int, world: int):
             g = cfg.grpo

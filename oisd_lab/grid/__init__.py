@@ -40,6 +40,7 @@ With `--dry-run` the sbatch scripts are built but nothing is submitted.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -101,7 +102,10 @@ def run(args) -> int:
     if args.dry_run:
         return _dry_run(grid, grid_dir, todo, states, args)
     grid_dir.mkdir(parents=True, exist_ok=True)
-    (grid_dir / GRID_MANIFEST).write_text(json.dumps(grid.manifest(), indent=2, default=str))
+    manifest = grid_dir / GRID_MANIFEST
+    tmp = manifest.with_name(f"{manifest.name}.tmp{os.getpid()}")  # atomic: a reader never sees half of it
+    tmp.write_text(json.dumps(grid.manifest(), indent=2, default=str))
+    os.replace(tmp, manifest)
     if args.launcher == "slurm":
         submit_slurm(grid, grid_dir, todo, args)
         print(f"collect when the jobs are done: oisd-lab collect {grid_dir}")

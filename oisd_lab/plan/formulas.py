@@ -67,7 +67,7 @@ FSDP_DIAGNOSTICS_LAYERS = 1
 
 
 def fsdp_gathered_bytes(params: int, layer_params: int, layers: int, gathered_layers: int, dtype_bytes: int) -> int:
-    """Bytes of the parameters gathered at once under per-layer FSDP2 (`run/sharding.py`): the root
+    """Bytes of the parameters gathered at once under per-layer FSDP2 (`sharding.py`): the root
     (all that is outside the decoder layers: embedding, final norm, unembedding; it stays gathered
     from its forward to its backward) plus `gathered_layers` decoder layers, in the compute dtype.
     params: the model's parameter count; layer_params: one decoder layer's."""

@@ -90,7 +90,7 @@ def _layer_bytes(policy) -> int:
     """Bytes of the first decoder layer's parameters (0 for a model without `.model.layers`: FSDP is
     then planned as gathering the whole model)."""
     # on use: the sharding module loads Lightning's strategies
-    from ..run.sharding import decoder_layers
+    from ..sharding import decoder_layers
 
     try:
         return tensor_bytes(decoder_layers(policy)[0].parameters())

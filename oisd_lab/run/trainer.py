@@ -13,7 +13,7 @@ from ..config import TrainConfig
 from ..models import load_pretrained
 from .checkpointing import AtomicCheckpointIO
 from .folder import RunDir
-from .sharding import ShardedStrategy, make_strategy
+from ..sharding import ShardedStrategy, make_strategy
 
 
 def make_trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
