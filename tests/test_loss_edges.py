@@ -221,3 +221,57 @@ def test_the_jsd_at_a_degenerate_beta_keeps_every_leading_dimension(beta):
     out = losses.jsd(torch.randn(2, 3, 5), q, beta=beta)
     assert out.shape == (2, 3) and torch.equal(out.detach(), torch.zeros(2, 3))
     out.sum().backward()  # a zero that backward accepts
+
+
+# ------------------------------------------------------------------------------ policy_loss dispatch
+def _off_policy_case():
+    torch.manual_seed(4)
+    old = torch.randn(3, 4) - 2
+    logps = (old + 0.8 * torch.randn(3, 4)).requires_grad_()
+    return logps, old, torch.tensor([1.0, -1.0, 0.5]), torch.ones(3, 4)
+
+
+def test_policy_loss_defaults_are_trls_clip_range_and_sapo_temperatures():
+    logps, old, adv, mask = _off_policy_case()
+    for loss_type, explicit in (("dapo", dict(epsilon_low=0.2, epsilon_high=0.2)),
+                                ("sapo", dict(sapo_temperature_pos=1.0, sapo_temperature_neg=1.05))):
+        default, _ = losses.policy_loss(logps, old, adv, mask, loss_type)
+        given, _ = losses.policy_loss(logps, old, adv, mask, loss_type, **explicit)
+        torch.testing.assert_close(default, given, rtol=0, atol=0)
+        assert not torch.allclose(default, losses.policy_loss(logps, old, adv, mask, loss_type, "token", 0.9, 0.9,
+                                                              2.0, 2.0)[0])
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_policy_loss_passes_its_settings_to_cispo_and_sapo(loss_type):
+    logps, old, adv, mask = _off_policy_case()
+    ratio = torch.exp(logps.detach() - old)
+    got, _ = losses.policy_loss(logps, old, adv, mask, loss_type, "token", 0.2, 1.3, 1.7, 0.6)
+    if loss_type == "cispo":  # -sg[min(rho, 1.3)] A log pi
+        expected = -ratio.clamp(max=1.3) * adv[:, None] * logps.detach()
+    else:  # -(4 / tau) sigmoid(tau (rho - 1)) A, tau = 1.7 where A > 0 else 0.6
+        tau = torch.where(adv[:, None] > 0, 1.7, 0.6)
+        expected = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv[:, None]
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_importance_ratio_clamps_its_log_ratio_at_20_both_ways():
+    logps = torch.tensor([[-30.0, 30.0, 0.2]])
+    ratio = losses.importance_ratio(logps, torch.zeros(1, 3), torch.ones(1, 3), "token")
+    torch.testing.assert_close(ratio, torch.tensor([[math.exp(-CLAMP), math.exp(CLAMP), math.exp(0.2)]]),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_the_chunked_lens_jsd_at_a_temperature_is_the_plain_jsd(T):
+    torch.manual_seed(5)
+    h, w, teacher = torch.randn(5, 6), torch.randn(9, 6), torch.randn(5, 9)
+    got = losses.chunked_lens_jsd(h, teacher, lambda x: x @ w.T, beta=0.5, temperature=T, chunk_size=2)
+    torch.testing.assert_close(got, losses.jsd(teacher, h @ w.T, beta=0.5, temperature=T), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got, losses.jsd(teacher, h @ w.T, beta=0.5, temperature=1.0))
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5, 2.0])
+def test_a_jsd_beta_outside_0_1_is_refused(beta):
+    with pytest.raises(ValueError, match="beta must lie in"):
+        losses.jsd(torch.zeros(2, 3), torch.zeros(2, 3), beta=beta)
