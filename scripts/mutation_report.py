@@ -45,23 +45,28 @@ def main() -> None:
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for name, state in status.items():
         module = name.split(".x")[0]
-        kind = ("killed" if state in KILLED else "equivalent" if state == "survived" and
-                notes.get(name, "").startswith("equivalent") else state)
+        note = notes.get(name, "") if state == "survived" else ""
+        kind = ("killed" if state in KILLED else "equivalent" if note.startswith("equivalent")
+                else "killed since" if note.startswith("killed since") else state)
         by_module[module][kind] += 1
     lines = ["# Mutation score", "",
              f"`bash scripts/mutation.sh {args.pattern!r} {args.workers}` on "
              f"{time.strftime('%Y-%m-%d')}: {args.seconds // 60} min with {args.workers} worker(s).", "",
              "Score = killed / (killed + survived), where survivors explained as equivalent in "
              "`explained.md` (the same behaviour) are left out. 'no tests': no test covers the line.", "",
-             "| module | mutants | killed | survived | equivalent | no tests | score |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "'killed since': survivors of the run that tests added after it kill (`explained.md` says how "
+             "this was checked); 'not checked': mutants the run did not reach.", "",
+             "| module | mutants | killed | survived | equivalent | killed since | not checked | score (run) | "
+             "score (now) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for module, c in sorted(by_module.items()):
-        judged = c["killed"] + c["survived"]
-        score = f"{100 * c['killed'] / judged:.1f}%" if judged else "-"
+        judged = c["killed"] + c["survived"] + c["killed since"]
+        run = f"{100 * c['killed'] / judged:.1f}%" if judged else "-"
+        now = f"{100 * (c['killed'] + c['killed since']) / judged:.1f}%" if judged else "-"
         lines.append(f"| {module} | {sum(c.values())} | {c['killed']} | {c['survived']} | {c['equivalent']} | "
-                     f"{c['no tests']} | {score} |")
+                     f"{c['killed since']} | {c['not checked']} | {run} | {now} |")
     lines += ["", "## Surviving mutants", ""]
     for name, state in sorted(status.items()):
-        if state == "survived":
+        if state == "survived" and not notes.get(name, "").startswith("killed since"):
             lines += [f"### {name}", "", f"{notes.get(name, 'not yet explained')}", "", "```diff", diff(name), "```", ""]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "README.md").write_text("\n".join(lines))
