@@ -70,8 +70,8 @@ class OISDModule(L.LightningModule):
         self.num_tokens = 0
         self.skipped_steps = 0
         self.previous_gradients = PreviousGradients(cfg.log.gradient_view_sketch)
-        """Each term's gradient on the last gradient-view step (`grad/<term>/cos_prev`); not
-        checkpointed, so the first gradient-view step after a resume has no cos_prev."""
+        """Each term's gradient on the last gradient-view step (`grad/<term>/cos_prev`); kept in the
+        checkpoints (`on_save_checkpoint`), so a resumed run logs the same cos_prev."""
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
