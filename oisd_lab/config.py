@@ -241,6 +241,14 @@ class LogConfig:
     32 layers deep (SmolLM2: 30); deeper ones get about 12 evenly spaced layers, the embeddings
     and the student layers (W&B scalars: the 12 spaced ones). Each adds its hidden states and q/k
     to a logging pass's memory (see `oisd_lab/diagnostics.py`)."""
+    layer_diagnostics: bool = True
+    """The per-layer pass of logging steps (diagnostics.jsonl, `diag/*` scalars, snapshots). False:
+    none at all, for runs that only want the metrics table (completions and the gradient view
+    are still logged)."""
+    diag_rollouts: int = 8
+    """Rollouts the per-layer pass diagnoses per logging step, sampled uniformly without
+    replacement (seeded by the run's seed and the step); each metric is logged with its standard
+    error (`diag_se/*`, see `oisd_lab/diagnostics.py`). 0: all of them, up to 64 (the full pass)."""
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     gradient_view: bool = True
@@ -476,6 +484,7 @@ def validate(cfg: TrainConfig) -> None:
     check(cfg.max_steps >= 1, f"max_steps: is {cfg.max_steps}; use >= 1")
     check(cfg.checkpoint_every >= 1, "checkpoint_every: use >= 1")
     check(cfg.log.every_n_steps >= 1, "log.every_n_steps: use >= 1")
+    check(cfg.log.diag_rollouts >= 0, f"log.diag_rollouts: is {cfg.log.diag_rollouts}; use 0 (all) or a count >= 1")
     check(cfg.log.gradient_view_sketch >= 0, "log.gradient_view_sketch: use >= 0 (0 keeps exact gradients)")
     check_choice(cfg.log.wandb_mode, WANDB_MODES, "log.wandb_mode")
     check(cfg.task.num_test >= 1, f"task.num_test: is {cfg.task.num_test}; use >= 1")

@@ -8,6 +8,15 @@ For every diagnosed layer k (a `hidden_states` index; k = L is the final layer i
   the final layer's rows (and `attn_jsd_head`, one value per head, for tables).
 Each is averaged over completion tokens, overall and split by advantage sign and by correctness.
 
+Sampling (`log.diag_rollouts`): a logging step diagnoses a uniform random sample of m of its M
+rollouts (without replacement), every completion token of each, since the forward, the lens and
+the attention rows all cost per rollout. A metric's value is the ratio estimate r = sum_i y_i /
+sum_i n_i over the sampled rollouts i of a split (y_i: the rollout's token sum, n_i: its tokens),
+and beside it `se_<metric>` is its standard error,
+    se(r)^2 = (1 - m/M) / (m (m - 1) nbar^2) * sum_i (y_i - r n_i)^2,    nbar = mean n_i,
+the textbook ratio estimator's (bias O(1/m), small against se). With every rollout diagnosed
+(m = M) se is 0; with one rollout in a split it is None.
+
 Memory of one pass (`layer_metrics` on r rows of T = P + C positions; s bytes per element of the
 model's dtype; n_h diagnosed layers, n_a of them with attention, both counting the final layer).
 Nothing here holds a tensor per model layer, so the bound does not grow with depth:
@@ -27,6 +36,7 @@ and `diagnosed_layers` keeps n_h at about 14 on deep models.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -135,8 +145,11 @@ def _attention_token_metrics(cap: AttentionCapture, part, layers: list[int], num
 
 
 @torch.no_grad()
-def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: int = 1024) -> list[dict]:
-    """Rows {layer, split, metric values..., tokens} for one micro-batch `part` (a Rollout).
+def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: int = 1024,
+                  per_rollout: bool = False) -> list[dict]:
+    """Rows {layer, split, metric values..., tokens} for one micro-batch `part` (a Rollout);
+    per_rollout: each row also carries its rollouts' token counts and metric sums under
+    "rollouts" (what `combine` needs for standard errors).
 
     One forward of the decoder stack (no logits); hidden states of `layers` and the final layer
     are kept at the completion positions only, attention as q/k (see the module docstring's bound).
@@ -157,20 +170,27 @@ def layer_metrics(model, readout, part, adv, rewards, layers: list[int], chunk: 
         per_tok[k].update(attn_jsd=values["attn_jsd"][sel], attn_cos=values["attn_cos"][sel],
                           heads=values["heads"][:, sel])
     cap.clear()
-    return _split_rows(per_tok, layers, sel, _splits(adv, rewards))
+    return _split_rows(per_tok, layers, sel, _splits(adv, rewards), per_rollout)
 
 
 def _split_rows(per_tok: dict[int, dict[str, torch.Tensor]], layers: list[int], sel: torch.Tensor,
-                splits: dict[str, torch.Tensor]) -> list[dict]:
-    """Token sums of each metric per (layer, split); `combine` divides by the token counts."""
+                splits: dict[str, torch.Tensor], per_rollout: bool = False) -> list[dict]:
+    """Token sums of each metric per (layer, split); `combine` divides by the token counts. The
+    per-rollout sums of the split's rollouts ride along under "rollouts" (for the standard errors)."""
     rows_of_tok = torch.arange(sel.shape[0], device=sel.device)[:, None].expand_as(sel)[sel]
+    counts = sel.sum(1)
     rows = []
     for k in layers:
         values = dict(per_tok[k])
         heads = values.pop("heads", None)
+        sums = {name: torch.zeros(sel.shape[0], dtype=torch.float64, device=sel.device).index_add_(
+            0, rows_of_tok, v.double()) for name, v in values.items()} if per_rollout else {}
         for split, row_sel in splits.items():
             tok_sel = row_sel[rows_of_tok]
             row = {"layer": k, "split": split, "tokens": int(tok_sel.sum())}
+            if per_rollout:
+                row["rollouts"] = {"tokens": counts[row_sel].tolist(),
+                                   **{name: v[row_sel].tolist() for name, v in sums.items()}}
             for name, v in values.items():
                 row[name] = float(v[tok_sel].sum())
             if split == "all":
@@ -179,26 +199,64 @@ def _split_rows(per_tok: dict[int, dict[str, torch.Tensor]], layers: list[int], 
     return rows
 
 
-def combine(parts: list[list[dict]]) -> list[dict]:
-    """Merge per-micro-batch rows (token-weighted sums) into means per (layer, split)."""
+def combine(parts: list[list[dict]], population: int | None = None) -> list[dict]:
+    """Merge per-micro-batch rows (token-weighted sums) into means per (layer, split), each metric
+    with its standard error `se_<metric>` (module docstring) and the number of diagnosed rollouts.
+    population: the M rollouts the diagnosed ones were sampled from; None (all were diagnosed,
+    nothing sampled) adds neither."""
     acc: dict[tuple[int, str], dict] = {}
+    per_rollout: dict[tuple[int, str], dict[str, list]] = {}
     for rows in parts:
         for row in rows:
             key = (row["layer"], row["split"])
             cur = acc.setdefault(key, {"layer": row["layer"], "split": row["split"], "tokens": 0})
             cur["tokens"] += row["tokens"]
+            for name, values in row.get("rollouts", {}).items():
+                per_rollout.setdefault(key, {}).setdefault(name, []).extend(values)
             for name, value in row.items():
-                if name in ("layer", "split", "tokens"):
+                if name in ("layer", "split", "tokens", "rollouts"):
                     continue
                 if isinstance(value, list):
                     cur[name] = [a + b for a, b in zip(cur.get(name, [0.0] * len(value)), value, strict=True)]
                 else:
                     cur[name] = cur.get(name, 0.0) + value
+    sampled = max((len(v.get("tokens", ())) for k, v in per_rollout.items() if k[1] == "all"), default=0)
+    fraction = 1.0 if population is None else sampled / max(population, 1)
     out = []
-    for cur in acc.values():
+    for key, cur in acc.items():
         n = cur["tokens"]
-        out.append({k: v if k in ("layer", "split", "tokens") else _mean(v, n) for k, v in cur.items()})
+        row = {k: v if k in ("layer", "split", "tokens") else _mean(v, n) for k, v in cur.items()}
+        if key in per_rollout and population is not None:
+            sums = per_rollout[key]
+            row["rollouts"] = len(sums["tokens"])
+            for name in sums:
+                if name != "tokens":
+                    row[f"se_{name}"] = ratio_se(sums[name], sums["tokens"], fraction)
+        out.append(row)
     return sorted(out, key=lambda r: (r["layer"], r["split"]))
+
+
+def ratio_se(sums: list[float], tokens: list[float], fraction: float = 1.0) -> float | None:
+    """Standard error of r = sum(sums) / sum(tokens) over m sampled rollouts, a fraction `fraction`
+    of the population (module docstring); None for fewer than two rollouts with tokens."""
+    pairs = [(y, n) for y, n in zip(sums, tokens, strict=True) if n > 0]
+    m = len(pairs)
+    if m < 2:
+        return None
+    total_n = sum(n for _, n in pairs)
+    r = sum(y for y, _ in pairs) / total_n
+    nbar = total_n / m
+    spread = sum((y - r * n) ** 2 for y, n in pairs)
+    return math.sqrt(max(1.0 - fraction, 0.0) * spread / (m * (m - 1) * nbar**2))
+
+
+def sample_rollouts(total: int, count: int, seed: int) -> list[int]:
+    """`count` of `total` rollout indices, uniformly without replacement, sorted; all of them (the
+    full pass) when count is 0 or at least total. `seed`: the run's seed and the step."""
+    if count <= 0 or count >= total:
+        return list(range(total))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(total, generator=g)[:count].tolist())
 
 
 def _mean(value, n: int):
@@ -216,6 +274,8 @@ def scalar_metrics(rows: list[dict], layers: list[int], splits=("all", "pos", "n
             for name in METRICS:
                 if name in row:
                     out[f"diag/{name}/{row['split']}/L{row['layer']:02d}"] = row[name]
+                if row.get(f"se_{name}") is not None:
+                    out[f"diag_se/{name}/{row['split']}/L{row['layer']:02d}"] = row[f"se_{name}"]
     return out
 
 

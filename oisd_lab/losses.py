@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -665,6 +666,83 @@ def chunked_lens_jsd(
     if not pieces:
         return _zeros_like_rows(student_hidden)
     return torch.cat(pieces)
+
+
+class HeadOutputs(NamedTuple):
+    """What `chunked_head` returns, one entry per selected token: log-probs [N] (with gradient
+    when the policy's inputs have one), the entropy [N] of the final distribution (detached; None
+    when not asked for) and one lens JSD [N] per student (with gradient to the student)."""
+
+    logps: Tensor
+    entropy: Tensor | None
+    lens_jsd: tuple[Tensor, ...]
+
+
+def chunked_head(
+    final_hidden: Tensor,
+    tokens: Tensor,
+    head: Callable[[Tensor], Tensor],
+    vocab: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    students: tuple[tuple[Tensor, Callable[[Tensor], Tensor]], ...] = (),
+    jsd_beta: float = 0.5,
+    jsd_temperature: float = 1.0,
+    policy: tuple[Tensor, Callable[[Tensor], Tensor]] | None = None,
+    entropy: bool = True,
+) -> HeadOutputs:
+    """Everything the step needs from the vocabulary, straight from hidden states, chunk by chunk.
+
+    final_hidden [N, D]: the final-normed hidden states at N selected tokens; tokens [N]: the token
+    each position predicts; head: [n, D] -> [n, V], the unembedding and the model's logit
+    post-processing (so head(final_hidden) are the model's logits).
+    Per chunk of `chunk_size` rows, the final logits are formed once and give
+      logps   = log softmax(logits / temperature)[tokens]            (`token_logps`)
+      entropy = H(softmax(logits / temperature)), detached           (`entropy_from_logits`)
+      lens_jsd[i] = JSD_beta(sg[p_L] || softmax(readout_i(h_i)))     (`chunked_lens_jsd`)
+    for each student (h_i [N, D], readout_i) in `students`: the teacher of the logit channel is
+    the policy's own chunk, not a second pass. `policy` = (h [N, D], readout) reads the log-probs
+    from that readout instead (an internal policy); the final logits are then formed without a
+    graph, as teacher and for the entropy only.
+
+    No [N, V] tensor is kept: above `LENS_CHECKPOINT_MIN_ELEMENTS` of N x `vocab` work with a
+    gradient, each chunk runs under non-reentrant activation checkpointing, so backward recomputes
+    one chunk's logits at a time (one more unembedding forward per chunk); below it, each chunk
+    keeps its own graph and nothing is recomputed. Values and gradients are those of the plain
+    functions on whole [N, V] logits, to float32 rounding.
+    """
+    student_h = tuple(h for h, _ in students)
+    readouts = tuple(r for _, r in students)
+    extra = (policy[0],) if policy is not None else ()
+
+    def run(h: Tensor, tok: Tensor, *hs: Tensor) -> tuple[Tensor, ...]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and policy is None):
+            logits = head(h)
+        if policy is None:
+            logps = _chunked_logps(logits, tok, max(1, tok.shape[0]), float(temperature))
+        else:
+            logps = _chunked_logps(policy[1](hs[-1]), tok, max(1, tok.shape[0]), float(temperature))
+        teacher = logits.detach()
+        out = [logps]
+        if entropy:
+            with torch.no_grad():
+                out.append(entropy_from_logits(teacher, chunk_size=max(1, tok.shape[0]), temperature=temperature))
+        out += [_lens_jsd_rows(teacher, readout(hi), jsd_beta, jsd_temperature)
+                for hi, readout in zip(hs[: len(readouts)], readouts, strict=True)]
+        return tuple(out)
+
+    inputs = (final_hidden, *student_h, *extra)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    use_ckpt = grad and final_hidden.shape[0] * vocab > LENS_CHECKPOINT_MIN_ELEMENTS
+    splits = [x.split(chunk_size) for x in (final_hidden, tokens, *student_h, *extra)]
+    pieces = [checkpoint(run, *chunk, use_reentrant=False) if use_ckpt else run(*chunk)
+              for chunk in zip(*splits, strict=True)]
+    if not pieces:
+        empty = _upcast(final_hidden).new_zeros(0)
+        return HeadOutputs(empty, empty if entropy else None, tuple(empty for _ in students))
+    columns = [torch.cat(col) for col in zip(*pieces, strict=True)]
+    ent = columns[1] if entropy else None
+    return HeadOutputs(columns[0], ent, tuple(columns[1 + entropy:]))
 
 
 # --------------------------------------------------------------------------- attention

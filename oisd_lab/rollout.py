@@ -77,8 +77,9 @@ class Rollout:
                        self.prompt_length, self.texts, self.truncated.to(device),
                        **self._extras(lambda t: t.to(device)))
 
-    def select(self, rows: slice) -> Rollout:
-        """Rows of this rollout, trimmed to the longest completion among them."""
+    def select(self, rows: slice | list[int]) -> Rollout:
+        """Rows of this rollout (a slice, or a list of row indices), trimmed to the longest
+        completion among them."""
         mask = self.completion_mask[rows]
         length = int(mask.sum(1).max().item()) if mask.numel() else 0
         length = max(length, 1)
@@ -88,7 +89,7 @@ class Rollout:
             attention_mask=self.attention_mask[rows, :end],
             completion_mask=mask[:, :length],
             prompt_length=self.prompt_length,
-            texts=self.texts[rows],
+            texts=self.texts[rows] if isinstance(rows, slice) else [self.texts[i] for i in rows],
             truncated=self.truncated[rows],
             **self._extras(lambda t: t[rows, :length]),
         )

@@ -41,27 +41,34 @@ class LogStepHook:
         if not view.is_rank_zero:
             return {}
         self.write_completions(step, problems, rollout, rewards, adv)
-        rows = self.diagnose(view, rollout, rewards, adv)
+        if not self.cfg.log.layer_diagnostics:
+            return {}
+        rows = self.diagnose(view, rollout, rewards, adv, step)
         self.write_jsonl(self.run.diagnostics, [{"step": step, **r} for r in rows])
         self.write_snapshot(view, step, rollout, adv)
         layers = self.cfg.log.diag_layers or diagnostics.default_diag_layers(view.readout.num_layers)
         self.log_table(view.wandb_loggers, step, rows)
         return diagnostics.scalar_metrics(rows, list(layers))
 
-    def diagnose(self, view: PolicyView, rollout, rewards, adv) -> list[dict]:
-        """Metrics of the diagnosed layers on the first `MAX_DIAG_ROWS` rollouts, in passes of
-        `diagnostics.diag_rows` rollouts (bounded memory: see `diagnostics`)."""
-        n = min(len(rollout), MAX_DIAG_ROWS)
+    def diagnose(self, view: PolicyView, rollout, rewards, adv, step: int = 0) -> list[dict]:
+        """Metrics of the diagnosed layers on `log.diag_rollouts` rollouts sampled from the step's
+        first `MAX_DIAG_ROWS` (all of those when it is 0), in passes of `diagnostics.diag_rows`
+        rollouts (bounded memory: see `diagnostics`)."""
+        population = min(len(rollout), MAX_DIAG_ROWS)
+        count = self.cfg.log.diag_rollouts
+        sampled = 0 < count < population
+        picked = diagnostics.sample_rollouts(population, count, seed=self.cfg.seed * 1_000_003 + step)
         mb = diagnostics.diag_rows(rollout.input_ids.shape[1], self.cfg.grpo.micro_batch_size)
         all_layers = diagnostics.diagnosed_layers(view.readout.num_layers, self.cfg.log.diag_layers,
                                                   view.student_layers)
         parts = []
-        for lo in range(0, n, mb):
-            part = rollout.select(slice(lo, min(lo + mb, n))).to(view.device)
+        for lo in range(0, len(picked), mb):
+            rows = picked[lo : lo + mb]
+            part = rollout.select(rows).to(view.device)
             parts.append(diagnostics.layer_metrics(
-                view.policy, view.readout, part, adv[lo : lo + mb].to(view.device),
-                rewards[lo : lo + mb].to(view.device), all_layers, self.cfg.method.chunk_size))
-        return diagnostics.combine(parts)
+                view.policy, view.readout, part, adv[rows].to(view.device),
+                rewards[rows].to(view.device), all_layers, self.cfg.method.chunk_size, per_rollout=sampled))
+        return diagnostics.combine(parts, population if sampled else None)
 
     def write_snapshot(self, view: PolicyView, step, rollout, adv) -> None:
         k = self.cfg.log.snapshot_rollouts

@@ -25,7 +25,7 @@ import torch
 
 from . import losses
 from .attention import AttentionCapture, attention_layer_of
-from .lens import Readout
+from .lens import Readout, find_readout
 from .options import JSD_TEMPERATURE_SAMPLING
 from .rollout import Rollout
 
@@ -48,15 +48,36 @@ def completion_positions(part: Rollout) -> slice:
 class PolicyOutputs:
     """The policy's forward at the C positions that predict completion tokens.
 
-    logits: [b, C, V]. hidden: hidden-state index k -> [b, C, D] (only the requested k; k = L is
-    the final-normed last entry). attention: the capture of the requested layers' attention, read
-    with `attention_rows`; None when no layer was requested.
+    final: [b, C, D], the final-normed hidden states (the model's logits are `readout` of them;
+    the step never forms them whole, see `head`). hidden: hidden-state index k -> [b, C, D] (only
+    the requested k; k = L is the final-normed last entry). attention: the capture of the
+    requested layers' attention, read with `attention_rows`; None when no layer was requested.
     """
 
-    logits: torch.Tensor
+    final: torch.Tensor
     hidden: Mapping[int, torch.Tensor]
     attention: AttentionCapture | None
     positions: slice
+    readout: Readout
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The model's logits [b, C, V], formed whole: for inspection and tests; the loss reads
+        them chunk by chunk through `head` instead."""
+        return self.readout.logits(self.final, self.readout.num_layers)
+
+    def head(self, mask: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_size: int,
+             **kwargs) -> losses.HeadOutputs:
+        """`losses.chunked_head` at the completion tokens where `mask` [b, C] is set (N of them):
+        log-probs of `tokens` [b, C] there, and whatever `kwargs` asks for."""
+        sel = mask.bool()
+        final = self.readout.for_layer(self.readout.num_layers)
+        return losses.chunked_head(self.final[sel], tokens[sel], final, self.vocab, temperature,
+                                   chunk_size, **kwargs)
+
+    @property
+    def vocab(self) -> int:
+        return self.readout.unembed.weight.shape[0]
 
     def attention_rows(self, k: int, lo: int = 0, hi: int | None = None, keys: int | None = None
                        ) -> torch.Tensor:
@@ -70,22 +91,25 @@ class PolicyOutputs:
 
 
 def policy_forward(model, part: Rollout, hidden_layers: Sequence[int] = (),
-                   attn_layers: Sequence[int] = ()) -> PolicyOutputs:
+                   attn_layers: Sequence[int] = (), readout: Readout | None = None) -> PolicyOutputs:
     """Run the policy once on `part` (a Rollout on the model's device).
 
     hidden_layers / attn_layers: hidden-state indices k whose hidden states / attention rows the
-    caller will read. Only the C completion-predicting positions reach the unembedding
-    (`logits_to_keep`), so no [b, P+C, V] tensor is made. Gradient mode is the caller's.
+    caller will read. No position reaches the model's own unembedding (`logits_to_keep` is
+    empty): the loss reads the vocabulary chunk by chunk from the final hidden states
+    (`PolicyOutputs.head`), so no [b, C, V] tensor is made. readout: the model's
+    (`lens.find_readout`, looked up when not given). Gradient mode is the caller's.
     """
     pos = completion_positions(part)
     capture = sorted({attention_layer_of(k) for k in attn_layers})
     ctx = AttentionCapture(model, capture) if capture else contextlib.nullcontext()
-    keep = torch.arange(pos.start, pos.stop, device=part.input_ids.device)
+    keep = torch.empty(0, dtype=torch.long, device=part.input_ids.device)
     with ctx as cap:
         out = model(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                    output_hidden_states=bool(hidden_layers), logits_to_keep=keep, use_cache=False)
+                    output_hidden_states=True, logits_to_keep=keep, use_cache=False)
     hidden = {k: out.hidden_states[k][:, pos] for k in hidden_layers}
-    return PolicyOutputs(out.logits, hidden, cap, pos)
+    readout = readout if readout is not None else find_readout(model)
+    return PolicyOutputs(out.hidden_states[-1][:, pos], hidden, cap, pos, readout)
 
 
 @dataclass(frozen=True)
@@ -147,7 +171,48 @@ class Objective:
         return [*self.student_layers, self.num_layers] if self.attn_weight > 0 else []
 
     def forward(self, model, part: Rollout) -> PolicyOutputs:
-        return policy_forward(model, part, self.hidden_layers, self.attn_layers)
+        return policy_forward(model, part, self.hidden_layers, self.attn_layers, self.readout)
+
+    def head_chunk(self, vocab: int) -> int:
+        """Rows per chunk of vocabulary work: `method.chunk_size` tokens, and at most
+        `VOCAB_CHUNK_ELEMENTS` elements of [rows, V]."""
+        return max(1, min(self.method.chunk_size, VOCAB_CHUNK_ELEMENTS // vocab))
+
+    def policy_head(self, out: PolicyOutputs) -> tuple[torch.Tensor, object] | None:
+        """The internal policy's (hidden states [b, C, D], readout) when `policy_layer` is set
+        (BuPO), else None (the final layer's logits)."""
+        if self.policy_layer is None:
+            return None
+        # Readout.logits skips the norm for the last hidden-state index (already normed there), so
+        # asking for index L applies the unembedding (and logit post-processing) alone: BuPO's lens.
+        lens_index = self.policy_layer if self.policy_final_norm else self.num_layers
+        return out.hidden[self.policy_layer], self.readout.for_layer(lens_index)
+
+    def students(self, out: PolicyOutputs) -> dict[int, tuple[torch.Tensor, object]]:
+        """Per student layer of the logit channel, its (hidden states [b, C, D], lens readout)."""
+        m = self.method
+        return {k: (out.hidden[k], self.readout.for_layer(k, m.lens_grad, norm=m.lens_norm))
+                for k in self.student_layers}
+
+    def head(self, out: PolicyOutputs, part: Rollout, students: bool, entropy: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
+        """One chunked pass over the vocabulary (`losses.chunked_head`): the policy's per-token
+        log-probs [b, C], the final distribution's entropy [b, C] (detached; None unless asked)
+        and, with `students`, each student layer's lens JSD {k: [b, C]}; all 0 off the mask."""
+        mask = part.completion_mask
+        sel = mask.bool()
+        pol = self.policy_head(out)
+        studs = self.students(out) if students else {}
+        res = out.head(mask, part.completion_ids, self.grpo.temperature, self.head_chunk(out.vocab),
+                       students=tuple((h[sel], r) for h, r in studs.values()),
+                       jsd_beta=self.method.jsd_beta, jsd_temperature=self.jsd_temperature,
+                       policy=None if pol is None else (pol[0][sel], pol[1]), entropy=entropy)
+
+        def scatter(values: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(sel, values)
+
+        ent = scatter(res.entropy) if res.entropy is not None else None
+        return scatter(res.logps), ent, {k: scatter(d) for k, d in zip(studs, res.lens_jsd, strict=True)}
 
     def total(self, terms: Mapping[str, object]):
         """L = L_policy + w_logit L_think + w_attn L_attn, for tensors or logged floats alike."""
@@ -177,9 +242,8 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     divergence sums by advantage sign "stat/<channel>/..." (`divergence_sums`).
     """
     g, m, mask = objective.grpo, objective.method, part.completion_mask
-    logits = out.logits  # position P-1+t predicts completion token t
-    rows = max(1, VOCAB_CHUNK_ELEMENTS // logits.shape[-1])  # [rows, V] blocks of vocabulary work
-    logps = policy_logps(out, part, objective, rows)
+    # one pass over the vocabulary: log-probs, entropy and the lens JSD of every student
+    logps, ent, think = objective.head(out, part, students=objective.logit_weight > 0, entropy=True)
     per_tok, clip = losses.policy_loss(
         logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level, g.epsilon_low,
         g.epsilon_high, g.sapo_temperature_pos, g.sapo_temperature_neg)
@@ -194,33 +258,18 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
     align = Alignment(mask, adv, rewards, dict(agg, loss_type=m.align_loss_type or agg["loss_type"]))
     if objective.logit_weight > 0:
-        terms["loss/think"] = align.loss("think", think_divergence(out, mask, objective),
+        terms["loss/think"] = align.loss("think", think,
                                          m.think_weighting or m.weighting, terms)
     if objective.attn_weight > 0:
         terms["loss/attn"] = align.loss("attn", attention_divergence(out, part, objective),
                                         m.attn_weighting or m.weighting, terms)
     with torch.no_grad():
-        ent = losses.entropy_from_logits(logits.detach(), chunk_size=rows, temperature=g.temperature)
         terms["sum/entropy"] = (ent * mask).sum()
         for name in ("low", "high", "region"):
             terms[f"sum/clip_ratio/{name}_mean"] = (clip[f"is_{name}_clipped"].float() * mask).sum()
         terms.update(ratio_terms(clip["ratio"], mask))
     terms["loss/total"] = objective.total(terms)
     return terms
-
-
-def policy_logps(out: PolicyOutputs, part: Rollout, objective: Objective, rows: int) -> torch.Tensor:
-    """Per-token log-probs [b, C] of the completion under the policy of the policy-gradient loss:
-    the final layer's logits, or (BuPO) the lens of `objective.policy_layer`, both / temperature."""
-    g, layer = objective.grpo, objective.policy_layer
-    if layer is None:
-        logits = out.logits
-    else:
-        # Readout.logits skips the norm for the last hidden-state index (already normed there), so
-        # asking for index L applies the unembedding (and logit post-processing) alone: BuPO's lens.
-        lens_index = layer if objective.policy_final_norm else objective.num_layers
-        logits = objective.readout.logits(out.hidden[layer], lens_index)  # [b, C, V]
-    return losses.token_logps(logits, part.completion_ids, g.temperature, chunk_size=rows)
 
 
 def ratio_terms(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -255,21 +304,10 @@ class Alignment:
         return total / len(divs)
 
 
-def think_divergence(out: PolicyOutputs, mask: torch.Tensor, objective: Objective) -> dict[int, torch.Tensor]:
-    """Per student layer, the per-token JSD(sg[p_L] || lens p_l): {k: [b, C]}, 0 off the mask."""
-    m, sel = objective.method, mask.bool()
-    # The final layer is the detached teacher; its rows are read chunk by chunk at the
-    # completion tokens, never copied out as a whole [N, V] tensor.
-    index = sel.nonzero(as_tuple=True)
-    chunk = max(1, min(m.chunk_size, VOCAB_CHUNK_ELEMENTS // out.logits.shape[-1]))
-    per_tok = {}
-    for layer in objective.student_layers:
-        h = out.hidden[layer][sel]  # [N, D]
-        lens = objective.readout.for_layer(layer, m.lens_grad, norm=m.lens_norm)
-        div = losses.chunked_lens_jsd(h, out.logits, lens, m.jsd_beta, objective.jsd_temperature, chunk,
-                                      teacher_index=index)
-        per_tok[layer] = torch.zeros_like(mask).masked_scatter(sel, div)
-    return per_tok
+def think_divergence(out: PolicyOutputs, part: Rollout, objective: Objective) -> dict[int, torch.Tensor]:
+    """Per student layer, the per-token JSD(sg[p_L] || lens p_l): {k: [b, C]}, 0 off the mask.
+    (`loss_terms` gets these from the same chunked pass as the log-probs.)"""
+    return objective.head(out, part, students=True, entropy=False)[2]
 
 
 def attention_row_blocks(part: Rollout) -> Iterator[tuple[int, int, int]]:
@@ -302,7 +340,15 @@ def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective
 def reference_logps(ref_model, part: Rollout, temperature: float) -> torch.Tensor:
     """Per-token log-probs [b, C] of the completion under a frozen reference model (for beta > 0)."""
     out = policy_forward(ref_model, part)
-    return losses.token_logps(out.logits, part.completion_ids, temperature)
+    return head_logps(out, part, temperature)
+
+
+def head_logps(out: PolicyOutputs, part: Rollout, temperature: float) -> torch.Tensor:
+    """The final layer's per-token log-probs [b, C] of the completion (0 off the mask), chunked."""
+    mask = part.completion_mask
+    rows = max(1, VOCAB_CHUNK_ELEMENTS // out.vocab)
+    logps = out.head(mask, part.completion_ids, temperature, rows, entropy=False).logps
+    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask.bool(), logps)
 
 
 @torch.no_grad()
@@ -314,9 +360,8 @@ def old_policy_logps(model, rollout: Rollout, objective: Objective, micro_batch_
     pieces = []
     for lo in range(0, len(rollout), micro_batch_size):
         part = rollout.select(slice(lo, lo + micro_batch_size))
-        out = policy_forward(model, part, hidden_layers=hidden)
-        rows = max(1, VOCAB_CHUNK_ELEMENTS // out.logits.shape[-1])
-        logps = policy_logps(out, part, objective, rows)
+        out = policy_forward(model, part, hidden_layers=hidden, readout=objective.readout)
+        logps = objective.head(out, part, students=False, entropy=False)[0]
         pieces.append(torch.nn.functional.pad(logps, (0, C - logps.shape[1])))  # back to the full width
     return torch.cat(pieces)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_alignment_options import _module, _rollout
 
+from oisd_lab import losses
 from oisd_lab import step as step_lib
 from oisd_lab.gradient_view import grad_cosine, grad_norm
 
@@ -24,7 +25,9 @@ def _naive(module, rollout, adv, weights, agg):
     params = [p for p in module.policy.parameters() if p.requires_grad]
     out = step_lib.policy_forward(module.policy, rollout, hidden_layers=module.student_layers)
     mask = rollout.completion_mask
-    d = step_lib.think_divergence(out, mask, module.objective)[module.student_layers[0]]  # [B, C]
+    k, m = module.student_layers[0], module.objective.method
+    lens = module.readout.for_layer(k, m.lens_grad, norm=m.lens_norm)  # plain: whole [B, C, V] logits
+    d = losses.jsd(out.logits.detach(), lens(out.hidden[k]), m.jsd_beta, module.objective.jsd_temperature)
     wd = weights[:, None] * d * mask
     loss = wd.sum() / mask.sum() if agg == "dapo" else (wd.sum(1) / mask.sum(1)).mean()
     return torch.autograd.grad(loss, params, allow_unused=True)

@@ -22,8 +22,8 @@ from .. import losses, step
 from .tracker import MemoryTrace
 
 LABELS = {  # (module, function) -> the part of the step its allocations belong to
-    ("losses", "token_logps"): "log-probs and entropy", ("losses", "entropy_from_logits"): "log-probs and entropy",
-    ("step", "think_divergence"): "think loss (lens JSD)", ("step", "attention_divergence"): "attention loss",
+    ("losses", "_chunked_logps"): "log-probs and entropy", ("losses", "entropy_from_logits"): "log-probs and entropy",
+    ("losses", "_lens_jsd_rows"): "think loss (lens JSD)", ("step", "attention_divergence"): "attention loss",
     ("step", "reference_logps"): "reference model",
 }
 """A renamed function loses its label (its bytes count under "loss terms"); tests check the labels."""
