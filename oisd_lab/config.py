@@ -27,7 +27,6 @@ from .options import (
     LOSS_TYPES,
     NONFINITE,
     OPTIMIZERS,
-    POLICY_LOSS_TYPES,
     ROLLOUT_BACKENDS,
     SAMPLER_IS_MODES,
     SCALE_REWARDS,
@@ -36,6 +35,7 @@ from .options import (
     WANDB_MODES,
     WEIGHTINGS,
 )
+from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 
 HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 """Lightning precisions that cast the weights themselves (the `-mixed` ones keep them)."""
@@ -109,7 +109,8 @@ class GRPOConfig:
     loss_type: str = "dapo"
     """Token-loss normaliser: dapo, grpo, dr_grpo or bnpo (TRL's names; see `losses.aggregate`), with
     the clipped surrogate; or `cispo` (capped, detached ratio times A log pi; dapo normaliser) or
-    `sapo` (soft sigmoid gate; grpo normaliser), as TRL defines them (`losses.policy_loss`)."""
+    `sapo` (soft sigmoid gate; grpo normaliser), as TRL defines them (`losses.policy_loss`); or
+    any loss added to `registry.POLICY_LOSSES`."""
     importance_sampling_level: str = "token"
     """`token` (one ratio per token) or `sequence` (GSPO: the geometric mean of a completion's
     token ratios). With num_iterations=1 the ratio is 1 and both give the same gradient."""
@@ -121,6 +122,16 @@ class GRPOConfig:
     resumes with a newly sampled batch."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
+    top_entropy_quantile: float = 1.0
+    """TRL's: the fraction of each micro-batch's completion tokens, those of highest entropy, that
+    get the policy-gradient loss (0.2: the top 20%, arXiv 2506.01939); 1.0 (default): all. The KL
+    term and the alignment losses keep every token. The quantile is over this process's
+    micro-batch (TRL gathers the micro-batches of all processes)."""
+    advantage_estimator: str = "grpo"
+    """How rewards become advantages (`registry.ADVANTAGE_ESTIMATORS`): `grpo` (group-centred,
+    scaled by `scale_rewards`), `rloo` (leave-one-out baseline), `reinforce_plus_plus` (rewards
+    whitened over the batch's tokens) or `reinforce_plus_plus_baseline` (group-centred, then
+    whitened), as verl defines them (`losses.rloo_estimator`, ...)."""
     scale_rewards: str = "group"
     """Advantage scale: `group` (divide by the group's reward std), `batch` (by the batch's) or
     `none` (Dr. GRPO: centring only)."""
@@ -435,7 +446,10 @@ def validate(cfg: TrainConfig) -> None:
     check(g.max_completion_length >= 1, "grpo.max_completion_length: use >= 1")
     check(g.temperature > 0, f"grpo.temperature: is {g.temperature}; use a value > 0")
     check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
-    check_choice(g.loss_type, POLICY_LOSS_TYPES, "grpo.loss_type")
+    check_choice(g.loss_type, POLICY_LOSSES.names(), "grpo.loss_type")
+    check_choice(g.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "grpo.advantage_estimator")
+    check(0.0 < g.top_entropy_quantile <= 1.0,
+          f"grpo.top_entropy_quantile: is {g.top_entropy_quantile}; use a fraction in (0, 1] (1.0: every token)")
     _check_policy_loss(g)
     check_choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
     check_choice(g.rollout_backend, ROLLOUT_BACKENDS, "grpo.rollout_backend")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -45,12 +46,12 @@ from .options import (
     HEAD_REDUCE,
     IS_LEVELS,
     LOSS_TYPES,
-    POLICY_LOSS_TYPES,
     SAMPLER_IS_MODES,
     SCALE_REWARDS,
     SCHEDULES,
     WEIGHTINGS,
 )
+from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log(pi/pi_old); e^20 is far past any clip range
 
@@ -101,6 +102,63 @@ def group_advantages(
     else:
         scaled = centred / (rewards.std(correction=std_ddof) + eps)
     return torch.where(constant, 0.0, scaled).reshape(-1)
+
+
+def grpo_estimator(rewards: Tensor, lengths: Tensor, num_generations: int, options) -> Tensor:
+    """Registered as grpo: `group_advantages` with options.scale_rewards, adv_eps, std_ddof."""
+    return group_advantages(rewards, num_generations, options.scale_rewards, options.adv_eps, options.std_ddof)
+
+
+def rloo_estimator(rewards: Tensor, lengths: Tensor, num_generations: int, options=None) -> Tensor:
+    """RLOO (arXiv 2402.14740), as verl `compute_rloo_outcome_advantage`: each completion's reward
+    minus the mean of the other G - 1 in its group, A_i = G / (G - 1) (r_i - mean_group r);
+    a group of one keeps its reward. No scaling."""
+    G = num_generations
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    if G == 1:
+        return rewards.clone()
+    grouped = rewards.view(-1, G)
+    return (grouped * G / (G - 1) - grouped.mean(dim=1, keepdim=True) * G / (G - 1)).reshape(-1)
+
+
+def _token_whiten(values: Tensor, lengths: Tensor) -> Tensor:
+    """verl `masked_whiten` of a per-sequence value repeated over each sequence's `lengths` tokens:
+    (v - mean) / sqrt(var + 1e-8), mean and Bessel-corrected variance over all those tokens (a
+    sequence counts once per token), mean with verl's + 1e-8 in its denominator."""
+    n = lengths.sum()
+    if n <= 1:
+        raise ValueError("REINFORCE++ whitens over the batch's completion tokens: it needs at least 2")
+    w = lengths.to(values.dtype)
+    mean = (values * w).sum() / (n + 1e-8)
+    var = ((values - mean) ** 2 * w).sum() / (n + 1e-8) * n / (n - 1)
+    return (values - mean) * torch.rsqrt(var + 1e-8)
+
+
+def reinforce_plus_plus_estimator(rewards: Tensor, lengths: Tensor, num_generations: int, options=None) -> Tensor:
+    """REINFORCE++ (arXiv 2501.03262), as verl `compute_reinforce_plus_plus_outcome_advantage` with
+    its default gamma = 1: every token's return is the outcome reward, whitened over all completion
+    tokens of the batch (no group baseline)."""
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    return _token_whiten(rewards, lengths)
+
+
+def reinforce_plus_plus_baseline_estimator(rewards: Tensor, lengths: Tensor, num_generations: int,
+                                           options=None) -> Tensor:
+    """REINFORCE++-baseline, as verl `compute_reinforce_plus_plus_baseline_outcome_advantage`: the
+    reward minus its group's mean (0 for a group of one), then whitened over all completion tokens
+    of the batch."""
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    grouped = rewards.view(-1, num_generations)
+    centred = grouped - grouped.mean(dim=1, keepdim=True) if num_generations > 1 else grouped
+    return _token_whiten(centred.reshape(-1), lengths)
+
+
+def advantages_of(rewards: Tensor, lengths: Tensor, num_generations: int, options) -> Tensor:
+    """The advantages [B] of `options.advantage_estimator` (`registry.ADVANTAGE_ESTIMATORS`)."""
+    if num_generations < 1 or rewards.shape[0] % num_generations:
+        raise ValueError(f"{rewards.shape[0]} rewards are not divisible by num_generations={num_generations}: "
+                         "B must be prompts * num_generations")
+    return ADVANTAGE_ESTIMATORS.get(options.advantage_estimator)(rewards, lengths, num_generations, options)
 
 
 def advantage_weights(advantages: Tensor, mode: str, rewards: Tensor | None = None) -> Tensor:
@@ -343,33 +401,63 @@ def policy_loss(
     epsilon_high: float = 0.2,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    options=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The per-token policy-gradient loss [B, T] of any `loss_type` (aggregate it with
-    `aggregate(..., aggregation_of(loss_type))`). Mirrors the surrogate part of TRL `_compute_loss`.
+    """The per-token policy-gradient loss [B, T] of any registered `loss_type`
+    (`registry.POLICY_LOSSES`; aggregate it with `aggregate(..., aggregation_of(loss_type))`).
+    Mirrors the surrogate part of TRL `_compute_loss`. `options`: the GRPO config the loss reads
+    its knobs from; None builds one from the keyword arguments.
 
     logps [B, T] (with gradient), old_logps [B, T] (None: logps.detach(), one update per batch),
     advantages [B] or [B, T], mask [B, T]. The ratio is `importance_ratio` at
     `importance_sampling_level`; then `ppo_clip` (grpo, bnpo, dapo, dr_grpo), `cispo_surrogate`
-    or `sapo_surrogate`. info: the clip booleans and `ratio`, all broadcast to [B, T].
+    or `sapo_surrogate`, or any other registered loss. info: the clip booleans and `ratio`, all
+    broadcast to [B, T].
     """
-    if loss_type not in POLICY_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {POLICY_LOSS_TYPES}")
+    if loss_type not in POLICY_LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {POLICY_LOSSES.names()}")
+    if options is None:
+        options = SimpleNamespace(epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                                  sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
     old_logps = logps.detach() if old_logps is None else old_logps
     ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)
-    if loss_type == "cispo":
-        loss, info = cispo_surrogate(logps, ratio, advantages, epsilon_high)
-    elif loss_type == "sapo":
-        loss, info = sapo_surrogate(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg)
-    else:
-        loss, info = ppo_clip(ratio, advantages, epsilon_low, epsilon_high)
+    loss, info = POLICY_LOSSES.get(loss_type)(logps, ratio, advantages, options)
     info = {k: v.expand(mask.shape) for k, v in {**info, "ratio": ratio.detach()}.items()}
     return loss.expand(mask.shape), info
 
 
+def clipped_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options) -> tuple[Tensor, dict]:
+    """Registered as grpo, bnpo, dapo, dr_grpo: `ppo_clip` with options.epsilon_low/high."""
+    return ppo_clip(ratio, advantages, options.epsilon_low, options.epsilon_high)
+
+
+def cispo_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options) -> tuple[Tensor, dict]:
+    """Registered as cispo: `cispo_surrogate` capped at options.epsilon_high."""
+    return cispo_surrogate(logps, ratio, advantages, options.epsilon_high)
+
+
+def sapo_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options) -> tuple[Tensor, dict]:
+    """Registered as sapo: `sapo_surrogate` with options.sapo_temperature_pos/neg."""
+    return sapo_surrogate(ratio, advantages, options.sapo_temperature_pos, options.sapo_temperature_neg)
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
+    """TRL `top_entropy_quantile`: True on the completion tokens whose entropy is at least the
+    (1 - top_quantile) quantile (torch.quantile, linear interpolation) of the valid tokens'
+    entropies; entropy, mask [B, T] -> bool [B, T]. TRL `get_high_entropy_mask`; here over the
+    tokens given (one micro-batch of one process), where TRL gathers every process's micro-batch."""
+    valid = entropy[mask.bool()].float()
+    if valid.numel() == 0:
+        return torch.zeros_like(mask, dtype=torch.bool)
+    threshold = torch.quantile(valid, 1.0 - top_quantile)
+    return (entropy * mask >= threshold) & mask.bool()
+
+
 def aggregation_of(loss_type: str) -> str:
-    """The `aggregate` normaliser of a policy loss_type: TRL's `cispo` divides as `dapo` (tokens of
-    the whole batch), `sapo` as `grpo` (mean of per-sequence means); the others are their own."""
-    return {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+    """The `aggregate` normaliser of a policy loss_type (its registered `aggregation`): TRL's
+    `cispo` divides as `dapo` (tokens of the whole batch), `sapo` as `grpo` (mean of per-sequence
+    means); the others are their own."""
+    return POLICY_LOSSES.meta(loss_type, "aggregation", loss_type)
 
 
 def sampler_importance_weights(
@@ -715,7 +803,9 @@ def chunked_head(
     readouts = tuple(r for _, r in students)
     extra = (policy[0],) if policy is not None else ()
 
-    def run(h: Tensor, tok: Tensor, *hs: Tensor) -> tuple[Tensor, ...]:
+    entropies: dict[int, Tensor] = {}
+
+    def run(i: int, h: Tensor, tok: Tensor, *hs: Tensor) -> tuple[Tensor, ...]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and policy is None):
             logits = head(h)
         if policy is None:
@@ -723,26 +813,24 @@ def chunked_head(
         else:
             logps = _chunked_logps(policy[1](hs[-1]), tok, max(1, tok.shape[0]), float(temperature))
         teacher = logits.detach()
-        out = [logps]
-        if entropy:
+        if entropy and i not in entropies:  # once: not again when backward recomputes the chunk
             with torch.no_grad():
-                out.append(entropy_from_logits(teacher, chunk_size=max(1, tok.shape[0]), temperature=temperature))
-        out += [_lens_jsd_rows(teacher, readout(hi), jsd_beta, jsd_temperature)
-                for hi, readout in zip(hs[: len(readouts)], readouts, strict=True)]
-        return tuple(out)
+                entropies[i] = entropy_from_logits(teacher, chunk_size=max(1, tok.shape[0]), temperature=temperature)
+        return (logps, *(_lens_jsd_rows(teacher, readout(hi), jsd_beta, jsd_temperature)
+                         for hi, readout in zip(hs[: len(readouts)], readouts, strict=True)))
 
     inputs = (final_hidden, *student_h, *extra)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     use_ckpt = grad and final_hidden.shape[0] * vocab > LENS_CHECKPOINT_MIN_ELEMENTS
     splits = [x.split(chunk_size) for x in (final_hidden, tokens, *student_h, *extra)]
-    pieces = [checkpoint(run, *chunk, use_reentrant=False) if use_ckpt else run(*chunk)
-              for chunk in zip(*splits, strict=True)]
+    pieces = [checkpoint(run, i, *chunk, use_reentrant=False) if use_ckpt else run(i, *chunk)
+              for i, chunk in enumerate(zip(*splits, strict=True))]
     if not pieces:
         empty = _upcast(final_hidden).new_zeros(0)
         return HeadOutputs(empty, empty if entropy else None, tuple(empty for _ in students))
     columns = [torch.cat(col) for col in zip(*pieces, strict=True)]
-    ent = columns[1] if entropy else None
-    return HeadOutputs(columns[0], ent, tuple(columns[1 + entropy:]))
+    ent = torch.cat([entropies[i] for i in range(len(pieces))]) if entropy else None
+    return HeadOutputs(columns[0], ent, tuple(columns[1:]))
 
 
 # --------------------------------------------------------------------------- attention

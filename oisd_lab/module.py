@@ -34,9 +34,10 @@ from .errors import NonFiniteError
 from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
+from .registry import ADVANTAGE_ESTIMATORS
 from .rollout import Rollout, generate
-from .sharding import fsdp_units, gathered
 from .run_hooks import PolicyView
+from .sharding import fsdp_units, gathered
 
 
 class OISDModule(L.LightningModule):
@@ -125,7 +126,7 @@ class OISDModule(L.LightningModule):
         G = self.cfg.grpo.num_generations
         rewards = torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
                                dtype=torch.float32)
-        adv = self._advantages(rewards)
+        adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu())
         timer.lap("time/scoring")
         metrics = dict(self._rollout_metrics(rollout, rewards), **getattr(self, "_vllm_memory", {}))
         rollout, sampling = self._prepare(rollout)
@@ -179,19 +180,24 @@ class OISDModule(L.LightningModule):
                                g.max_completion_length, g.temperature, g.top_p)
         return problems, rollout
 
-    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """Group advantages of this rank's rows. `scale_rewards=batch` divides by the std of the
-        whole step's rewards, so under DDP it is computed on all ranks' rewards (rank-major, the
+    def _advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Advantages of this rank's rows (`grpo.advantage_estimator`, completion lengths for the
+        token-level ones). An estimator that reads the whole step's batch (`scale_rewards=batch`,
+        REINFORCE++'s whitening) gets all ranks' rewards and lengths under DDP (rank-major, the
         order in which prompts are sliced) and each rank keeps its own rows, as one process would."""
         g, world = self.cfg.grpo, self.trainer.world_size
-        if world > 1 and g.scale_rewards == "batch":
-            parts = [torch.zeros_like(rewards, device=self.device) for _ in range(world)]
-            torch.distributed.all_gather(parts, rewards.to(self.device))
-            everyone = torch.cat(parts).cpu()  # [world * B], rank-major
-            adv = losses.group_advantages(everyone, g.num_generations, g.scale_rewards, g.adv_eps, g.std_ddof)
+        batch_level = g.scale_rewards == "batch" and g.advantage_estimator == "grpo" or \
+            ADVANTAGE_ESTIMATORS.meta(g.advantage_estimator, "batch_level", False)
+        if world > 1 and batch_level:
+            everyone = []
+            for values in (rewards, lengths.to(rewards.dtype)):
+                parts = [torch.zeros_like(values, device=self.device) for _ in range(world)]
+                torch.distributed.all_gather(parts, values.to(self.device))
+                everyone.append(torch.cat(parts).cpu())  # [world * B], rank-major
+            adv = losses.advantages_of(everyone[0], everyone[1], g.num_generations, g)
             B = rewards.numel()
             return adv[self.global_rank * B : (self.global_rank + 1) * B]
-        return losses.group_advantages(rewards, g.num_generations, g.scale_rewards, g.adv_eps, g.std_ddof)
+        return losses.advantages_of(rewards, lengths, g.num_generations, g)
 
     def _vllm_rollout(self, prompts: list[str]) -> Rollout:
         """Sample with the colocated vLLM engine (built on first use, its memory logged once),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 """How token losses are normalised (see `losses.aggregate`)."""
-POLICY_LOSS_TYPES = (*LOSS_TYPES, "cispo", "sapo")
-"""grpo.loss_type: an aggregation with the clipped surrogate, or CISPO / SAPO (see `losses.policy_loss`)."""
 IS_LEVELS = ("token", "sequence")
 """grpo.importance_sampling_level: one probability ratio per token, or per sequence (GSPO)."""
 SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")

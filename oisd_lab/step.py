@@ -244,9 +244,10 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     g, m, mask = objective.grpo, objective.method, part.completion_mask
     # one pass over the vocabulary: log-probs, entropy and the lens JSD of every student
     logps, ent, think = objective.head(out, part, students=objective.logit_weight > 0, entropy=True)
-    per_tok, clip = losses.policy_loss(
-        logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level, g.epsilon_low,
-        g.epsilon_high, g.sapo_temperature_pos, g.sapo_temperature_neg)
+    per_tok, clip = losses.policy_loss(logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level,
+                                       options=g)
+    if g.top_entropy_quantile < 1.0:  # only the highest-entropy tokens get the policy gradient (TRL)
+        per_tok = per_tok * losses.high_entropy_mask(ent, mask, g.top_entropy_quantile)
     if part.is_weights is not None:  # sampler/trainer mismatch, before the KL term as in TRL
         per_tok = per_tok * part.is_weights
     terms: dict[str, torch.Tensor] = {}

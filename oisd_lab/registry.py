@@ -1,0 +1,96 @@
+"""Named extension points: each policy loss and each advantage estimator is one entry, found by the
+name its config field holds (`grpo.loss_type`, `grpo.advantage_estimator`).
+
+    from oisd_lab.registry import POLICY_LOSSES
+
+    @POLICY_LOSSES.register("my_loss", aggregation="dapo")
+    def my_loss(logps, ratio, advantages, options):
+        ...  # -> (per-token loss, {"is_low_clipped", "is_high_clipped", "is_region_clipped"})
+
+Registering is all a new entry needs: the config checks accept its name, the step calls it, and
+its tests can train with it. Built-in entries are declared here by "module:function" and imported
+on first use, so this module (and the config checks that read it) stays free of torch.
+
+Signatures (docs/grpo-conventions.md):
+- policy loss: fn(logps [B, T], ratio [B, T] or [B, 1], advantages [B], options) -> (loss [B, T]
+  or broadcastable, info of boolean clip tensors); `options` is the GRPO config (any object with
+  its attributes). Meta `aggregation`: the `losses.aggregate` normaliser of the loss.
+- advantage estimator: fn(rewards [B], lengths [B], num_generations, options) -> advantages [B],
+  rows group-contiguous, lengths the completion tokens of each row. Meta `batch_level`: the
+  estimator reads the whole step's batch (under data parallelism the module gathers every rank's
+  rewards first).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Entry:
+    name: str
+    target: Callable | str
+    meta: dict = field(default_factory=dict)
+
+    def resolve(self) -> Callable:
+        if isinstance(self.target, str):
+            module, _, attr = self.target.partition(":")
+            self.target = getattr(importlib.import_module(module), attr)
+        return self.target
+
+
+class Registry:
+    """Name -> callable with metadata, for one kind of extension (`kind`), set by `field_name`."""
+
+    def __init__(self, kind: str, field_name: str) -> None:
+        self.kind, self.field_name = kind, field_name
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, target: Callable | str | None = None, **meta):
+        """Add `name`; as a decorator when `target` is omitted. A name is registered once."""
+        if name in self._entries:
+            raise ValueError(f"{self.field_name}: {name!r} is already registered as a {self.kind}")
+
+        def add(fn: Callable | str):
+            self._entries[name] = Entry(name, fn, dict(meta))
+            return fn
+
+        return add if target is None else add(target)
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise ValueError(f"{self.field_name}: unknown {self.kind} {name!r}; choose one of {self.names()}")
+        return self._entries[name]
+
+    def get(self, name: str) -> Callable:
+        return self.entry(name).resolve()
+
+    def meta(self, name: str, key: str, default=None):
+        return self.entry(name).meta.get(key, default)
+
+
+POLICY_LOSSES = Registry("policy loss", "grpo.loss_type")
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator", "grpo.advantage_estimator")
+
+for _name in ("dapo", "grpo", "dr_grpo", "bnpo"):
+    POLICY_LOSSES.register(_name, "oisd_lab.losses:clipped_policy_loss", aggregation=_name)
+POLICY_LOSSES.register("cispo", "oisd_lab.losses:cispo_policy_loss", aggregation="dapo")
+POLICY_LOSSES.register("sapo", "oisd_lab.losses:sapo_policy_loss", aggregation="grpo")
+
+ADVANTAGE_ESTIMATORS.register("grpo", "oisd_lab.losses:grpo_estimator")
+ADVANTAGE_ESTIMATORS.register("rloo", "oisd_lab.losses:rloo_estimator")
+ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", "oisd_lab.losses:reinforce_plus_plus_estimator",
+                              batch_level=True)
+ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline",
+                              "oisd_lab.losses:reinforce_plus_plus_baseline_estimator", batch_level=True)
