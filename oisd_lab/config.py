@@ -256,10 +256,12 @@ class LogConfig:
     """The per-layer pass of logging steps (diagnostics.jsonl, `diag/*` scalars, snapshots). False:
     none at all, for runs that only want the metrics table (completions and the gradient view
     are still logged)."""
-    diag_rollouts: int = 8
+    diag_rollouts: int = 4
     """Rollouts the per-layer pass diagnoses per logging step, sampled uniformly without
     replacement (seeded by the run's seed and the step); each metric is logged with its standard
-    error (`diag_se/*`, see `oisd_lab/diagnostics.py`). 0: all of them, up to 64 (the full pass)."""
+    error (`diag_se/*`, see `oisd_lab/diagnostics.py`). 0: all of them, up to 64 (the full pass).
+    4 keeps the pass within 5% of a SmolLM2 run (3.7% measured); more rollouts give steadier
+    standard errors (+-2 se covered the full pass's value in 81-88% of draws at 4, 89-93% at 8)."""
     snapshot_rollouts: int = 2
     """Rollouts per snapshot (those with the highest and lowest advantage); 0 writes no snapshots."""
     gradient_view: bool = True

@@ -102,10 +102,12 @@ def _in_split(split, a, r):
     return {"pos": a > 0, "neg": a < 0, "correct": r > 0.5, "wrong": r <= 0.5}[split]
 
 
-def test_sampled_metrics_agree_with_the_full_pass_within_their_standard_errors(setting):
-    """2,000 draws of 8 of the 32 rollouts: the mean estimate sits on the full-pass value (bias
-    below a tenth of a standard error) and +-2 se covers it in 85-99% of draws, for each metric
-    of several layers (the ratio estimator on 8 clusters: nominal 95% less a few points)."""
+@pytest.mark.parametrize("m, lowest", [(4, 0.78), (8, 0.85)])
+def test_sampled_metrics_agree_with_the_full_pass_within_their_standard_errors(setting, m, lowest):
+    """2,000 draws of m of the 32 rollouts: the mean estimate sits on the full-pass value (bias
+    below a tenth of a standard error) and +-2 se covers it in `lowest`-99% of draws, for each
+    metric of several layers (a ratio estimator on m clusters: +-2 se is nearer a t interval with
+    m - 1 degrees of freedom, 86% at m = 4, than the normal 95%)."""
     model, tok, rollout, adv, rewards = setting
     readout = find_readout(model)
     whole = diagnostics.layer_metrics(model, readout, rollout, adv, rewards, [1, 3, readout.num_layers - 1],
@@ -119,16 +121,16 @@ def test_sampled_metrics_agree_with_the_full_pass_within_their_standard_errors(s
             values = row["rollouts"][name]
             hits, errors, ses = 0, [], []
             for _ in range(2000):
-                pick = rng.sample(range(32), 8)
+                pick = rng.sample(range(32), m)
                 est = sum(values[i] for i in pick) / sum(tokens[i] for i in pick)
-                se = diagnostics.ratio_se([values[i] for i in pick], [tokens[i] for i in pick], 8 / 32)
+                se = diagnostics.ratio_se([values[i] for i in pick], [tokens[i] for i in pick], m / 32)
                 hits += abs(est - full) <= 2 * se
                 errors.append(est - full)
                 ses.append(se)
             mean_se = sum(ses) / len(ses)
             assert mean_se > 0
             assert abs(sum(errors) / len(errors)) < 0.1 * mean_se, (row["layer"], name)
-            assert 0.85 <= hits / 2000 <= 0.99, (row["layer"], name, hits / 2000)
+            assert lowest <= hits / 2000 <= 0.99, (row["layer"], name, hits / 2000)
             checked += 1
     assert checked == 18
 
