@@ -23,6 +23,7 @@ from .options import (
     HEAD_REDUCE,
     IS_LEVELS,
     JSD_TEMPERATURE_SAMPLING,
+    KL_ESTIMATORS,
     LENS_GRAD_MODES,
     LOSS_TYPES,
     NONFINITE,
@@ -149,7 +150,20 @@ class GRPOConfig:
     sapo_temperature_neg: float = 1.05
     """SAPO gate temperature for tokens with A <= 0."""
     beta: float = 0.0
-    """KL(k3) weight to the frozen starting policy; 0 disables the reference model."""
+    """KL weight to the frozen starting policy; 0 disables the reference model."""
+    kl_estimator: str = "k3"
+    """The per-token KL estimate of the beta term: k3 (TRL's, default), low_var_kl (verl's k3,
+    clamped to [-10, 10]), k1, abs, k2, or k1+ / k3+ / low_var_kl+ (the value with k2's gradient,
+    verl's straight-through) (`losses.kl_estimate`)."""
+    use_bias_correction_kl: bool = False
+    """TRL's: multiply the per-token KL by the importance ratio (with its gradient), so that
+    samples of the old policy estimate the current policy's KL."""
+    delta: float | None = None
+    """TRL's two-sided clip (INTELLECT-2): the unclipped ratio is capped at delta (> 1, best above
+    1 + epsilon_high; TRL suggests 4), bounding negative-advantage tokens' loss. None: off."""
+    clip_ratio_c: float | None = None
+    """verl's dual clip: a negative-advantage token's loss is at most -clip_ratio_c x A (> 1; verl
+    uses 3). None: off."""
     lr: float = 3e-5
     """AdamW learning rate; 1e-4 already degrades the embedded tiny model (see reports/LOG.md)."""
     optimizer: str = "adamw"
@@ -450,6 +464,11 @@ def validate(cfg: TrainConfig) -> None:
     check(0 < g.top_p <= 1, f"grpo.top_p: is {g.top_p}; use a value in (0, 1]")
     check_choice(g.loss_type, POLICY_LOSSES.names(), "grpo.loss_type")
     check_choice(g.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "grpo.advantage_estimator")
+    check_choice(g.kl_estimator, KL_ESTIMATORS, "grpo.kl_estimator")
+    check(g.delta is None or g.delta > 1.0,
+          f"grpo.delta: is {g.delta}; use a cap > 1, best above 1 + epsilon_high (TRL suggests 4), or null")
+    check(g.clip_ratio_c is None or g.clip_ratio_c > 1.0,
+          f"grpo.clip_ratio_c: is {g.clip_ratio_c}; use a value > 1 (verl uses 3), or null")
     check(0.0 < g.top_entropy_quantile <= 1.0,
           f"grpo.top_entropy_quantile: is {g.top_entropy_quantile}; use a fraction in (0, 1] (1.0: every token)")
     _check_policy_loss(g)

@@ -45,6 +45,7 @@ from .options import (
     HEAD_AGG,
     HEAD_REDUCE,
     IS_LEVELS,
+    KL_ESTIMATORS,
     LOSS_TYPES,
     SAMPLER_IS_MODES,
     SCALE_REWARDS,
@@ -321,17 +322,25 @@ def _clip_info(is_low: Tensor, is_high: Tensor) -> dict[str, Tensor]:
 
 
 def ppo_clip(
-    ratio: Tensor, advantages: Tensor, epsilon_low: float = 0.2, epsilon_high: float = 0.2
+    ratio: Tensor, advantages: Tensor, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+    delta: float | None = None, clip_ratio_c: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate of an importance ratio. ratio [B, T] (token level) or [B, 1]
     (sequence level, GSPO), advantages [B] or [B, T] -> per-token loss broadcast of both.
 
     loss = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A); info as in `clipped_surrogate`.
     TRL `loss_type` grpo / bnpo / dapo / dr_grpo (and the DAPO "clip higher" eps_high = 0.28).
+    delta (TRL's two-sided clip, INTELLECT-2): the unclipped term's ratio is capped at delta,
+    -min(min(rho, delta) A, clip(rho) A), which bounds the loss of negative-advantage tokens.
+    clip_ratio_c (verl's dual clip, arXiv 1912.09729): for A < 0 the loss is at most -c A,
+    min(-c A, the clipped loss). None: off (the plain surrogate, exactly).
     """
     adv = _per_token_advantages(advantages, ratio)
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    loss = -torch.min(ratio * adv, clipped * adv)
+    unclipped = ratio if delta is None else ratio.clamp(max=delta)
+    loss = -torch.min(unclipped * adv, clipped * adv)
+    if clip_ratio_c is not None:
+        loss = torch.where(adv < 0, torch.min(-adv * clip_ratio_c, loss), loss)
     return loss, _clip_info((ratio < 1.0 - epsilon_low) & (adv < 0), (ratio > 1.0 + epsilon_high) & (adv > 0))
 
 
@@ -427,8 +436,10 @@ def policy_loss(
 
 
 def clipped_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options) -> tuple[Tensor, dict]:
-    """Registered as grpo, bnpo, dapo, dr_grpo: `ppo_clip` with options.epsilon_low/high."""
-    return ppo_clip(ratio, advantages, options.epsilon_low, options.epsilon_high)
+    """Registered as grpo, bnpo, dapo, dr_grpo: `ppo_clip` with options.epsilon_low/high and,
+    where the options have them, delta and clip_ratio_c."""
+    return ppo_clip(ratio, advantages, options.epsilon_low, options.epsilon_high,
+                    getattr(options, "delta", None), getattr(options, "clip_ratio_c", None))
 
 
 def cispo_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options) -> tuple[Tensor, dict]:
@@ -500,6 +511,38 @@ def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
     """
     delta = (ref_logps.detach() - logps).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.exp(delta) - delta - 1.0
+
+
+def kl_estimate(logps: Tensor, ref_logps: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled tokens, by `grpo.kl_estimator`
+    (J. Schulman's k1/k2/k3; names as verl's `kl_penalty`). With d = logp - ref (log-ratio
+    clamped to [-20, 20]):
+      k3          exp(-d) + d - 1                   TRL's (`kl_k3`), the default
+      low_var_kl  k3 clamped to [-10, 10]          verl's `k3` / `low_var_kl`
+      k1          d                                 verl's `kl` / `k1`
+      abs         |d|
+      k2          d^2 / 2                           verl's `mse` / `k2`
+    A trailing `+` (k1+, k3+, low_var_kl+) keeps the value and takes k2's gradient (verl's
+    straight-through: k2's expected gradient is KL's). [B, T] -> [B, T]; the reference is detached.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    base = estimator.rstrip("+")
+    d = (logps - ref_logps.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if base == "k1":
+        value = d
+    elif base == "abs":
+        value = d.abs()
+    elif base == "k2":
+        value = 0.5 * d.square()
+    else:
+        value = kl_k3(logps, ref_logps)
+        if base == "low_var_kl":
+            value = value.clamp(-10.0, 10.0)
+    if not estimator.endswith("+"):
+        return value
+    through = 0.5 * (logps - ref_logps.detach()).square()  # unclamped, as verl
+    return through - through.detach() + value.detach()
 
 
 def aggregate(

@@ -252,7 +252,10 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
         per_tok = per_tok * part.is_weights
     terms: dict[str, torch.Tensor] = {}
     if g.beta > 0:
-        kl = losses.kl_k3(logps, ref_logps)
+        kl = losses.kl_estimate(logps, ref_logps, g.kl_estimator)
+        if g.use_bias_correction_kl:  # TRL: the KL of the current policy, from old-policy samples
+            kl = kl * losses.importance_ratio(logps, logps.detach() if part.old_logps is None else part.old_logps,
+                                              mask, g.importance_sampling_level)
         per_tok = per_tok + g.beta * kl
         terms["sum/kl"] = (kl.detach() * mask).sum()
     agg = dict(loss_type=losses.aggregation_of(g.loss_type), **norm)

@@ -1,0 +1,141 @@
+"""The stabilisers of the GRPO family on hand-made tensors, against the frameworks' definitions:
+TRL's two-sided clip `delta` and `use_bias_correction_kl` (trl/trainer/grpo_trainer.py
+`_compute_loss`, TRL 0.26), verl's dual clip `clip_ratio_c` (`compute_policy_loss_vanilla`) and
+KL estimators (`kl_penalty`, `kl_penalty_forward`), verl commit
+b178a3cd56f58b2d502255daba591e92833930a7; each at its neutral value leaves the loss and its
+gradient exactly as before, and training runs with each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_gradients_flowed, tiny_overrides
+
+from oisd_lab import losses
+from oisd_lab.cli import main
+from oisd_lab.config import ConfigError, compose
+
+RATIO = torch.tensor([[0.5, 0.9, 1.0, 1.3, 6.0], [0.1, 1.1, 2.5, 5.0, 0.7]], dtype=torch.float64)
+ADV = torch.tensor([1.5, -2.0], dtype=torch.float64)
+
+
+def test_delta_caps_the_unclipped_ratio_as_trl():
+    coef_1 = RATIO
+    coef_2 = coef_1.clamp(0.8, 1.28)
+    want = -torch.min(coef_1.clamp(max=4.0) * ADV[:, None], coef_2 * ADV[:, None])
+    got, _ = losses.ppo_clip(RATIO, ADV, 0.2, 0.28, delta=4.0)
+    torch.testing.assert_close(got, want)
+    # the negative-advantage token at ratio 5.0 loses 5.0 * 2 = 10 without delta, 8 with it
+    assert float(losses.ppo_clip(RATIO, ADV, 0.2, 0.28)[0][1, 3]) == pytest.approx(10.0)
+    assert float(got[1, 3]) == pytest.approx(8.0)
+
+
+def test_dual_clip_bounds_negative_advantage_losses_as_verl():
+    low, high, c = 0.2, 0.2, 3.0
+    a = ADV[:, None].expand_as(RATIO)
+    pg1 = -a * RATIO
+    pg2 = -a * RATIO.clamp(1 - low, 1 + high)
+    clip1 = torch.maximum(pg1, pg2)
+    clip2 = torch.min(-a * c, clip1)
+    want = torch.where(a < 0, clip2, clip1)
+    got, _ = losses.ppo_clip(RATIO, ADV, low, high, clip_ratio_c=c)
+    torch.testing.assert_close(got, want)
+    assert float(got[1, 3]) == pytest.approx(6.0)  # 5.0 x 2 capped at 3 x 2
+
+
+def test_neutral_values_are_the_plain_surrogate_in_value_and_gradient():
+    ratio = RATIO.clone().requires_grad_()
+    plain, _ = losses.ppo_clip(ratio, ADV, 0.2, 0.28)
+    neutral, _ = losses.ppo_clip(ratio, ADV, 0.2, 0.28, delta=None, clip_ratio_c=None)
+    assert torch.equal(plain, neutral)
+    (g1,) = torch.autograd.grad(plain.sum(), ratio)
+    (g2,) = torch.autograd.grad(neutral.sum(), ratio)
+    assert torch.equal(g1, g2)
+
+
+LOGP = torch.tensor([[-1.0, -0.2, -3.0], [-0.5, -25.0, -2.0]], dtype=torch.float64)
+REF = torch.tensor([[-1.2, -0.1, -2.0], [-0.5, -0.3, -40.0]], dtype=torch.float64)
+
+
+def _verl_forward(logprob, ref, name):
+    if name in ("kl", "k1"):
+        return logprob - ref
+    if name == "abs":
+        return (logprob - ref).abs()
+    if name in ("mse", "k2"):
+        return 0.5 * (logprob - ref).square()
+    kl = (ref - logprob).clamp(-20, 20)
+    return (torch.exp(kl) - kl - 1).clamp(-10, 10)  # low_var_kl / k3
+
+
+@pytest.mark.parametrize("ours, verl", [("k1", "k1"), ("abs", "abs"), ("k2", "k2"), ("low_var_kl", "low_var_kl")])
+def test_kl_estimators_match_verl_in_range(ours, verl):
+    inside = (LOGP - REF).abs() <= 20  # our log-ratio is clamped to +-20 for every estimator
+    got = losses.kl_estimate(LOGP, REF, ours)
+    torch.testing.assert_close(got[inside], _verl_forward(LOGP, REF, verl)[inside])
+
+
+def test_k3_is_trls_unclamped_estimator_and_low_var_kl_clamps_it():
+    d = (REF - LOGP).clamp(-20, 20)
+    trl = torch.exp(d) - d - 1
+    torch.testing.assert_close(losses.kl_estimate(LOGP, REF, "k3"), trl)
+    assert float(trl[1, 1]) > 10 and float(losses.kl_estimate(LOGP, REF, "low_var_kl")[1, 1]) == 10.0
+
+
+@pytest.mark.parametrize("name", ["k1+", "k3+", "low_var_kl+"])
+def test_straight_through_keeps_the_value_and_takes_k2s_gradient(name):
+    logp = LOGP.clone().requires_grad_()
+    value = losses.kl_estimate(logp, REF, name)
+    torch.testing.assert_close(value, losses.kl_estimate(LOGP, REF, name.rstrip("+")))
+    (g,) = torch.autograd.grad(value.sum(), logp)
+    torch.testing.assert_close(g, LOGP - REF)  # d/dlogp of (logp - ref)^2 / 2, unclamped as verl
+
+
+def test_bias_corrected_kl_is_the_kl_times_the_ratio(tiny_model, char_tokenizer):
+    from test_alignment_options import _rollout
+
+    from oisd_lab import step as step_lib
+    from oisd_lab.module import OISDModule
+    from oisd_lab.sources import load_source
+
+    rollout = _rollout([6, 3, 8, 5], [0, 1, 2, 0])
+    terms = {}
+    for flag in (False, True):
+        cfg = compose(["grpo.prompts_per_step=1", "grpo.num_generations=4", "grpo.max_completion_length=8",
+                       "grpo.beta=0.5", f"grpo.use_bias_correction_kl={str(flag).lower()}", "method=grpo"])
+        source = load_source(cfg.task)
+        module = OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward, ref_model=tiny_model)
+        old = step_lib.old_policy_logps(tiny_model, rollout, module.objective, 4) - 0.05 * rollout.completion_mask
+        part = type(rollout)(**{**rollout.__dict__, "old_logps": old})
+        out = module.objective.forward(tiny_model, part)
+        ref = step_lib.reference_logps(tiny_model, part, cfg.grpo.temperature) - 0.1 * rollout.completion_mask
+        norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=4, max_completion_length=8)
+        terms[flag] = step_lib.loss_terms(out, part, torch.tensor([1.0, -1.0, 0.5, -0.5]), norm, module.objective,
+                                          ref_logps=ref)
+    logps = step_lib.old_policy_logps(tiny_model, rollout, module.objective, 4)
+    mask = rollout.completion_mask
+    kl = losses.kl_k3(logps, ref)
+    ratio = torch.exp(logps - old)
+    torch.testing.assert_close(terms[False]["sum/kl"], (kl * mask).sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms[True]["sum/kl"], (kl * ratio * mask).sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_values_are_one_line_errors():
+    for override, field in (("grpo.delta=0.9", "grpo.delta"), ("grpo.clip_ratio_c=1.0", "grpo.clip_ratio_c"),
+                            ("grpo.kl_estimator=k4", "grpo.kl_estimator")):
+        with pytest.raises(ConfigError, match=field):
+            compose([override])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [["grpo.delta=4.0", "grpo.num_iterations=2"], ["grpo.clip_ratio_c=3.0"],
+                                     ["grpo.beta=0.04", "grpo.kl_estimator=low_var_kl+", "grpo.use_bias_correction_kl=true"]])
+def test_train_with_each_stabiliser(options, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    assert main(["train", *tiny_overrides(run_dir, "log.wandb_mode=disabled", "max_steps=2", "method=oisd",
+                                          *options)]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_gradients_flowed(rows)
