@@ -123,6 +123,14 @@ class GRPOConfig:
     resumes with a newly sampled batch."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose rewards are all equal (zero advantage: no policy
+    gradient and, under signed weighting, no alignment gradient) are dropped and more prompts are
+    sampled until `prompts_per_step` informative groups are in hand or
+    `dynamic_sampling_max_rounds` sampling rounds were made; then the batch is filled with dropped
+    groups and `dynamic_sampling/cap_hit` is 1. Logged: rounds, groups dropped, rollouts sampled."""
+    dynamic_sampling_max_rounds: int = 4
+    """Sampling rounds per batch at most under `dynamic_sampling` (verl's max_num_gen_batches)."""
     top_entropy_quantile: float = 1.0
     """TRL's: the fraction of each micro-batch's completion tokens, those of highest entropy, that
     get the policy-gradient loss (0.2: the top 20%, arXiv 2506.01939); 1.0 (default): all. The KL
@@ -465,6 +473,8 @@ def validate(cfg: TrainConfig) -> None:
     check_choice(g.loss_type, POLICY_LOSSES.names(), "grpo.loss_type")
     check_choice(g.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "grpo.advantage_estimator")
     check_choice(g.kl_estimator, KL_ESTIMATORS, "grpo.kl_estimator")
+    check(g.dynamic_sampling_max_rounds >= 1,
+          f"grpo.dynamic_sampling_max_rounds: is {g.dynamic_sampling_max_rounds}; use >= 1")
     check(g.delta is None or g.delta > 1.0,
           f"grpo.delta: is {g.delta}; use a cap > 1, best above 1 + epsilon_high (TRL suggests 4), or null")
     check(g.clip_ratio_c is None or g.clip_ratio_c > 1.0,

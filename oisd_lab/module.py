@@ -123,17 +123,64 @@ class OISDModule(L.LightningModule):
         self.objective = self.objective_at(step)
         problems, rollout = self.sampler((step - 1) // n, self.global_rank, self.trainer.world_size)
         timer.lap("time/rollout")
-        G = self.cfg.grpo.num_generations
-        rewards = torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
-                               dtype=torch.float32)
+        rewards = self._rewards(problems, rollout)
+        dynamic = {}
+        if self.cfg.grpo.dynamic_sampling:  # further rounds: their sampling and scoring timed apart
+            problems, rollout, rewards, dynamic = self._informative_groups((step - 1) // n, problems, rollout, rewards)
+            timer.lap("time/dynamic_sampling")
         adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu())
         timer.lap("time/scoring")
-        metrics = dict(self._rollout_metrics(rollout, rewards), **getattr(self, "_vllm_memory", {}))
+        metrics = dict(self._rollout_metrics(rollout, rewards), **getattr(self, "_vllm_memory", {}), **dynamic)
         rollout, sampling = self._prepare(rollout)
         metrics.update(sampling)
         timer.lap("time/old_logps")
         self._held = (step, problems, rollout, rewards, adv, metrics)
         return self._held[1:]
+
+    def _rewards(self, problems: list, rollout: Rollout) -> torch.Tensor:
+        G = self.cfg.grpo.num_generations
+        return torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
+                            dtype=torch.float32)
+
+    def _informative_groups(self, index: int, problems: list, rollout: Rollout, rewards: torch.Tensor) -> tuple:
+        """DAPO's dynamic sampling (`grpo.dynamic_sampling`): keep the groups whose rewards differ,
+        sample further rounds of new prompts (the sampler's `round`) until `prompts_per_step` of
+        them are kept or `dynamic_sampling_max_rounds` rounds were made, then fill the rest with
+        dropped groups. Under data parallelism every rank makes as many rounds as the rank that
+        needs the most, so collective calls stay matched."""
+        g, G = self.cfg.grpo, self.cfg.grpo.num_generations
+        parts, kept, dropped, rounds = [(problems, rollout, rewards)], [], [], 1
+        sampled = len(rollout)
+
+        def sort(part: int) -> None:
+            _, _, r = parts[part]
+            for i, row in enumerate(r.view(-1, G)):
+                (kept if bool((row != row[0]).any()) else dropped).append((part, i))
+
+        sort(0)
+        while rounds < g.dynamic_sampling_max_rounds and self._any_rank(len(kept) < g.prompts_per_step):
+            more_problems, more = self.sampler(index, self.global_rank, self.trainer.world_size, round=rounds)
+            parts.append((more_problems, more, self._rewards(more_problems, more)))
+            sampled += len(more)
+            rounds += 1
+            sort(len(parts) - 1)
+        chosen = (kept + dropped)[: g.prompts_per_step]
+        rollout = Rollout.concat([parts[p][1].take(torch.arange(i * G, (i + 1) * G)) for p, i in chosen],
+                                 pad_id=self.tokenizer.pad_token_id or 0)
+        problems = [parts[p][0][i] for p, i in chosen]
+        rewards = torch.cat([parts[p][2][i * G:(i + 1) * G] for p, i in chosen])
+        return problems, rollout, rewards, {
+            "dynamic_sampling/rounds": float(rounds), "dynamic_sampling/rollouts_sampled": float(sampled),
+            "dynamic_sampling/groups_dropped": float(len(dropped)),
+            "dynamic_sampling/cap_hit": float(len(kept) < g.prompts_per_step)}
+
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` on any rank (all ranks get the same answer); the flag itself in one process."""
+        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def objective_at(self, step: int) -> step_lib.Objective:
         """The step's objective: BuPO's internal policy (the student layer's lens) for its first
@@ -168,9 +215,11 @@ class OISDModule(L.LightningModule):
     def _is_log_step(self, step: int) -> bool:
         return step == 1 or step % self.cfg.log.every_n_steps == 0 or step == self.cfg.max_steps
 
-    def _rollout(self, step: int, rank: int, world: int) -> tuple[list, Rollout]:
+    def _rollout(self, step: int, rank: int, world: int, round: int = 0) -> tuple[list, Rollout]:
+        """This rank's prompts of batch `step` and their G completions each; `round` > 0 (dynamic
+        sampling) draws further prompts for the same batch, from a seed of its own."""
         g = self.cfg.grpo
-        allp = self.task.train_batch(step, g.prompts_per_step * world, self.cfg.seed)
+        allp = self.task.train_batch(step, g.prompts_per_step * world, self.cfg.seed + round * 7_919)
         problems = allp[rank * g.prompts_per_step : (rank + 1) * g.prompts_per_step]
         prompts = [self.format_prompt(p.prompt) for p in problems]
         if g.rollout_backend == "vllm":

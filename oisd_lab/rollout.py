@@ -77,6 +77,33 @@ class Rollout:
                        self.prompt_length, self.texts, self.truncated.to(device),
                        **self._extras(lambda t: t.to(device)))
 
+    @staticmethod
+    def concat(parts: list[Rollout], pad_id: int = 0) -> Rollout:
+        """The rows of `parts` in order, as one rollout: prompts left-padded to the longest prompt,
+        completions right-padded to the longest completion (padding masked out; the sampler's
+        log-probs padded with NaN, i.e. "none"). Rotary position encodings see only relative
+        positions, so the extra left padding does not change what the model computes for a row
+        (to float rounding)."""
+        P = max(p.prompt_length for p in parts)
+        C = max(p.completion_mask.shape[1] for p in parts)
+        pieces: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "completion_mask", "sampler_logps")}
+        for p in parts:
+            left, right = P - p.prompt_length, C - p.completion_mask.shape[1]
+            pad = torch.nn.functional.pad
+            pieces["input_ids"].append(pad(p.input_ids, (left, right), value=pad_id))
+            pieces["attention_mask"].append(pad(p.attention_mask, (left, right), value=0))
+            pieces["completion_mask"].append(pad(p.completion_mask, (0, right), value=0.0))
+            if p.sampler_logps is not None:
+                pieces["sampler_logps"].append(pad(p.sampler_logps, (0, right), value=float("nan")))
+        if any(p.old_logps is not None or p.is_weights is not None for p in parts):
+            raise ValueError("concatenate rollouts before their old log-probs and weights are set")
+        sampler = pieces["sampler_logps"]
+        if sampler and len(sampler) != len(parts):
+            raise ValueError("either every part or none has sampler log-probs")
+        return Rollout(torch.cat(pieces["input_ids"]), torch.cat(pieces["attention_mask"]),
+                       torch.cat(pieces["completion_mask"]), P, [t for p in parts for t in p.texts],
+                       torch.cat([p.truncated for p in parts]), sampler_logps=torch.cat(sampler) if sampler else None)
+
     def select(self, rows: slice | list[int]) -> Rollout:
         """Rows of this rollout (a slice, or a list of row indices), trimmed to the longest
         completion among them."""
