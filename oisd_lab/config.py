@@ -56,6 +56,16 @@ class ModelConfig:
     """Non-reentrant activation checkpointing: less memory for a second forward per layer."""
     chat_template: bool = False
     """Wrap prompts in the tokenizer's chat template (instruct checkpoints)."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on `lora_targets` (through peft); the rest of the model is frozen
+    and the final model is saved merged and as adapters (`oisd_lab/lora.py`). 0: full fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is (alpha / rank) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input (0 keeps the policy's log-probs deterministic)."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"])
+    """Module names that get adapters (peft's target_modules): every projection of the decoder layers."""
 
 
 @dataclass
@@ -473,6 +483,10 @@ def validate(cfg: TrainConfig) -> None:
     check_choice(g.loss_type, POLICY_LOSSES.names(), "grpo.loss_type")
     check_choice(g.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "grpo.advantage_estimator")
     check_choice(g.kl_estimator, KL_ESTIMATORS, "grpo.kl_estimator")
+    check(cfg.model.lora_rank >= 0, f"model.lora_rank: is {cfg.model.lora_rank}; use 0 (off) or a rank >= 1")
+    check(cfg.model.lora_rank == 0 or cfg.strategy != "fsdp",
+          "model.lora_rank: LoRA is not sharded; use strategy=ddp (or auto) with LoRA, or model.lora_rank=0")
+    check(0.0 <= cfg.model.lora_dropout < 1.0, "model.lora_dropout: use a value in [0, 1)")
     check(g.dynamic_sampling_max_rounds >= 1,
           f"grpo.dynamic_sampling_max_rounds: is {g.dynamic_sampling_max_rounds}; use >= 1")
     check(g.delta is None or g.delta > 1.0,

@@ -77,7 +77,7 @@ class OISDModule(L.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         g = self.cfg.grpo
-        opt = build_optimizer(self.policy.parameters(), g)
+        opt = build_optimizer([p for p in self.policy.parameters() if p.requires_grad], g)
         warm = max(g.warmup_steps, 0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from . import lora
 from .config import TrainConfig, to_yaml
 from .module import OISDModule
 from .preflight import preflight
@@ -48,6 +49,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     start_dir = warm_start(cfg, log=log)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     model, tokenizer = load_start(cfg, start_dir)  # a damaged checkpoint fails before the run dir exists
+    if cfg.model.lora_rank:  # zero-initialised adapters: the same outputs as the start
+        model = lora.attach(model, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout,
+                            cfg.model.lora_targets)
     run.root.mkdir(parents=True, exist_ok=True)
     found = find_resumable(run.checkpoints)
     resume = found.path if found else None
@@ -83,7 +87,10 @@ def train(cfg: TrainConfig, log=print) -> Path:
     model = unsharded_policy(trainer, model, start_dir, cfg)
     if trainer.global_rank != 0:
         return run.root
-    model.save_pretrained(run.final_model)
+    if lora.is_lora(model):
+        lora.save(model, run.final_model)
+    else:
+        model.save_pretrained(run.final_model)
     tokenizer.save_pretrained(run.final_model)
     after = evaluation.summary(evaluation.held_out(cfg, model, tokenizer, source))
     result = {"before": before, "after": after, "train_seconds": train_seconds,
