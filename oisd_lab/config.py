@@ -141,6 +141,10 @@ class GRPOConfig:
     groups and `dynamic_sampling/cap_hit` is 1. Logged: rounds, groups dropped, rollouts sampled."""
     dynamic_sampling_max_rounds: int = 4
     """Sampling rounds per batch at most under `dynamic_sampling` (verl's max_num_gen_batches)."""
+    entropy_coef: float = 0.0
+    """verl's entropy_coeff: the loss subtracts entropy_coef x the final distribution's entropy
+    per token (at the sampling temperature), aggregated as the policy loss; 0 (default): off. Not
+    applied while BuPO's internal policy is on."""
     top_entropy_quantile: float = 1.0
     """TRL's: the fraction of each micro-batch's completion tokens, those of highest entropy, that
     get the policy-gradient loss (0.2: the top 20%, arXiv 2506.01939); 1.0 (default): all. The KL

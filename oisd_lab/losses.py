@@ -821,6 +821,7 @@ def chunked_head(
     jsd_temperature: float = 1.0,
     policy: tuple[Tensor, Callable[[Tensor], Tensor]] | None = None,
     entropy: bool = True,
+    entropy_grad: bool = False,
 ) -> HeadOutputs:
     """Everything the step needs from the vocabulary, straight from hidden states, chunk by chunk.
 
@@ -834,7 +835,8 @@ def chunked_head(
     for each student (h_i [N, D], readout_i) in `students`: the teacher of the logit channel is
     the policy's own chunk, not a second pass. `policy` = (h [N, D], readout) reads the log-probs
     from that readout instead (an internal policy); the final logits are then formed without a
-    graph, as teacher and for the entropy only.
+    graph, as teacher and for the entropy only. `entropy_grad`: the entropy keeps its gradient
+    (an entropy bonus in the loss; final-layer policy only).
 
     No [N, V] tensor is kept: above `LENS_CHECKPOINT_MIN_ELEMENTS` of N x `vocab` work with a
     gradient, each chunk runs under non-reentrant activation checkpointing, so backward recomputes
@@ -848,6 +850,9 @@ def chunked_head(
 
     entropies: dict[int, Tensor] = {}
 
+    if entropy_grad and (policy is not None or not entropy):
+        raise ValueError("entropy_grad needs entropy=True and the final layer as the policy")
+
     def run(i: int, h: Tensor, tok: Tensor, *hs: Tensor) -> tuple[Tensor, ...]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and policy is None):
             logits = head(h)
@@ -856,11 +861,14 @@ def chunked_head(
         else:
             logps = _chunked_logps(policy[1](hs[-1]), tok, max(1, tok.shape[0]), float(temperature))
         teacher = logits.detach()
-        if entropy and i not in entropies:  # once: not again when backward recomputes the chunk
+        out = [logps]
+        if entropy_grad:  # with its graph: recomputed with the chunk like the log-probs
+            out.append(entropy_from_logits(logits, chunk_size=max(1, tok.shape[0]), temperature=temperature))
+        elif entropy and i not in entropies:  # once: not again when backward recomputes the chunk
             with torch.no_grad():
                 entropies[i] = entropy_from_logits(teacher, chunk_size=max(1, tok.shape[0]), temperature=temperature)
-        return (logps, *(_lens_jsd_rows(teacher, readout(hi), jsd_beta, jsd_temperature)
-                         for hi, readout in zip(hs[: len(readouts)], readouts, strict=True)))
+        return (*out, *(_lens_jsd_rows(teacher, readout(hi), jsd_beta, jsd_temperature)
+                        for hi, readout in zip(hs[: len(readouts)], readouts, strict=True)))
 
     inputs = (final_hidden, *student_h, *extra)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
@@ -872,6 +880,8 @@ def chunked_head(
         empty = _upcast(final_hidden).new_zeros(0)
         return HeadOutputs(empty, empty if entropy else None, tuple(empty for _ in students))
     columns = [torch.cat(col) for col in zip(*pieces, strict=True)]
+    if entropy_grad:
+        return HeadOutputs(columns[0], columns[1], tuple(columns[2:]))
     ent = torch.cat([entropies[i] for i in range(len(pieces))]) if entropy else None
     return HeadOutputs(columns[0], ent, tuple(columns[1:]))
 

@@ -194,7 +194,7 @@ class Objective:
         return {k: (out.hidden[k], self.readout.for_layer(k, m.lens_grad, norm=m.lens_norm))
                 for k in self.student_layers}
 
-    def head(self, out: PolicyOutputs, part: Rollout, students: bool, entropy: bool
+    def head(self, out: PolicyOutputs, part: Rollout, students: bool, entropy: bool, entropy_grad: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[int, torch.Tensor]]:
         """One chunked pass over the vocabulary (`losses.chunked_head`): the policy's per-token
         log-probs [b, C], the final distribution's entropy [b, C] (detached; None unless asked)
@@ -206,7 +206,8 @@ class Objective:
         res = out.head(mask, part.completion_ids, self.grpo.temperature, self.head_chunk(out.vocab),
                        students=tuple((h[sel], r) for h, r in studs.values()),
                        jsd_beta=self.method.jsd_beta, jsd_temperature=self.jsd_temperature,
-                       policy=None if pol is None else (pol[0][sel], pol[1]), entropy=entropy)
+                       policy=None if pol is None else (pol[0][sel], pol[1]), entropy=entropy,
+                       entropy_grad=entropy_grad)
 
         def scatter(values: torch.Tensor) -> torch.Tensor:
             return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(sel, values)
@@ -243,7 +244,9 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     """
     g, m, mask = objective.grpo, objective.method, part.completion_mask
     # one pass over the vocabulary: log-probs, entropy and the lens JSD of every student
-    logps, ent, think = objective.head(out, part, students=objective.logit_weight > 0, entropy=True)
+    bonus = g.entropy_coef != 0 and objective.policy_layer is None  # BuPO's internal policy: no bonus
+    logps, ent, think = objective.head(out, part, students=objective.logit_weight > 0, entropy=True,
+                                       entropy_grad=bonus)
     per_tok, clip = losses.policy_loss(logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level,
                                        options=g)
     if g.top_entropy_quantile < 1.0:  # only the highest-entropy tokens get the policy gradient (TRL)
@@ -258,6 +261,8 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
                                               mask, g.importance_sampling_level)
         per_tok = per_tok + g.beta * kl
         terms["sum/kl"] = (kl.detach() * mask).sum()
+    if bonus:  # verl's entropy_coeff: minus coef x entropy, aggregated as the policy loss
+        per_tok = per_tok - g.entropy_coef * ent
     agg = dict(loss_type=losses.aggregation_of(g.loss_type), **norm)
     terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
     align = Alignment(mask, adv, rewards, dict(agg, loss_type=m.align_loss_type or agg["loss_type"]))

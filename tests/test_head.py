@@ -25,7 +25,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 def plain_head(final_hidden, tokens, head, vocab, temperature=1.0, chunk_size=1024, students=(),
-               jsd_beta=0.5, jsd_temperature=1.0, policy=None, entropy=True):
+               jsd_beta=0.5, jsd_temperature=1.0, policy=None, entropy=True, entropy_grad=False):
     """The same outputs from whole [N, V] logits and plain autograd (no chunks, no closed forms)."""
     logits = head(final_hidden) if policy is None else head(final_hidden).detach()
     source = logits if policy is None else policy[1](policy[0])
@@ -33,8 +33,9 @@ def plain_head(final_hidden, tokens, head, vocab, temperature=1.0, chunk_size=10
     logps = logp_all.gather(-1, tokens[:, None]).squeeze(-1)
     ent = None
     if entropy:
-        p = torch.softmax(logits.detach().float() / temperature, dim=-1)
-        ent = -torch.where(p > 0, p * torch.log_softmax(logits.detach().float() / temperature, -1), 0.0).sum(-1)
+        z = (logits if entropy_grad else logits.detach()).float() / temperature
+        p = torch.softmax(z, dim=-1)
+        ent = -torch.where(p > 0, p * torch.log_softmax(z, -1), 0.0).sum(-1)
     divs = tuple(losses.jsd(logits.detach().float(), readout(h).float(), beta=jsd_beta, temperature=jsd_temperature)
                  for h, readout in students)
     return losses.HeadOutputs(logps, ent, divs)
@@ -174,6 +175,7 @@ def _grads(module, rollout, adv, micro):
     ("method=grpo", "grpo.loss_type=grpo"),
     ("method=bupo",),
     ("method=oisd", "method.bupo_steps=0.5", "grpo.beta=0.04"),
+    ("method=oisd", "grpo.entropy_coef=0.3"),
 ])
 def test_training_step_equals_the_plain_head(tiny_model, char_tokenizer, overrides, monkeypatch):
     """Left-padded prompts and completions of unequal length in groups; micro-batches of 3 rows."""

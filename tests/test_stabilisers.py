@@ -122,6 +122,39 @@ def test_bias_corrected_kl_is_the_kl_times_the_ratio(tiny_model, char_tokenizer)
     torch.testing.assert_close(terms[True]["sum/kl"], (kl * ratio * mask).sum(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_entropy_bonus_subtracts_coef_times_the_aggregated_entropy(tiny_model, char_tokenizer, checkpointed,
+                                                                  monkeypatch):
+    """verl's entropy_coeff: L = L_policy - c x agg(H), in value and gradient (H of the whole logits)."""
+    from test_alignment_options import _module, _rollout
+
+    monkeypatch.setattr(losses, "LENS_CHECKPOINT_MIN_ELEMENTS", 0 if checkpointed else 1 << 40)
+    rollout = _rollout([6, 3, 8, 5, 2, 7, 8, 4], [0, 1, 2, 0] * 2)
+    adv = torch.linspace(-1.0, 1.0, 8)
+    grads = {}
+    for coef in (0.0, 0.3):
+        module = _module(tiny_model, char_tokenizer, "method=grpo", "grpo.prompts_per_step=2",
+                         "grpo.micro_batch_size=8", "grpo.temperature=0.8", f"grpo.entropy_coef={coef}")
+        tiny_model.zero_grad(set_to_none=True)
+        sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward)
+        grads[coef] = (sums, {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
+    out = module.objective.forward(tiny_model, rollout)
+    P, mask = rollout.prompt_length, rollout.completion_mask
+    z = out.logits.float() / 0.8
+    H = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    bonus = -0.3 * (H * mask).sum() / mask.sum()  # dapo: token mean over the batch
+    diff = float(grads[0.3][0]["loss/policy"]) - float(grads[0.0][0]["loss/policy"])
+    assert diff == pytest.approx(float(bonus), rel=1e-4, abs=1e-6)
+    tiny_model.zero_grad(set_to_none=True)
+    bonus.backward()
+    flowed = 0
+    for name, g in grads[0.3][1].items():
+        want = grads[0.0][1][name] + dict(tiny_model.named_parameters())[name].grad
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+        flowed += int(dict(tiny_model.named_parameters())[name].grad.abs().sum() > 0)
+    assert flowed > 0
+
+
 def test_bad_values_are_one_line_errors():
     for override, field in (("grpo.delta=0.9", "grpo.delta"), ("grpo.clip_ratio_c=1.0", "grpo.clip_ratio_c"),
                             ("grpo.kl_estimator=k4", "grpo.kl_estimator")):
