@@ -139,7 +139,7 @@ def test_entropy_bonus_subtracts_coef_times_the_aggregated_entropy(tiny_model, c
         sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward)
         grads[coef] = (sums, {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
     out = module.objective.forward(tiny_model, rollout)
-    P, mask = rollout.prompt_length, rollout.completion_mask
+    mask = rollout.completion_mask
     z = out.logits.float() / 0.8
     H = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
     bonus = -0.3 * (H * mask).sum() / mask.sum()  # dapo: token mean over the batch
