@@ -26,6 +26,7 @@ from .options import (
     KL_ESTIMATORS,
     LENS_GRAD_MODES,
     LOSS_TYPES,
+    MULTI_OBJECTIVE_AGGREGATIONS,
     NONFINITE,
     OPTIMIZERS,
     ROLLOUT_BACKENDS,
@@ -36,7 +37,7 @@ from .options import (
     WANDB_MODES,
     WEIGHTINGS,
 )
-from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, REWARD_FUNCS
 
 HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 """Lightning precisions that cast the weights themselves (the `-mixed` ones keep them)."""
@@ -133,6 +134,19 @@ class GRPOConfig:
     resumes with a newly sampled batch."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["correct"])
+    """Reward functions (`registry.REWARD_FUNCS`): `correct` (the task's grader), `format` (a final
+    answer a grader can read), `overlong` (DAPO's soft length penalty, `overlong_buffer`). Each is
+    logged as `rewards/<name>/mean` and `/std`."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (TRL's); None: all 1."""
+    multi_objective_aggregation: str = "sum_then_normalize"
+    """TRL's: `sum_then_normalize` (the weighted sum is the reward; the advantage estimator as
+    usual) or `normalize_then_sum` (GDPO: each function normalised within its group, summed,
+    normalised over the batch; replaces the estimator)."""
+    overlong_buffer: int = 0
+    """DAPO's L_cache for the `overlong` reward: the last this-many tokens before
+    max_completion_length are penalised linearly (0 to -1)."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: groups whose rewards are all equal (zero advantage: no policy
     gradient and, under signed weighting, no alignment gradient) are dropped and more prompts are
@@ -487,6 +501,14 @@ def validate(cfg: TrainConfig) -> None:
     check_choice(g.loss_type, POLICY_LOSSES.names(), "grpo.loss_type")
     check_choice(g.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "grpo.advantage_estimator")
     check_choice(g.kl_estimator, KL_ESTIMATORS, "grpo.kl_estimator")
+    for name in g.reward_funcs:
+        check_choice(name, REWARD_FUNCS.names(), "grpo.reward_funcs")
+    check(len(g.reward_funcs) >= 1, "grpo.reward_funcs: name at least one reward function, e.g. [correct]")
+    check(g.reward_weights is None or len(g.reward_weights) == len(g.reward_funcs),
+          f"grpo.reward_weights: give {len(g.reward_funcs)} weights (one per grpo.reward_funcs entry) or null")
+    check_choice(g.multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS, "grpo.multi_objective_aggregation")
+    check(0 <= g.overlong_buffer <= g.max_completion_length,
+          f"grpo.overlong_buffer: is {g.overlong_buffer}; use 0 .. grpo.max_completion_length")
     check(cfg.model.lora_rank >= 0, f"model.lora_rank: is {cfg.model.lora_rank}; use 0 (off) or a rank >= 1")
     check(cfg.model.lora_rank == 0 or cfg.strategy != "fsdp",
           "model.lora_rank: LoRA is not sharded; use strategy=ddp (or auto) with LoRA, or model.lora_rank=0")

@@ -154,6 +154,18 @@ def reinforce_plus_plus_baseline_estimator(rewards: Tensor, lengths: Tensor, num
     return _token_whiten(centred.reshape(-1), lengths)
 
 
+def normalize_then_sum_advantages(per_func: Tensor, weights: Tensor, num_generations: int) -> Tensor:
+    """TRL's `multi_objective_aggregation="normalize_then_sum"` (GDPO): each reward function's
+    rewards [B, K] are normalised within their group, (r - mean) / (std + 1e-4) (Bessel std),
+    summed with `weights` [K], and the sums normalised over the batch the same way. [B]."""
+    grouped = per_func.float().view(-1, num_generations, per_func.shape[1])
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean)
+    summed = (((grouped - mean) / (std + 1e-4)).reshape(-1, per_func.shape[1]) * weights.to(grouped)).sum(1)
+    spread = summed.std() if summed.numel() > 1 else torch.zeros(())
+    return (summed - summed.mean()) / (spread + 1e-4)
+
+
 def advantages_of(rewards: Tensor, lengths: Tensor, num_generations: int, options) -> Tensor:
     """The advantages [B] of `options.advantage_estimator` (`registry.ADVANTAGE_ESTIMATORS`)."""
     if num_generations < 1 or rewards.shape[0] % num_generations:

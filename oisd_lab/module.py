@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from .errors import NonFiniteError
 from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
-from .registry import ADVANTAGE_ESTIMATORS
+from .registry import ADVANTAGE_ESTIMATORS, REWARD_FUNCS
 from .rollout import Rollout, generate
 from .run_hooks import PolicyView
 from .sharding import fsdp_units, gathered
@@ -123,14 +124,17 @@ class OISDModule(L.LightningModule):
         self.objective = self.objective_at(step)
         problems, rollout = self.sampler((step - 1) // n, self.global_rank, self.trainer.world_size)
         timer.lap("time/rollout")
-        rewards = self._rewards(problems, rollout)
+        per_func = self._rewards(problems, rollout)
         dynamic = {}
         if self.cfg.grpo.dynamic_sampling:  # further rounds: their sampling and scoring timed apart
-            problems, rollout, rewards, dynamic = self._informative_groups((step - 1) // n, problems, rollout, rewards)
+            problems, rollout, per_func, dynamic = self._informative_groups((step - 1) // n, problems, rollout,
+                                                                            per_func)
             timer.lap("time/dynamic_sampling")
-        adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu())
+        rewards = per_func @ self._reward_weights
+        adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu(), per_func)
         timer.lap("time/scoring")
-        metrics = dict(self._rollout_metrics(rollout, rewards), **getattr(self, "_vllm_memory", {}), **dynamic)
+        metrics = dict(self._rollout_metrics(rollout, rewards, per_func), **getattr(self, "_vllm_memory", {}),
+                       **dynamic)
         rollout, sampling = self._prepare(rollout)
         metrics.update(sampling)
         timer.lap("time/old_logps")
@@ -138,9 +142,28 @@ class OISDModule(L.LightningModule):
         return self._held[1:]
 
     def _rewards(self, problems: list, rollout: Rollout) -> torch.Tensor:
+        """[B, K]: every completion scored by each of `grpo.reward_funcs`."""
+        g, G = self.cfg.grpo, self.cfg.grpo.num_generations
+        lengths = rollout.completion_mask.sum(1).tolist()
+        fns = [self.reward_fn if name == "correct" else functools.partial(REWARD_FUNCS.get(name), options=g)
+               for name in g.reward_funcs]
+        return torch.tensor([[self._score(fn, t, problems[i // G].answer, int(lengths[i]), name == "correct")
+                              for fn, name in zip(fns, g.reward_funcs, strict=True)]
+                             for i, t in enumerate(rollout.texts)], dtype=torch.float32).view(len(rollout), -1)
+
+    @property
+    def _reward_weights(self) -> torch.Tensor:
+        w = self.cfg.grpo.reward_weights
+        return torch.tensor(w if w is not None else [1.0] * len(self.cfg.grpo.reward_funcs), dtype=torch.float32)
+
+    def _informative(self, per_func: torch.Tensor) -> torch.Tensor:
+        """[groups] bool: the group's advantages are not all 0 (its weighted rewards differ; under
+        normalize_then_sum, any one function's rewards differ)."""
         G = self.cfg.grpo.num_generations
-        return torch.tensor([self._score(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)],
-                            dtype=torch.float32)
+        values = per_func if self.cfg.grpo.multi_objective_aggregation == "normalize_then_sum" else \
+            (per_func @ self._reward_weights)[:, None]
+        grouped = values.view(-1, G, values.shape[1])
+        return (grouped != grouped[:, :1]).any(dim=2).any(dim=1)
 
     def _informative_groups(self, index: int, problems: list, rollout: Rollout, rewards: torch.Tensor) -> tuple:
         """DAPO's dynamic sampling (`grpo.dynamic_sampling`): keep the groups whose rewards differ,
@@ -153,9 +176,8 @@ class OISDModule(L.LightningModule):
         sampled = len(rollout)
 
         def sort(part: int) -> None:
-            _, _, r = parts[part]
-            for i, row in enumerate(r.view(-1, G)):
-                (kept if bool((row != row[0]).any()) else dropped).append((part, i))
+            for i, informative in enumerate(self._informative(parts[part][2]).tolist()):
+                (kept if informative else dropped).append((part, i))
 
         sort(0)
         while rounds < g.dynamic_sampling_max_rounds and self._any_rank(len(kept) < g.prompts_per_step):
@@ -229,24 +251,34 @@ class OISDModule(L.LightningModule):
                                g.max_completion_length, g.temperature, g.top_p)
         return problems, rollout
 
-    def _advantages(self, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _advantages(self, rewards: torch.Tensor, lengths: torch.Tensor, per_func: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """Advantages of this rank's rows (`grpo.advantage_estimator`, completion lengths for the
         token-level ones). An estimator that reads the whole step's batch (`scale_rewards=batch`,
         REINFORCE++'s whitening) gets all ranks' rewards and lengths under DDP (rank-major, the
         order in which prompts are sliced) and each rank keeps its own rows, as one process would."""
         g, world = self.cfg.grpo, self.trainer.world_size
+        if g.multi_objective_aggregation == "normalize_then_sum":  # GDPO: replaces the estimator
+            everyone = self._all_ranks(per_func)
+            adv = losses.normalize_then_sum_advantages(everyone, self._reward_weights, g.num_generations)
+            B = rewards.numel()
+            return adv[self.global_rank * B : (self.global_rank + 1) * B] if world > 1 else adv
         batch_level = g.scale_rewards == "batch" and g.advantage_estimator == "grpo" or \
             ADVANTAGE_ESTIMATORS.meta(g.advantage_estimator, "batch_level", False)
         if world > 1 and batch_level:
-            everyone = []
-            for values in (rewards, lengths.to(rewards.dtype)):
-                parts = [torch.zeros_like(values, device=self.device) for _ in range(world)]
-                torch.distributed.all_gather(parts, values.to(self.device))
-                everyone.append(torch.cat(parts).cpu())  # [world * B], rank-major
+            everyone = [self._all_ranks(v) for v in (rewards, lengths.to(rewards.dtype))]
             adv = losses.advantages_of(everyone[0], everyone[1], g.num_generations, g)
             B = rewards.numel()
             return adv[self.global_rank * B : (self.global_rank + 1) * B]
         return losses.advantages_of(rewards, lengths, g.num_generations, g)
+
+    def _all_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` of every rank, concatenated rank-major along dim 0 (itself in one process)."""
+        if self.trainer.world_size <= 1:
+            return values
+        parts = [torch.zeros_like(values, device=self.device) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(parts, values.to(self.device))
+        return torch.cat(parts).cpu()
 
     def _vllm_rollout(self, prompts: list[str]) -> Rollout:
         """Sample with the colocated vLLM engine (built on first use, its memory logged once),
@@ -267,9 +299,10 @@ class OISDModule(L.LightningModule):
         return self._vllm.generate(prompts, g.num_generations, g.max_completion_length, g.temperature,
                                    g.top_p, seed=seed)
 
-    def _score(self, text: str, answer: str) -> float:
+    @staticmethod
+    def _score(fn, text: str, answer: str, length: int, task_grader: bool) -> float:
         try:
-            reward = float(self.reward_fn(text, answer))
+            reward = float(fn(text, answer) if task_grader else fn(text, answer, length))
         except Exception:  # a grader bug must not kill a long run; the completion scores 0
             return 0.0
         return reward if math.isfinite(reward) else 0.0  # a NaN reward would poison its whole group
@@ -411,15 +444,20 @@ class OISDModule(L.LightningModule):
         return step_lib.loss_terms(out, part, adv, norm, self.objective, ref_logps=ref, rewards=rewards)
 
     # ---------------------------------------------------------------- metrics
-    def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor) -> dict:
+    def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict:
         G = self.cfg.grpo.num_generations
         lengths = rollout.completion_mask.sum(1)
         groups = rewards.view(-1, G)
         self.num_tokens += int(rollout.attention_mask.sum())
+        per_reward = {}
+        for k, name in enumerate(self.cfg.grpo.reward_funcs):
+            per_reward[f"rewards/{name}/mean"] = float(per_func[:, k].mean())
+            if len(self.cfg.grpo.reward_funcs) > 1:
+                per_reward[f"rewards/{name}/std"] = float(per_func[:, k].std()) if len(per_func) > 1 else 0.0
         return {
             "reward": float(rewards.mean()),
             "reward_std": float(groups.std(dim=1).mean()) if G > 1 else 0.0,
-            "rewards/correct/mean": float(rewards.mean()),
+            **per_reward,
             "frac_reward_zero_std": float((groups.std(dim=1) == 0).float().mean()),
             "completions/mean_length": float(lengths.mean()),
             "completions/max_length": float(lengths.max()),

@@ -7,6 +7,8 @@ LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 """How token losses are normalised (see `losses.aggregate`)."""
 KL_ESTIMATORS = ("k3", "low_var_kl", "k1", "abs", "k2", "k1+", "k3+", "low_var_kl+")
 """grpo.kl_estimator: the per-token KL estimate of the beta term (see `losses.kl_estimate`)."""
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+"""grpo.multi_objective_aggregation (TRL's names)."""
 IS_LEVELS = ("token", "sequence")
 """grpo.importance_sampling_level: one probability ratio per token, or per sequence (GSPO)."""
 SAMPLER_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")

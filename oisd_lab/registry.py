@@ -15,6 +15,8 @@ Signatures (docs/grpo-conventions.md):
 - policy loss: fn(logps [B, T], ratio [B, T] or [B, 1], advantages [B], options) -> (loss [B, T]
   or broadcastable, info of boolean clip tensors); `options` is the GRPO config (any object with
   its attributes). Meta `aggregation`: the `losses.aggregate` normaliser of the loss.
+- reward function: fn(completion text, answer, completion tokens, options) -> float; `correct`
+  is the task's own grader (bound by the trainer), the others are registered here.
 - advantage estimator: fn(rewards [B], lengths [B], num_generations, options) -> advantages [B],
   rows group-contiguous, lengths the completion tokens of each row. Meta `batch_level`: the
   estimator reads the whole step's batch (under data parallelism the module gathers every rank's
@@ -81,6 +83,7 @@ class Registry:
 
 
 POLICY_LOSSES = Registry("policy loss", "grpo.loss_type")
+REWARD_FUNCS = Registry("reward function", "grpo.reward_funcs")
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator", "grpo.advantage_estimator")
 
 for _name in ("dapo", "grpo", "dr_grpo", "bnpo"):
@@ -94,3 +97,7 @@ ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", "oisd_lab.losses:reinforce_
                               batch_level=True)
 ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline",
                               "oisd_lab.losses:reinforce_plus_plus_baseline_estimator", batch_level=True)
+
+REWARD_FUNCS.register("correct", "oisd_lab.rewards:task_reward")
+REWARD_FUNCS.register("format", "oisd_lab.rewards:format_reward")
+REWARD_FUNCS.register("overlong", "oisd_lab.rewards:overlong_penalty")

@@ -291,3 +291,26 @@ class _GradingProcess:
 
 
 _GUARD = _GradingProcess()
+
+
+def task_reward(completion: str, answer: str, length: int, options) -> float:
+    """`correct`: a placeholder entry; the trainer calls the task's own grader for it."""
+    raise RuntimeError("the `correct` reward is the task's grader; the trainer binds it")
+
+
+def format_reward(completion: str, answer: str, length: int, options) -> float:
+    """`format`: 1 when the completion states a final answer a grader can read (a \\boxed{...}
+    or an `Answer:` / final-number form, as `extract_answer` reads it), else 0."""
+    return float(last_boxed(completion) is not None or extract_answer(completion) is not None)
+
+
+def overlong_penalty(completion: str, answer: str, length: int, options) -> float:
+    """`overlong`: DAPO's soft overlong punishment with L_max = grpo.max_completion_length and
+    L_cache = grpo.overlong_buffer: 0 up to L_max - L_cache tokens, then falling linearly to -1
+    at L_max, -1 beyond; 0 when the buffer is 0."""
+    limit, buffer = options.max_completion_length, options.overlong_buffer
+    if buffer <= 0 or length <= limit - buffer:
+        return 0.0
+    if length > limit:
+        return -1.0
+    return (limit - buffer - length) / buffer
