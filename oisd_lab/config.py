@@ -159,6 +159,10 @@ class GRPOConfig:
     """verl's entropy_coeff: the loss subtracts entropy_coef x the final distribution's entropy
     per token (at the sampling temperature), aggregated as the policy loss; 0 (default): off. Not
     applied while BuPO's internal policy is on."""
+    off_policy_mask_threshold: float | None = None
+    """TRL's off-policy sequence mask (DeepSeek-V3.2): a completion with a negative advantage
+    whose mean log-ratio of sampler over current policy exceeds this leaves the policy loss.
+    None: off."""
     top_entropy_quantile: float = 1.0
     """TRL's: the fraction of each micro-batch's completion tokens, those of highest entropy, that
     get the policy-gradient loss (0.2: the top 20%, arXiv 2506.01939); 1.0 (default): all. The KL

@@ -464,6 +464,17 @@ def sapo_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options) 
     return sapo_surrogate(ratio, advantages, options.sapo_temperature_pos, options.sapo_temperature_neg)
 
 
+def off_policy_mask(advantages: Tensor, logps: Tensor, sampling_logps: Tensor, mask: Tensor,
+                    threshold: float) -> Tensor:
+    """TRL `off_policy_mask_threshold` (DeepSeek-V3.2's off-policy sequence masking): [B, 1], 0 for
+    a completion with a negative advantage whose mean per-token log-ratio of sampler over current
+    policy, sum_t M (sampling - sg[logp]) / max(sum_t M, 1), exceeds `threshold`; 1 otherwise.
+    advantages [B]; logps, sampling_logps, mask [B, T]."""
+    seq_kl = ((sampling_logps - logps.detach()) * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    keep = (advantages.view(-1, 1) >= 0) | (seq_kl <= threshold)
+    return keep.to(mask.dtype)
+
+
 def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
     """TRL `top_entropy_quantile`: True on the completion tokens whose entropy is at least the
     (1 - top_quantile) quantile (torch.quantile, linear interpolation) of the valid tokens'

@@ -249,6 +249,9 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
                                        entropy_grad=bonus)
     per_tok, clip = losses.policy_loss(logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level,
                                        options=g)
+    if g.off_policy_mask_threshold is not None:  # TRL's order: this mask, the entropy mask, the IS weights
+        per_tok = per_tok * losses.off_policy_mask(adv, logps, sampling_logps(part, logps), mask,
+                                                   g.off_policy_mask_threshold)
     if g.top_entropy_quantile < 1.0:  # only the highest-entropy tokens get the policy gradient (TRL)
         per_tok = per_tok * losses.high_entropy_mask(ent, mask, g.top_entropy_quantile)
     if part.is_weights is not None:  # sampler/trainer mismatch, before the KL term as in TRL
@@ -279,6 +282,15 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
         terms.update(ratio_terms(clip["ratio"], mask))
     terms["loss/total"] = objective.total(terms)
     return terms
+
+
+def sampling_logps(part: Rollout, logps: torch.Tensor) -> torch.Tensor:
+    """The log-probs of the policy that sampled `part`: the sampler's own (vLLM; a token without
+    one reads the old policy's), else the old policy's, else the current policy's, detached."""
+    old = part.old_logps if part.old_logps is not None else logps.detach()
+    if part.sampler_logps is None:
+        return old
+    return torch.where(torch.isnan(part.sampler_logps), old, part.sampler_logps)
 
 
 def ratio_terms(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -172,3 +172,49 @@ def test_train_with_each_stabiliser(options, tmp_path, cache_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2]
     assert_gradients_flowed(rows)
+
+
+def test_off_policy_mask_keeps_positive_and_low_kl_negative_rows():
+    """The mask on a hand-made case: rows with mean log-ratio 1.0 (A > 0), 0.2 and 1.2 (A < 0)."""
+    logps = torch.full((3, 2), -2.0)
+    sampling = torch.tensor([[-1.0, -1.0], [-1.8, -1.8], [-0.8, -0.8]])
+    adv = torch.tensor([1.0, -1.0, -1.0])
+    mask = torch.ones(3, 2)
+    got = losses.off_policy_mask(adv, logps, sampling, mask, 0.5)
+    assert got.tolist() == [[1.0], [1.0], [0.0]]
+    padded = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # padding does not count in the mean
+    sampling_padded = sampling.clone()
+    sampling_padded[0, 1] = 50.0
+    assert losses.off_policy_mask(adv, logps, sampling_padded, padded, 0.5).tolist() == [[1.0], [1.0], [0.0]]
+
+
+@pytest.mark.slow
+def test_train_with_the_off_policy_mask(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    assert main(["train", *tiny_overrides(run_dir, "log.wandb_mode=disabled", "max_steps=2", "method=oisd",
+                                          "grpo.num_iterations=2", "grpo.off_policy_mask_threshold=0.0")]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert_gradients_flowed(rows)
+
+
+def test_the_step_drops_the_masked_rows_from_the_policy_loss(tiny_model, char_tokenizer):
+    from test_alignment_options import _module, _rollout
+
+    from oisd_lab import step as step_lib
+
+    rollout = _rollout([6, 3, 8, 5, 2, 7, 8, 4], [0, 1, 2, 0] * 2)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5])
+    plain = _module(tiny_model, char_tokenizer, "method=grpo", "grpo.prompts_per_step=2")
+    logps = step_lib.old_policy_logps(tiny_model, rollout, plain.objective, 8)
+    shift = torch.tensor([0.0, 0.3, 0.0, 0.01, 0.0, 0.2, 0.0, 0.0])[:, None] * rollout.completion_mask
+    part = type(rollout)(**{**rollout.__dict__, "old_logps": logps + shift})  # rows 1 and 5 drifted
+    masked = _module(tiny_model, char_tokenizer, "method=grpo", "grpo.prompts_per_step=2",
+                     "grpo.off_policy_mask_threshold=0.1")
+    norm = plain.normalisers(part)
+    out = plain.objective.forward(tiny_model, part)
+    got = step_lib.loss_terms(out, part, adv, norm, masked.objective)["loss/policy"]
+    current = step_lib.old_policy_logps(tiny_model, part, plain.objective, 8)  # the policy now, no grad
+    per_tok, _ = losses.policy_loss(current, part.old_logps, adv, part.completion_mask, "dapo")
+    keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1.0])[:, None]
+    want = losses.aggregate(per_tok * keep, part.completion_mask, "dapo", **norm)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-7)
