@@ -118,6 +118,13 @@ class GRPOConfig:
     """Sampling temperature of the rollouts (and of the policy log-probs, as in TRL)."""
     top_p: float = 1.0
     """Nucleus sampling of the rollouts; 1 samples from the whole vocabulary."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (TRL's top_k); 0: off."""
+    min_p: float = 0.0
+    """Drop tokens below min_p x the top token's probability (TRL's min_p); 0: off."""
+    repetition_penalty: float = 1.0
+    """transformers' repetition penalty on the prompt's and completion's tokens while sampling
+    (TRL's); 1: off. The loss's log-probs do not include it (nor top-k, top-p, min-p), as TRL's."""
     loss_type: str = "dapo"
     """Token-loss normaliser: dapo, grpo, dr_grpo or bnpo (TRL's names; see `losses.aggregate`), with
     the clipped surrogate; or `cispo` (capped, detached ratio times A log pi; dapo normaliser) or
@@ -505,6 +512,9 @@ def validate(cfg: TrainConfig) -> None:
     check_choice(g.loss_type, POLICY_LOSSES.names(), "grpo.loss_type")
     check_choice(g.advantage_estimator, ADVANTAGE_ESTIMATORS.names(), "grpo.advantage_estimator")
     check_choice(g.kl_estimator, KL_ESTIMATORS, "grpo.kl_estimator")
+    check(g.top_k >= 0, f"grpo.top_k: is {g.top_k}; use 0 (off) or k >= 1")
+    check(0.0 <= g.min_p < 1.0, f"grpo.min_p: is {g.min_p}; use a value in [0, 1) (0: off)")
+    check(g.repetition_penalty > 0, f"grpo.repetition_penalty: is {g.repetition_penalty}; use > 0 (1: off)")
     for name in g.reward_funcs:
         check_choice(name, REWARD_FUNCS.names(), "grpo.reward_funcs")
     check(len(g.reward_funcs) >= 1, "grpo.reward_funcs: name at least one reward function, e.g. [correct]")

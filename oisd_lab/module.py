@@ -248,7 +248,8 @@ class OISDModule(L.LightningModule):
             return problems, self._vllm_rollout(prompts)
         with gathered(self.policy):  # one all-gather per rollout under FSDP
             rollout = generate(self.policy, self.tokenizer, prompts, g.num_generations,
-                               g.max_completion_length, g.temperature, g.top_p)
+                               g.max_completion_length, g.temperature, g.top_p, top_k=g.top_k, min_p=g.min_p,
+                               repetition_penalty=g.repetition_penalty)
         return problems, rollout
 
     def _advantages(self, rewards: torch.Tensor, lengths: torch.Tensor, per_func: torch.Tensor | None = None
@@ -297,7 +298,8 @@ class OISDModule(L.LightningModule):
             self._vllm.sync_weights(self.policy.state_dict().items(), self.global_step)
         seed = int(torch.randint(0, 2**31 - 1, ()))  # from the per-step seeded generator
         return self._vllm.generate(prompts, g.num_generations, g.max_completion_length, g.temperature,
-                                   g.top_p, seed=seed)
+                                   g.top_p, seed=seed, top_k=g.top_k, min_p=g.min_p,
+                                   repetition_penalty=g.repetition_penalty)
 
     @staticmethod
     def _score(fn, text: str, answer: str, length: int, task_grader: bool) -> float:

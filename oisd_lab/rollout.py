@@ -147,8 +147,14 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> Rollout:
-    """Sample `num_generations` completions for every prompt in one batched decoding loop."""
+    """Sample `num_generations` completions for every prompt in one batched decoding loop.
+    top_k (0: off), min_p (0: off) and repetition_penalty (1: off) shape sampling as transformers'
+    processors of those names do; the loss's log-probs stay over the whole vocabulary at the
+    temperature, as TRL's."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -157,7 +163,8 @@ def generate(
     model.eval()
     try:
         completion_ids = _decode(model, prompt_ids, prompt_mask, num_generations, max_new_tokens, temperature,
-                                 top_p, do_sample, eos_ids, tokenizer.pad_token_id)
+                                 top_p, do_sample, eos_ids, tokenizer.pad_token_id,
+                                 dict(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty))
     finally:
         model.train(was_training)
     input_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
@@ -179,24 +186,40 @@ def generate(
     )
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool) -> torch.Tensor:
-    """[n, V] float32 logits -> [n] token ids, as transformers' temperature and top-p warpers."""
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, do_sample: bool, top_k: int = 0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """[n, V] float32 logits -> [n] token ids, in transformers' order: the repetition penalty on
+    the ids in `seen` [n, S] (prompt and completion so far), then temperature, top-k, top-p and
+    min-p (transformers' own processors for the penalty, top-k and min-p)."""
+    if repetition_penalty != 1.0 and seen is not None:
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        logits = RepetitionPenaltyLogitsProcessor(repetition_penalty)(seen, logits)
     if not do_sample:
         return logits.argmax(-1)
     if temperature != 1.0:
         logits = logits / temperature
+    if top_k > 0:
+        from transformers import TopKLogitsWarper
+
+        logits = TopKLogitsWarper(top_k)(None, logits)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[..., -1:] = False  # keep at least the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if min_p > 0.0:
+        from transformers import MinPLogitsWarper
+
+        logits = MinPLogitsWarper(min_p)(None, logits)
     return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
 
 
 @torch.no_grad()
 def _decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int,
             max_new_tokens: int, temperature: float, top_p: float, do_sample: bool,
-            eos_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+            eos_ids: torch.Tensor, pad_id: int, shaping: dict | None = None) -> torch.Tensor:
     """Completion ids [prompts * G, <= max_new_tokens], pad after EOS, rows group-contiguous.
 
     Prompts [p, P] (left-padded) are prefilled once; the cache is then repeated G times, so the
@@ -219,8 +242,12 @@ def _decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_gene
     mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     pos = positions[:, -1:].repeat_interleave(num_generations, dim=0)
     active = torch.arange(rows, device=prompt_ids.device)  # output row of each batch row
+    shaping = shaping or {}
+    penalised = shaping.get("repetition_penalty", 1.0) != 1.0
+    prompts = prompt_ids.repeat_interleave(num_generations, dim=0) if penalised else None
     for t in range(max_new_tokens):
-        tokens = _next_tokens(logits, temperature, top_p, do_sample)
+        seen = torch.cat([prompts[active], out[active, :t]], dim=1) if penalised else None
+        tokens = _next_tokens(logits, temperature, top_p, do_sample, seen=seen, **shaping)
         out[active, t] = tokens
         if t == max_new_tokens - 1:
             break

@@ -218,7 +218,8 @@ class VLLMRollout:
         self.synced_version = version
 
     def generate(self, prompts: Sequence[str], num_generations: int, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Rollout:
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, top_k: int = 0,
+                 min_p: float = 0.0, repetition_penalty: float = 1.0) -> Rollout:
         """G sampled completions per prompt, as a group-contiguous `Rollout` on `self.device`;
         completion row r is sampled with seed `seed + r` (`completion_seeds`)."""
         from vllm import SamplingParams
@@ -227,8 +228,9 @@ class VLLMRollout:
         eos = self.tokenizer.eos_token_id
         seeds = completion_seeds(seed, len(prompts), num_generations)
         # stop on the tokenizer's EOS only, as `rollout.generate` does (not on every EOS id of the
-        # model's generation config), with top-k off; logprobs=0: the sampled token's log-prob
-        params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens,
+        # model's generation config), top-k off unless set; logprobs=0: the sampled token's log-prob
+        params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                                 min_p=min_p, repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
                                  seed=s, stop_token_ids=[eos], ignore_eos=True, logprobs=0, detokenize=False)
                   for s in seeds]
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(num_generations)]
