@@ -145,10 +145,9 @@ class OISDModule(L.LightningModule):
         """[B, K]: every completion scored by each of `grpo.reward_funcs`."""
         g, G = self.cfg.grpo, self.cfg.grpo.num_generations
         lengths = rollout.completion_mask.sum(1).tolist()
-        fns = [self.reward_fn if name == "correct" else functools.partial(REWARD_FUNCS.get(name), options=g)
-               for name in g.reward_funcs]
-        return torch.tensor([[self._score(fn, t, problems[i // G].answer, int(lengths[i]), name == "correct")
-                              for fn, name in zip(fns, g.reward_funcs, strict=True)]
+        fns = [None if REWARD_FUNCS.meta(name, "task_grader", False) else
+               functools.partial(REWARD_FUNCS.get(name), options=g) for name in g.reward_funcs]
+        return torch.tensor([[self._score(t, problems[i // G].answer, fn, int(lengths[i])) for fn in fns]
                              for i, t in enumerate(rollout.texts)], dtype=torch.float32).view(len(rollout), -1)
 
     @property
@@ -301,10 +300,10 @@ class OISDModule(L.LightningModule):
                                    g.top_p, seed=seed, top_k=g.top_k, min_p=g.min_p,
                                    repetition_penalty=g.repetition_penalty)
 
-    @staticmethod
-    def _score(fn, text: str, answer: str, length: int, task_grader: bool) -> float:
+    def _score(self, text: str, answer: str, fn=None, length: int = 0) -> float:
+        """One reward: the task's grader (fn None), or a registered function of (text, answer, length)."""
         try:
-            reward = float(fn(text, answer) if task_grader else fn(text, answer, length))
+            reward = float(self.reward_fn(text, answer) if fn is None else fn(text, answer, length))
         except Exception:  # a grader bug must not kill a long run; the completion scores 0
             return 0.0
         return reward if math.isfinite(reward) else 0.0  # a NaN reward would poison its whole group

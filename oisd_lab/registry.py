@@ -15,8 +15,9 @@ Signatures (docs/grpo-conventions.md):
 - policy loss: fn(logps [B, T], ratio [B, T] or [B, 1], advantages [B], options) -> (loss [B, T]
   or broadcastable, info of boolean clip tensors); `options` is the GRPO config (any object with
   its attributes). Meta `aggregation`: the `losses.aggregate` normaliser of the loss.
-- reward function: fn(completion text, answer, completion tokens, options) -> float; `correct`
-  is the task's own grader (bound by the trainer), the others are registered here.
+- reward function: fn(completion text, answer, completion tokens, options) -> float. Meta
+  `task_grader`: the trainer calls the task's own grader (fn(text, answer)) instead; `correct` is
+  one (its entry, exact match, is what a caller without a task gets).
 - advantage estimator: fn(rewards [B], lengths [B], num_generations, options) -> advantages [B],
   rows group-contiguous, lengths the completion tokens of each row. Meta `batch_level`: the
   estimator reads the whole step's batch (under data parallelism the module gathers every rank's
@@ -98,6 +99,6 @@ ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", "oisd_lab.losses:reinforce_
 ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline",
                               "oisd_lab.losses:reinforce_plus_plus_baseline_estimator", batch_level=True)
 
-REWARD_FUNCS.register("correct", "oisd_lab.rewards:task_reward")
+REWARD_FUNCS.register("correct", "oisd_lab.rewards:exact_match_reward", task_grader=True)
 REWARD_FUNCS.register("format", "oisd_lab.rewards:format_reward")
 REWARD_FUNCS.register("overlong", "oisd_lab.rewards:overlong_penalty")

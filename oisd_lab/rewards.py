@@ -293,12 +293,7 @@ class _GradingProcess:
 _GUARD = _GradingProcess()
 
 
-def task_reward(completion: str, answer: str, length: int, options) -> float:
-    """`correct`: a placeholder entry; the trainer calls the task's own grader for it."""
-    raise RuntimeError("the `correct` reward is the task's grader; the trainer binds it")
-
-
-def format_reward(completion: str, answer: str, length: int, options) -> float:
+def format_reward(completion: str, answer: str, length: int = 0, options=None) -> float:
     """`format`: 1 when the completion states a final answer a grader can read (a \\boxed{...}
     or an `Answer:` / final-number form, as `extract_answer` reads it), else 0."""
     return float(last_boxed(completion) is not None or extract_answer(completion) is not None)
