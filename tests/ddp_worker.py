@@ -6,7 +6,10 @@ Each rank writes OUT_DIR/rank<r>.pt: its final parameters, its starting paramete
 step the prompts it rolled out, their rewards and advantages, and the metric rows it logged. With
 STRATEGIES="ddp fsdp" one launch of the ranks fits under each strategy in turn and writes
 OUT_DIR/<strategy>/rank<r>.pt; with RESUME_FROM="fsdp/step=2.ckpt" that run is then fitted again
-from that checkpoint into OUT_DIR/fsdp/resumed. Used by tests/test_ddp.py and tests/test_fsdp.py.
+from that checkpoint into OUT_DIR/fsdp/resumed. With GLOBAL_SEEDED=1 every rank rolls out the whole step's prompts under
+one seed per batch and keeps its own rows, so that the rollouts do not depend on the number of
+ranks (a one-process run with `grpo.prompts_per_step` times the ranks sees the same ones). Used by tests/test_ddp.py, tests/test_fsdp.py and
+tests/test_one_process.py.
 The model is a seeded random tiny decoder; the reward is dense (fraction of digit characters) so
 that every group has non-zero advantages and the gradients are worth synchronising; everything
 else (task source, prompt slicing per rank, rollout, scoring, advantages, losses, optimizer,
@@ -81,7 +84,21 @@ def run(out: Path, overrides: list[str], ckpt_path: Path | None = None) -> None:
 
     fmt = lambda text: source.format_prompt(text, tokenizer, False)  # noqa: E731
     sampler = None
-    if os.environ.get("RANK_SEEDED") == "1":  # rollouts seeded per (batch, rank): equal under ddp and fsdp
+    if os.environ.get("GLOBAL_SEEDED") == "1":  # every rank rolls out the whole global batch seeded per batch
+        from oisd_lab.rollout import generate  # and keeps its rows: equal for any number of ranks
+        from oisd_lab.sharding import gathered
+
+        def sampler(batch: int, rank: int, world: int):
+            g = cfg.grpo
+            allp = source.train_batch(batch + 1, g.prompts_per_step * world, cfg.seed)
+            torch.manual_seed(1000 * batch)
+            with gathered(module.policy):
+                whole = generate(module.policy, tokenizer, [fmt(p.prompt) for p in allp], g.num_generations,
+                                 g.max_completion_length, g.temperature, g.top_p)
+            rows = slice(rank * g.prompts_per_step * g.num_generations,
+                         (rank + 1) * g.prompts_per_step * g.num_generations)
+            return allp[rank * g.prompts_per_step:(rank + 1) * g.prompts_per_step], whole.select(rows)
+    elif os.environ.get("RANK_SEEDED") == "1":  # rollouts seeded per (batch, rank): equal under ddp and fsdp
         from oisd_lab.rollout import generate
         from oisd_lab.sharding import gathered
 
