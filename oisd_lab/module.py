@@ -101,8 +101,10 @@ class OISDModule(L.LightningModule):
         problems, rollout, rewards, adv, metrics = self._batch_for(step, timer)
         metrics = dict(metrics, iteration=float(step - self._held[0]))
         if self.on_log_step is not None and self._is_log_step(step):
-            # before the update: the per-layer view of the policy that sampled this rollout
-            metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
+            # before the update: the per-layer view of the policy that sampled this rollout. Every
+            # rank gathers the parameters (a collective), so rank 0's forwards need no other rank.
+            with gathered(self.policy):
+                metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
             timer.lap("time/diagnostics")
         metrics.update(self._optimise(rollout, adv.to(self.device), rewards.to(self.device)))
         timer.lap("time/forward_backward")

@@ -17,6 +17,7 @@ from .errors import ConfigError, check, first_line
 from .lens import default_student_layer, resolve_layers
 from .models import TINY_PRESETS, is_tiny, smollm2_dir
 from .options import DTYPES
+from .sharding import make_strategy
 from .sources import TaskSource, load_source
 from .tasks import TASKS
 
@@ -62,7 +63,8 @@ def check_runtime(cfg: TrainConfig) -> None:
     level = chatty.level
     chatty.setLevel(logging.WARNING)  # the real Trainer reports the hardware once, later
     try:
-        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, precision=cfg.precision,
+        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=make_strategy(cfg.strategy),
+                  precision=cfg.precision,
                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     except Exception as err:  # Lightning raises ValueError, MisconfigurationException, ...
         message = first_line(err) or type(err).__name__
