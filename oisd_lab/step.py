@@ -208,12 +208,8 @@ class Objective:
                        jsd_beta=self.method.jsd_beta, jsd_temperature=self.jsd_temperature,
                        policy=None if pol is None else (pol[0][sel], pol[1]), entropy=entropy,
                        entropy_grad=entropy_grad)
-
-        def scatter(values: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(sel, values)
-
-        ent = scatter(res.entropy) if res.entropy is not None else None
-        return scatter(res.logps), ent, {k: scatter(d) for k, d in zip(studs, res.lens_jsd, strict=True)}
+        ent = on_mask(res.entropy, mask) if res.entropy is not None else None
+        return on_mask(res.logps, mask), ent, {k: on_mask(d, mask) for k, d in zip(studs, res.lens_jsd, strict=True)}
 
     def total(self, terms: Mapping[str, object]):
         """L = L_policy + w_logit L_think + w_attn L_attn, for tensors or logged floats alike."""
@@ -369,7 +365,13 @@ def head_logps(out: PolicyOutputs, part: Rollout, temperature: float) -> torch.T
     mask = part.completion_mask
     rows = max(1, VOCAB_CHUNK_ELEMENTS // out.vocab)
     logps = out.head(mask, part.completion_ids, temperature, rows, entropy=False).logps
-    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask.bool(), logps)
+    return on_mask(logps, mask)
+
+
+def on_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values [N] of the N set entries of `mask` [b, C], back at their places in [b, C]
+    (0 elsewhere), with gradient."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask.bool(), values)
 
 
 @torch.no_grad()
@@ -393,7 +395,7 @@ def sampler_correction(rollout: Rollout, grpo) -> tuple[torch.Tensor, dict[str, 
     TRL's `sampling/*` metrics: |old - sampler| over completion tokens, and the weights."""
     mask = rollout.completion_mask
     # a token without a sampler log-prob (NaN) counts as matching: no correction for it
-    sampler = torch.where(torch.isnan(rollout.sampler_logps), rollout.old_logps, rollout.sampler_logps)
+    sampler = sampling_logps(rollout, rollout.old_logps)
     weights = losses.sampler_importance_weights(
         rollout.old_logps, sampler, mask, grpo.vllm_importance_sampling_mode,
         grpo.vllm_importance_sampling_clip_min, grpo.vllm_importance_sampling_clip_max)
