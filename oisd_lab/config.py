@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
-from .errors import ConfigError, check, check_choice, first_line
+from .errors import ConfigError, ConfigWarning, check, check_choice, first_line
 from .options import (
     DTYPES,
     HEAD_AGG,
@@ -33,6 +34,7 @@ from .options import (
     SAMPLER_IS_MODES,
     SCALE_REWARDS,
     SCHEDULES,
+    TOKEN_SUM_LOSS_TYPES,
     VLLM_RESERVED_KWARGS,
     WANDB_MODES,
     WEIGHTINGS,
@@ -126,10 +128,12 @@ class GRPOConfig:
     """transformers' repetition penalty on the prompt's and completion's tokens while sampling
     (TRL's); 1: off. The loss's log-probs do not include it (nor top-k, top-p, min-p), as TRL's."""
     loss_type: str = "dapo"
-    """Token-loss normaliser: dapo, grpo, dr_grpo or bnpo (TRL's names; see `losses.aggregate`), with
-    the clipped surrogate; or `cispo` (capped, detached ratio times A log pi; dapo normaliser) or
-    `sapo` (soft sigmoid gate; grpo normaliser), as TRL defines them (`losses.policy_loss`); or
-    any loss added to `registry.POLICY_LOSSES`."""
+    """Token-loss normaliser: dapo, grpo, dr_grpo, bnpo or luspo (TRL's names; see
+    `losses.aggregate`; luspo, a completion's loss times its length, is meant for
+    importance_sampling_level=sequence), with the clipped surrogate; or `cispo` (capped, detached
+    ratio times A log pi; dapo normaliser), `sapo` (soft sigmoid gate; grpo normaliser) or `vespo`
+    (a smooth gamma weight of the sequence ratio times A log pi; dapo normaliser), as TRL defines
+    them (`losses.policy_loss`); or any loss added to `registry.POLICY_LOSSES`."""
     importance_sampling_level: str = "token"
     """`token` (one ratio per token) or `sequence` (GSPO: the geometric mean of a completion's
     token ratios). With num_iterations=1 the ratio is 1 and both give the same gradient."""
@@ -196,6 +200,15 @@ class GRPOConfig:
     """SAPO gate temperature for tokens with A > 0."""
     sapo_temperature_neg: float = 1.05
     """SAPO gate temperature for tokens with A <= 0."""
+    vespo_k_pos: float = 2.0
+    """VESPO (loss_type=vespo): the power k of phi(w) = e^lambda w^k e^(-lambda w) for A >= 0; it
+    sets how fast completions whose sequence ratio w is below 1 lose weight (TRL's default 2)."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO: the decay lambda for A >= 0; how fast completions with w above 1 lose weight (TRL's 3)."""
+    vespo_k_neg: float = 3.0
+    """VESPO: the power k for A < 0 (TRL's 3)."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO: the decay lambda for A < 0 (TRL's 2)."""
     beta: float = 0.0
     """KL weight to the frozen starting policy; 0 disables the reference model."""
     kl_estimator: str = "k3"
@@ -482,9 +495,32 @@ def _check_policy_loss(g: GRPOConfig) -> None:
           f"grpo.epsilon_high: is {g.epsilon_high}; loss_type=cispo caps the ratio itself at epsilon_high "
           "(TRL recommends 5.0); use a value >= 1")
     check(g.sapo_temperature_pos > 0 and g.sapo_temperature_neg > 0, "grpo.sapo_temperature_pos/neg: use values > 0")
+    check(g.vespo_lambda_pos > 0 and g.vespo_lambda_neg > 0, "grpo.vespo_lambda_pos/neg: use values > 0 (TRL's 3 and 2)")
+    check(g.vespo_k_pos >= 0 and g.vespo_k_neg >= 0, "grpo.vespo_k_pos/neg: use values >= 0 (TRL's 2 and 3)")
+    check(g.loss_type != "vespo" or g.rollout_backend != "vllm" or not g.vllm_importance_sampling_correction
+          or g.vllm_importance_sampling_mode.startswith("token"),
+          f"grpo.vllm_importance_sampling_mode: is {g.vllm_importance_sampling_mode}; loss_type=vespo folds the "
+          "sampler's per-token weights into its sequence weight: use token_truncate or token_mask")
     check_choice(g.vllm_importance_sampling_mode, SAMPLER_IS_MODES, "grpo.vllm_importance_sampling_mode")
     lo, hi = g.vllm_importance_sampling_clip_min, g.vllm_importance_sampling_clip_max
     check(lo is None or hi is None or lo <= hi, f"grpo.vllm_importance_sampling_clip_min: {lo} is above clip_max {hi}")
+
+
+def policy_loss_advisories(g: GRPOConfig) -> list[str]:
+    """TRL's warnings about pairings that run but mislead: luspo without sequence-level ratios,
+    vespo with them, and a sequence-level ratio under a token-sum normaliser (GSPO's setup is
+    loss_type=grpo)."""
+    notes = []
+    if g.loss_type == "luspo" and g.importance_sampling_level != "sequence":
+        notes.append("grpo.loss_type=luspo: set grpo.importance_sampling_level=sequence to follow the paper's setup")
+    if g.loss_type == "vespo" and g.importance_sampling_level != "token":
+        notes.append("grpo.loss_type=vespo: computes its own sequence-level weight; "
+                     "set grpo.importance_sampling_level=token (the default)")
+    if g.importance_sampling_level == "sequence" and g.loss_type in TOKEN_SUM_LOSS_TYPES:
+        notes.append(f"grpo.importance_sampling_level=sequence: loss_type={g.loss_type} sums token "
+                     "contributions, which weights each completion by its length; for GSPO's setup use "
+                     "grpo.loss_type=grpo")
+    return notes
 
 
 def _check_jsd_temperature(value: Any) -> None:
@@ -536,6 +572,8 @@ def validate(cfg: TrainConfig) -> None:
     check(0.0 < g.top_entropy_quantile <= 1.0,
           f"grpo.top_entropy_quantile: is {g.top_entropy_quantile}; use a fraction in (0, 1] (1.0: every token)")
     _check_policy_loss(g)
+    for note in policy_loss_advisories(g):
+        warnings.warn(note, ConfigWarning, stacklevel=2)
     check_choice(g.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
     check_choice(g.rollout_backend, ROLLOUT_BACKENDS, "grpo.rollout_backend")
     check(0 < g.vllm_gpu_memory_utilization < 1, "grpo.vllm_gpu_memory_utilization: use a value in (0, 1)")

@@ -28,6 +28,10 @@ def check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     check(value in choices, f"{name}: unknown value '{value}'; choose one of {', '.join(choices)}")
 
 
+class ConfigWarning(UserWarning):
+    """A setting that runs but is unlikely to be what was meant (the message says why and the fix)."""
+
+
 class RunError(RuntimeError):
     """A run stopped on purpose; the message names the setting that decides it and the fix."""
 

@@ -392,6 +392,34 @@ def sapo_surrogate(
     return loss, _clip_info(none, none)
 
 
+def vespo_gamma_weights(
+    advantages: Tensor, log_ratio: Tensor, mask: Tensor, is_weights: Tensor | None = None,
+    k_pos: float = 2.0, lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0,
+) -> Tensor:
+    """VESPO's sequence weight phi(w) = e^lambda w^k e^(-lambda w) (so phi(1) = 1), detached.
+
+    advantages [B]; log_ratio [B, T] = log pi - log pi_old per token; mask [B, T]; is_weights
+    [B, T] (the sampler correction's token weights) or None -> [B, 1]. w is the SEQUENCE ratio,
+    log w = sum_t M clamp(log_ratio, -20, 20) (+ sum_t M log is_weights), clamped to [log 1e-8, 20];
+    k, lambda are the `_pos` pair where A >= 0 and the `_neg` pair otherwise (lambda floored at
+    1e-4); non-finite phi becomes 0. Mirrors TRL `GRPOTrainer.get_gamma_weights` (huggingface/trl
+    f2cd577); TRL sums the sampler's log-weights over every position, here over the mask only.
+    """
+    floor = math.log(1e-8)
+    with torch.no_grad():
+        maskf = mask.to(log_ratio.dtype)
+        log_w = (log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * maskf).sum(-1, keepdim=True)
+        if is_weights is not None:
+            log_is = torch.log(is_weights.expand(mask.shape)).clamp(floor, LOG_RATIO_CLAMP)
+            log_w = log_w + torch.where(mask.bool(), log_is, 0.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(floor, LOG_RATIO_CLAMP)
+        nonneg = advantages.view(-1, 1) >= 0
+        k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)
+        lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def importance_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str = "token") -> Tensor:
     """pi / pi_old per token or per sequence. logps, old_logps, mask [B, T] -> [B, T] or [B, 1].
 
@@ -423,6 +451,7 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     options=None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The per-token policy-gradient loss [B, T] of any registered `loss_type`
     (`registry.POLICY_LOSSES`; aggregate it with `aggregate(..., aggregation_of(loss_type))`).
@@ -433,7 +462,9 @@ def policy_loss(
     advantages [B] or [B, T], mask [B, T]. The ratio is `importance_ratio` at
     `importance_sampling_level`; then `ppo_clip` (grpo, bnpo, dapo, dr_grpo), `cispo_surrogate`
     or `sapo_surrogate`, or any other registered loss. info: the clip booleans and `ratio`, all
-    broadcast to [B, T].
+    broadcast to [B, T]. A loss registered with `reads_batch=True` (vespo) also gets
+    `batch=SimpleNamespace(mask, old_logps, is_weights)`; `is_weights` are the sampler correction's
+    weights, which such a loss applies itself when it is registered with `own_is_weights=True`.
     """
     if loss_type not in POLICY_LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {POLICY_LOSSES.names()}")
@@ -442,7 +473,10 @@ def policy_loss(
                                   sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
     old_logps = logps.detach() if old_logps is None else old_logps
     ratio = importance_ratio(logps, old_logps, mask, importance_sampling_level)
-    loss, info = POLICY_LOSSES.get(loss_type)(logps, ratio, advantages, options)
+    extra = {}
+    if POLICY_LOSSES.meta(loss_type, "reads_batch", False):
+        extra["batch"] = SimpleNamespace(mask=mask, old_logps=old_logps, is_weights=is_weights)
+    loss, info = POLICY_LOSSES.get(loss_type)(logps, ratio, advantages, options, **extra)
     info = {k: v.expand(mask.shape) for k, v in {**info, "ratio": ratio.detach()}.items()}
     return loss.expand(mask.shape), info
 
@@ -462,6 +496,19 @@ def cispo_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options)
 def sapo_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options) -> tuple[Tensor, dict]:
     """Registered as sapo: `sapo_surrogate` with options.sapo_temperature_pos/neg."""
     return sapo_surrogate(ratio, advantages, options.sapo_temperature_pos, options.sapo_temperature_neg)
+
+
+def vespo_policy_loss(logps: Tensor, ratio: Tensor, advantages: Tensor, options, batch) -> tuple[Tensor, dict]:
+    """Registered as vespo (TRL `loss_type="vespo"`): loss = -phi(w) A logps, with phi the detached
+    `vespo_gamma_weights` of the sequence ratio from batch.old_logps and the sampler weights
+    (options.vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg). Its gradient is
+    phi A grad log pi: no hard clip, so the clip booleans are all False."""
+    phi = vespo_gamma_weights(advantages, logps.detach() - batch.old_logps.detach(), batch.mask, batch.is_weights,
+                              options.vespo_k_pos, options.vespo_lambda_pos, options.vespo_k_neg,
+                              options.vespo_lambda_neg)
+    loss = -phi * _per_token_advantages(advantages, logps) * logps
+    none = torch.zeros(loss.shape, dtype=torch.bool, device=loss.device)
+    return loss, _clip_info(none, none)
 
 
 def off_policy_mask(advantages: Tensor, logps: Tensor, sampling_logps: Tensor, mask: Tensor,
@@ -585,6 +632,10 @@ def aggregate(
     - `bnpo`:    sum M l / max(sum M, 1) / num_micro_batches, over this micro-batch (TRL "bnpo")
     - `dapo`:    sum M l / num_items_in_batch                              (TRL and verl default)
     - `dr_grpo`: sum M l / (num_sequences * max_completion_length)         (TRL "dr_grpo")
+    - `luspo`:   sum M l / num_sequences: each completion's mean loss times its length (TRL
+                 "luspo" at sequence level, where l is constant along a completion; TRL's
+                 formula, a mean over every [B, T] slot of l times the length, also counts
+                 padded slots when l varies by token, this one does not)
     Defaults: num_items_in_batch = sum M of this call, num_sequences = B, max_completion_length = T.
 
     Micro-batching contract: for `grpo`, `dapo` and `dr_grpo`, pass the whole accumulated batch's
@@ -610,6 +661,8 @@ def aggregate(
         seq_means = masked.sum(-1) / mask.sum(-1).clamp(min=1)
         return seq_means.sum() / n_seq
     total = masked.sum()
+    if loss_type == "luspo":
+        return total / n_seq
     if loss_type == "bnpo":
         return total / mask.sum().clamp(min=1) / max(int(num_micro_batches), 1)
     if loss_type == "dapo":

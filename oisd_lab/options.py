@@ -3,8 +3,11 @@ and by the code that acts on the choice (torch-free, so the config never imports
 
 from __future__ import annotations
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "luspo")
 """How token losses are normalised (see `losses.aggregate`)."""
+TOKEN_SUM_LOSS_TYPES = ("bnpo", "dr_grpo", "dapo", "cispo")
+"""Policy losses that sum token contributions, so a sequence-level ratio weights each completion by
+its length (TRL warns about that pairing)."""
 KL_ESTIMATORS = ("k3", "low_var_kl", "k1", "abs", "k2", "k1+", "k3+", "low_var_kl+")
 """grpo.kl_estimator: the per-token KL estimate of the beta term (see `losses.kl_estimate`)."""
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")

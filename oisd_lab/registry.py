@@ -14,7 +14,9 @@ on first use, so this module (and the config checks that read it) stays free of 
 Signatures (docs/grpo-conventions.md):
 - policy loss: fn(logps [B, T], ratio [B, T] or [B, 1], advantages [B], options) -> (loss [B, T]
   or broadcastable, info of boolean clip tensors); `options` is the GRPO config (any object with
-  its attributes). Meta `aggregation`: the `losses.aggregate` normaliser of the loss.
+  its attributes). Meta `aggregation`: the `losses.aggregate` normaliser of the loss;
+  `reads_batch`: also called with `batch=` (mask, old_logps, is_weights); `own_is_weights`: the
+  loss applies the sampler correction's weights itself, the step does not multiply them in.
 - reward function: fn(completion text, answer, completion tokens, options) -> float. Meta
   `task_grader`: the trainer calls the task's own grader (fn(text, answer)) instead; `correct` is
   one (its entry, exact match, is what a caller without a task gets).
@@ -87,10 +89,12 @@ POLICY_LOSSES = Registry("policy loss", "grpo.loss_type")
 REWARD_FUNCS = Registry("reward function", "grpo.reward_funcs")
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator", "grpo.advantage_estimator")
 
-for _name in ("dapo", "grpo", "dr_grpo", "bnpo"):
+for _name in ("dapo", "grpo", "dr_grpo", "bnpo", "luspo"):
     POLICY_LOSSES.register(_name, "oisd_lab.losses:clipped_policy_loss", aggregation=_name)
 POLICY_LOSSES.register("cispo", "oisd_lab.losses:cispo_policy_loss", aggregation="dapo")
 POLICY_LOSSES.register("sapo", "oisd_lab.losses:sapo_policy_loss", aggregation="grpo")
+POLICY_LOSSES.register("vespo", "oisd_lab.losses:vespo_policy_loss", aggregation="dapo", reads_batch=True,
+                       own_is_weights=True)
 
 ADVANTAGE_ESTIMATORS.register("grpo", "oisd_lab.losses:grpo_estimator")
 ADVANTAGE_ESTIMATORS.register("rloo", "oisd_lab.losses:rloo_estimator")

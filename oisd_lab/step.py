@@ -27,6 +27,7 @@ from . import losses
 from .attention import AttentionCapture, attention_layer_of
 from .lens import Readout, find_readout
 from .options import JSD_TEMPERATURE_SAMPLING
+from .registry import POLICY_LOSSES
 from .rollout import Rollout
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24
@@ -244,13 +245,14 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     logps, ent, think = objective.head(out, part, students=objective.logit_weight > 0, entropy=True,
                                        entropy_grad=bonus)
     per_tok, clip = losses.policy_loss(logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level,
-                                       options=g)
+                                       options=g, is_weights=part.is_weights)
     if g.off_policy_mask_threshold is not None:  # TRL's order: this mask, the entropy mask, the IS weights
         per_tok = per_tok * losses.off_policy_mask(adv, logps, sampling_logps(part, logps), mask,
                                                    g.off_policy_mask_threshold)
     if g.top_entropy_quantile < 1.0:  # only the highest-entropy tokens get the policy gradient (TRL)
         per_tok = per_tok * losses.high_entropy_mask(ent, mask, g.top_entropy_quantile)
-    if part.is_weights is not None:  # sampler/trainer mismatch, before the KL term as in TRL
+    if part.is_weights is not None and not POLICY_LOSSES.meta(g.loss_type, "own_is_weights", False):
+        # sampler/trainer mismatch, before the KL term as in TRL (vespo puts them inside its weight)
         per_tok = per_tok * part.is_weights
     terms: dict[str, torch.Tensor] = {}
     if g.beta > 0:

@@ -90,7 +90,7 @@ def test_grpo_estimator_is_group_advantages():
 
 
 def test_registry_names_are_the_config_choices():
-    assert set(POLICY_LOSSES.names()) == {"dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"}
+    assert set(POLICY_LOSSES.names()) == {"dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"}
     assert set(ADVANTAGE_ESTIMATORS.names()) >= {"grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"}
     with pytest.raises(ConfigError, match="grpo.advantage_estimator: unknown value 'ppo'"):
         compose(["grpo.advantage_estimator=ppo"])
