@@ -141,8 +141,17 @@ class GRPOConfig:
     """Optimizer steps per rollout batch (TRL's mu). The rollout's log-probs, computed once before
     its first update, are the old policy of every step; from the second step the ratio and the
     clip act. `max_steps` counts optimizer steps, so a run samples max_steps / num_iterations batches.
-    A resume is exact when `checkpoint_every` is a multiple of it; a checkpoint inside a batch
-    resumes with a newly sampled batch."""
+    A resume is exact when `checkpoint_every` is a multiple of it (of num_iterations x
+    steps_per_generation); a checkpoint inside a batch resumes with a newly sampled batch."""
+    steps_per_generation: int = 1
+    """Optimizer steps per generation batch (TRL's steps_per_generation, counted in optimizer steps
+    rather than accumulation steps): steps_per_generation x prompts_per_step prompts are sampled at
+    once by the same policy, their advantages computed together, and each slice of prompts_per_step
+    prompts is one optimizer step, against the old log-probs of the generation; with num_iterations
+    the slices are gone through num_iterations times. TRL shuffles the rows before slicing and
+    divides a token-sum loss by the whole generation batch's tokens; here a slice is the groups
+    of consecutive prompts (what a plain run optimises at that step, sampled earlier) and each step
+    is normalised over its own slice."""
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length without EOS out of the loss (DAPO)."""
     reward_funcs: list[str] = field(default_factory=lambda: ["correct"])
@@ -491,6 +500,7 @@ def _one_line(err: Exception) -> str:
 def _check_policy_loss(g: GRPOConfig) -> None:
     check_choice(g.importance_sampling_level, IS_LEVELS, "grpo.importance_sampling_level")
     check(g.num_iterations >= 1, f"grpo.num_iterations: is {g.num_iterations}; use >= 1")
+    check(g.steps_per_generation >= 1, f"grpo.steps_per_generation: is {g.steps_per_generation}; use >= 1")
     check(g.loss_type != "cispo" or g.epsilon_high >= 1,
           f"grpo.epsilon_high: is {g.epsilon_high}; loss_type=cispo caps the ratio itself at epsilon_high "
           "(TRL recommends 5.0); use a value >= 1")

@@ -58,7 +58,8 @@ class OISDModule(L.LightningModule):
         self.on_log_step = on_log_step
         self.sampler = sampler or self._rollout
         """(batch index, rank, world) -> (problems, rollout); default: the task's prompts, sampled by the
-        policy. A batch serves grpo.num_iterations steps, so batch index = (step - 1) // num_iterations."""
+        policy. A generation batch is grpo.steps_per_generation sampler batches and serves
+        num_iterations x steps_per_generation steps (`_batch_for`); with both 1, batch index = step - 1."""
         self.automatic_optimization = False
         self.readout = find_readout(policy)
         self.num_layers = self.readout.num_layers
@@ -99,7 +100,7 @@ class OISDModule(L.LightningModule):
         torch.manual_seed(self.cfg.seed * 1_000_003 + step * 9_973 + self.global_rank)
         timer = _Timer()
         problems, rollout, rewards, adv, metrics = self._batch_for(step, timer)
-        metrics = dict(metrics, iteration=float(step - self._held[0]))
+        metrics = dict(metrics, iteration=float((step - self._held[0]) // self.cfg.grpo.steps_per_generation))
         if self.on_log_step is not None and self._is_log_step(step):
             # before the update: the per-layer view of the policy that sampled this rollout. Every
             # rank gathers the parameters (a collective), so rank 0's forwards need no other rank.
@@ -115,33 +116,54 @@ class OISDModule(L.LightningModule):
         self.log("reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
 
     def _batch_for(self, step: int, timer: _Timer) -> tuple:
-        """(problems, rollout, rewards, advantages, rollout metrics) of this step. A batch is
-        sampled every `grpo.num_iterations` steps (and after a resume) and reused until then; its
-        old log-probs are computed once, before its first update. The policy of the loss (final
-        layer, or BuPO's internal layer) is chosen per batch, so the old and new log-probs of a
-        batch always come from the same head."""
-        n = self.cfg.grpo.num_iterations
-        if self._held is not None and step - self._held[0] < n:
-            return self._held[1:]
+        """(problems, rollout, rewards, advantages, rollout metrics) of this step. A generation
+        batch is sampled every `grpo.num_iterations` x `grpo.steps_per_generation` steps (and after
+        a resume) and reused until then: it is `steps_per_generation` slices of `prompts_per_step`
+        prompts, step k of the cycle optimises slice k mod steps_per_generation, and the cycle goes
+        through the slices num_iterations times. Its advantages are computed over the whole
+        generation batch and its old log-probs once, before its first update. The policy of the
+        loss (final layer, or BuPO's internal layer) is chosen per generation batch, so the old and
+        new log-probs of a batch always come from the same head."""
+        g = self.cfg.grpo
+        slices, cycle = g.steps_per_generation, g.num_iterations * g.steps_per_generation
+        if self._held is not None and step - self._held[0] < cycle:
+            return self._held[1][(step - self._held[0]) % slices]
         self.objective = self.objective_at(step)
-        problems, rollout = self.sampler((step - 1) // n, self.global_rank, self.trainer.world_size)
-        timer.lap("time/rollout")
-        per_func = self._rewards(problems, rollout)
-        dynamic = {}
-        if self.cfg.grpo.dynamic_sampling:  # further rounds: their sampling and scoring timed apart
-            problems, rollout, per_func, dynamic = self._informative_groups((step - 1) // n, problems, rollout,
-                                                                            per_func)
-            timer.lap("time/dynamic_sampling")
+        first = (step - 1) // cycle * slices  # sampler batch index of the first slice
+        sampled = [self._sampled(first + k, timer) for k in range(slices)]
+        if slices == 1:
+            problems, rollout, per_func, _ = sampled[0]
+        else:
+            problems = [p for part in sampled for p in part[0]]
+            rollout = Rollout.concat([part[1] for part in sampled], pad_id=self.tokenizer.pad_token_id or 0)
+            per_func = torch.cat([part[2] for part in sampled])
         rewards = per_func @ self._reward_weights
         adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu(), per_func)
         timer.lap("time/scoring")
-        metrics = dict(self._rollout_metrics(rollout, rewards, per_func), **getattr(self, "_vllm_memory", {}),
-                       **dynamic)
+        rows = [slice(k * len(rollout) // slices, (k + 1) * len(rollout) // slices) for k in range(slices)]
+        metrics = [dict(self._rollout_metrics(rollout if slices == 1 else rollout.select(r), rewards[r], per_func[r]),
+                        **getattr(self, "_vllm_memory", {}), **part[3]) for r, part in zip(rows, sampled, strict=True)]
         rollout, sampling = self._prepare(rollout)
-        metrics.update(sampling)
         timer.lap("time/old_logps")
-        self._held = (step, problems, rollout, rewards, adv, metrics)
-        return self._held[1:]
+        batches = [(problems, rollout, rewards, adv, dict(metrics[0], **sampling))] if slices == 1 else [
+            (problems[r.start // g.num_generations: r.stop // g.num_generations], rollout.select(r), rewards[r],
+             adv[r], dict(m, **sampling, generation_slice=float(k)))
+            for k, (r, m) in enumerate(zip(rows, metrics, strict=True))]
+        self._held = (step, batches)
+        return batches[0]
+
+    def _sampled(self, index: int, timer: _Timer) -> tuple:
+        """(problems, rollout, per-function rewards [B, K], dynamic-sampling metrics) of sampler
+        batch `index`."""
+        problems, rollout = self.sampler(index, self.global_rank, self.trainer.world_size)
+        timer.lap("time/rollout")
+        per_func = self._rewards(problems, rollout)
+        if not self.cfg.grpo.dynamic_sampling:
+            return problems, rollout, per_func, {}
+        # further rounds: their sampling and scoring timed apart
+        problems, rollout, per_func, dynamic = self._informative_groups(index, problems, rollout, per_func)
+        timer.lap("time/dynamic_sampling")
+        return problems, rollout, per_func, dynamic
 
     def _rewards(self, problems: list, rollout: Rollout) -> torch.Tensor:
         """[B, K]: every completion scored by each of `grpo.reward_funcs`."""
@@ -221,7 +243,7 @@ class OISDModule(L.LightningModule):
         if g.mask_truncated_completions:
             rollout = rollout.without_truncated()
         correct = rollout.sampler_logps is not None and g.vllm_importance_sampling_correction
-        if g.num_iterations == 1 and not correct:
+        if g.num_iterations == 1 and g.steps_per_generation == 1 and not correct:
             return rollout, {}  # old == current: the loss uses logps.detach(), no extra forward
         old = step_lib.old_policy_logps(self.policy, rollout.to(self.device), self.objective, g.micro_batch_size)
         rollout = dataclasses.replace(rollout, old_logps=old.to(rollout.completion_mask.device))
@@ -516,8 +538,10 @@ class _Timer:
         self.laps: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
+        """The time since the last lap, added to stage `name` (a stage timed in parts sums them)."""
         now, cpu = time.perf_counter(), time.process_time()
-        self.laps[name], self.laps[f"{name}_cpu"] = now - self.last, cpu - self.last_cpu
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.laps[f"{name}_cpu"] = self.laps.get(f"{name}_cpu", 0.0) + cpu - self.last_cpu
         self.last, self.last_cpu = now, cpu
 
     @property

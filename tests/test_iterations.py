@@ -208,6 +208,59 @@ def test_a_batch_serves_num_iterations_steps(tiny_model, char_tokenizer):
             assert abs(r["importance_ratio/min"] - 1) < 1e-4 and abs(r["importance_ratio/max"] - 1) < 1e-4
 
 
+def test_a_generation_batch_is_sliced_over_steps_per_generation_steps(tiny_model, char_tokenizer):
+    initial = copy.deepcopy(tiny_model)
+    module, source = _module(tiny_model, char_tokenizer, "grpo.steps_per_generation=2", "grpo.num_iterations=2",
+                             "grpo.lr=0.01", "grpo.scale_rewards=batch")
+    calls, plain = [], module.sampler
+
+    def counting(index, rank, world):
+        calls.append(index)
+        return plain(index, rank, world)
+
+    module.sampler = counting
+    scores = iter([torch.tensor([[1.0], [0.0], [0.0], [0.0]]).repeat(PROMPTS, 1),
+                   torch.tensor([[1.0], [1.0], [1.0], [0.0]]).repeat(PROMPTS, 1)])
+    module._rewards = lambda problems, rollout: next(scores)  # rewards that differ between the slices
+    rows = _fit(module, 1)
+    held = module._held[1]
+    assert calls == [0, 1]  # both slices sampled at step 1, by the same (initial) policy
+    assert [len(b[1]) for b in held] == [PROMPTS * G] * 2
+    # the old policy of BOTH slices is the policy that sampled them (a plain forward of the copy)
+    for _, part, _, _, _ in held:
+        want = naive_logps(initial, part).float()
+        torch.testing.assert_close(part.old_logps * part.completion_mask, want * part.completion_mask,
+                                   atol=2e-5, rtol=0)
+    # advantages over the whole generation batch: the batch std is the std of both slices' rewards
+    rewards = torch.cat([b[2] for b in held])
+    want_adv = losses.group_advantages(rewards, G, "batch")
+    torch.testing.assert_close(torch.cat([b[3] for b in held]), want_adv)
+    assert not torch.allclose(held[0][3], losses.group_advantages(held[0][2], G, "batch"))  # not per slice
+    assert rows[0]["generation_slice"] == 0.0 and rows[0]["iteration"] == 0.0
+
+
+def test_steps_per_generation_cycles_the_slices_num_iterations_times(tiny_model, char_tokenizer):
+    module, source = _module(tiny_model, char_tokenizer, "grpo.steps_per_generation=2", "grpo.num_iterations=2",
+                             "grpo.lr=0.01")
+    calls, plain = [], module.sampler
+
+    def counting(index, rank, world):
+        calls.append(index)
+        return plain(index, rank, world)
+
+    module.sampler = counting
+    module._rewards = lambda problems, rollout: torch.tensor([[1.0], [0.0], [0.0], [1.0]]).repeat(PROMPTS, 1)
+    rows = _fit(module, 5)
+    assert calls == [0, 1, 2, 3]  # generation batches at steps 1 and 5
+    assert [r["generation_slice"] for r in rows] == [0, 1, 0, 1, 0]
+    assert [r["iteration"] for r in rows] == [0, 0, 1, 1, 0]
+    assert rows[0]["completions/mean_length"] == rows[2]["completions/mean_length"]
+    assert rows[1]["completions/mean_length"] == rows[3]["completions/mean_length"]
+    assert abs(rows[0]["importance_ratio/max"] - 1) < 1e-4 and abs(rows[4]["importance_ratio/max"] - 1) < 1e-4
+    # step 2 optimises slice 1 after step 1's update: its ratio to the sampling policy is not 1
+    assert max(abs(rows[1]["importance_ratio/max"] - 1), abs(rows[1]["importance_ratio/min"] - 1)) > 1e-3
+
+
 # ---------------------------------------------------------------------------- BuPO
 
 

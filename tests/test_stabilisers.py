@@ -164,7 +164,8 @@ def test_bad_values_are_one_line_errors():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [["grpo.delta=4.0", "grpo.num_iterations=2"], ["grpo.clip_ratio_c=3.0"],
-                                     ["grpo.beta=0.04", "grpo.kl_estimator=low_var_kl+", "grpo.use_bias_correction_kl=true"]])
+                                     ["grpo.beta=0.04", "grpo.kl_estimator=low_var_kl+", "grpo.use_bias_correction_kl=true"],
+                                     ["grpo.steps_per_generation=2"]])
 def test_train_with_each_stabiliser(options, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert main(["train", *tiny_overrides(run_dir, "log.wandb_mode=disabled", "max_steps=2", "method=oisd",
