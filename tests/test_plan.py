@@ -303,3 +303,23 @@ def test_fsdp_gathers_the_whole_model_for_the_rollout_and_one_layer_at_a_time_fo
     # fp32 gradient shards, plus the bf16 gradients of the root and the two layers before reduce-scatter
     assert plan.state["gradients"] == -(-4 * n // 8)
     assert plan.phases["policy step"]["gradients"] == -(-4 * n // 8) + 2 * (root + 2 * layer)
+
+
+def test_the_vllm_engine_is_in_every_phase_instead_of_our_decoding():
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+
+    n = sum(p.numel() for p in build_tiny_model("tiny", vocab_size=len(build_char_tokenizer()), seed=0).parameters())
+    hf = make_plan(compose(["accelerator=cpu"]), 20)
+    cpu = make_plan(compose(["accelerator=cpu", "grpo.rollout_backend=vllm", "grpo.vllm_cpu_kv_cache_gib=0.5"]), 20)
+    for phase, parts in cpu.phases.items():
+        # CPU: the engine's own weights (fp32, as the policy) and the KV cache it is given
+        assert parts["vLLM engine weights"] == 4 * n and parts["vLLM KV cache"] == 2**29
+        assert "KV cache" not in parts and "decoding step" not in parts
+        rest = {k: v for k, v in parts.items() if not k.startswith("vLLM") and k != "total"}
+        want = {k: v for k, v in hf.phases[phase].items() if k not in ("KV cache", "decoding step", "total")}
+        assert rest == want and parts["total"] == sum(rest.values()) + 4 * n + 2**29
+    gpu = make_plan(compose(["accelerator=gpu", "grpo.rollout_backend=vllm", "grpo.vllm_gpu_memory_utilization=0.4"]),
+                    20, device_memory=40 * 2**30)
+    # GPU: the whole share vLLM reserves at start, in every phase
+    assert {p["vLLM engine (its share of the GPU)"] for p in gpu.phases.values()} == {16 * 2**30}
+    assert gpu.setup["rollout_backend"] == "vllm" and hf.setup["rollout_backend"] == "hf"

@@ -141,6 +141,13 @@ def test_engine_reports_its_memory(warm):
     assert mem["vllm/kv_cache_tokens"] > 1000
     n_params = sum(p.numel() for p in warm[0].parameters())
     assert mem["vllm/weights_gib"] * GIB == pytest.approx(n_params * 4, rel=0.05)  # fp32, tied embeddings
+    # the memory plan's engine rows are what the engine reports
+    from oisd_lab.plan.planner import make_plan
+
+    planned = make_plan(compose(["accelerator=cpu", "grpo.rollout_backend=vllm", "grpo.vllm_cpu_kv_cache_gib=0.25"]),
+                        20).phases["rollout"]
+    assert planned["vLLM KV cache"] == mem["vllm/kv_cache_gib"] * GIB
+    assert planned["vLLM engine weights"] == pytest.approx(mem["vllm/weights_gib"] * GIB, rel=0.01)
 
 
 @needs_vllm

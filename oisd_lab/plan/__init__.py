@@ -30,8 +30,8 @@ def plan(cfg, memory_gib: float | None = None, prompt_length: int | None = None,
     from .suggest import suggest
 
     cache: dict = {}
-    result = make_plan(cfg, prompt_length, max_layers, cache)
     memory = round(memory_gib * GIB) if memory_gib else None
+    result = make_plan(cfg, prompt_length, max_layers, cache, device_memory=memory)
     if memory is None or result.fits(memory) or search <= 0:
         return result
     length = result.setup["prompt_length"]
@@ -40,7 +40,7 @@ def plan(cfg, memory_gib: float | None = None, prompt_length: int | None = None,
     def plan_fn(variant):
         if trace_key(variant, length, max_layers) not in cache and len(cache) >= limit:
             return None
-        return make_plan(variant, length, max_layers, cache)
+        return make_plan(variant, length, max_layers, cache, device_memory=memory)
 
     result.suggestions = suggest(cfg, plan_fn, memory, world_size(cfg))
     return result

@@ -229,10 +229,15 @@ def trace_key(cfg, prompt_length, max_layers: int) -> str:
     return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, on_gpu(cfg), prompt_length, max_layers))
 
 
+DEFAULT_DEVICE_MEMORY = 80 * 2**30
+"""A GPU's memory when none is given (what `grpo.vllm_gpu_memory_utilization` is a share of)."""
+
+
 def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPTH_LIMIT,
-              cache: dict | None = None) -> Plan:
+              cache: dict | None = None, device_memory: int | None = None) -> Plan:
     """The memory plan of `cfg` per device; nothing is downloaded and no memory is used.
-    `cache`: traces by `trace_key`, shared between plans of variants of one config."""
+    `cache`: traces by `trace_key`, shared between plans of variants of one config.
+    `device_memory`: bytes of one GPU (default 80 GiB), of which a vLLM engine reserves its share."""
     # on use: the planner builds models and traces the step only when a plan is made
     from .model_config import load_model_config
 
@@ -253,7 +258,20 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
     traced = traced.with_state_scaled(param_dtype.itemsize / _traced_dtype(cfg).itemsize)
     state, estimated = _state(traced, world, fsdp)
     phases = _phases(cfg, mc, shape, traced, state, fsdp, param_dtype, low)
-    estimated += ["KV cache and decoding step of the rollout (formula)"]
+    if cfg.grpo.rollout_backend == "vllm":
+        engine = vllm_engine_bytes(cfg, traced.params // param_dtype.itemsize, param_dtype.itemsize, gpu,
+                                   device_memory or DEFAULT_DEVICE_MEMORY)
+        for parts in phases.values():  # the colocated engine holds its memory for the whole run
+            parts.pop("KV cache", None), parts.pop("decoding step", None)
+            parts.pop("total")
+            parts.update(engine)
+            parts["total"] = sum(parts.values())
+        estimated += ["vLLM engine: on GPUs the share grpo.vllm_gpu_memory_utilization of the device's memory, "
+                      "which vLLM reserves at start (weights, activations, KV cache); on CPU its weights in "
+                      "the policy's dtype and the KV cache of grpo.vllm_cpu_kv_cache_gib, as the engine "
+                      "reports them (vllm/weights_gib, vllm/kv_cache_gib) (formula)"]
+    else:
+        estimated += ["KV cache and decoding step of the rollout (formula)"]
     if gpu:
         estimated += [f"allocator fragmentation (+{formulas.FRAGMENTATION:.0%}), CUDA context"
                       + (" and NCCL buffers" if world > 1 else "") + " (fixed sizes)"]
@@ -267,8 +285,19 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
         "prompt_length": prompt_length, "prompt_length_source": source,
         "completion_length": shape.completion_length, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "logit_weight": cfg.method.logit_weight, "attn_weight": cfg.method.attn_weight, "beta": cfg.grpo.beta,
+        "rollout_backend": cfg.grpo.rollout_backend,
     }
     return Plan(setup, state, phases, estimated, how, seconds=time.time() - start)
+
+
+def vllm_engine_bytes(cfg, n_params: int, dtype_bytes: int, gpu: bool, device_memory: int) -> dict[str, int]:
+    """Bytes of the colocated vLLM engine per device, by row: on a GPU the whole share it reserves
+    (grpo.vllm_gpu_memory_utilization x device_memory); on CPU its copy of the weights (the policy's
+    dtype, as `VLLMRollout.for_policy` starts it) and its KV cache (grpo.vllm_cpu_kv_cache_gib)."""
+    g = cfg.grpo
+    if gpu:
+        return {"vLLM engine (its share of the GPU)": round(g.vllm_gpu_memory_utilization * device_memory)}
+    return {"vLLM engine weights": n_params * dtype_bytes, "vLLM KV cache": round(g.vllm_cpu_kv_cache_gib * 2**30)}
 
 
 def _traced_dtype(cfg) -> torch.dtype:
