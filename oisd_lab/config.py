@@ -178,7 +178,23 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     """verl's entropy_coeff: the loss subtracts entropy_coef x the final distribution's entropy
     per token (at the sampling temperature), aggregated as the policy loss; 0 (default): off. Not
-    applied while BuPO's internal policy is on."""
+    applied while BuPO's internal policy is on. Under `use_adaptive_entropy`, the initial value."""
+    use_adaptive_entropy: bool = False
+    """TRL's adaptive entropy control (Skywork-OR1): after each optimizer step the coefficient
+    moves by `entropy_coef_delta` (up when the step's mean token entropy is at or below
+    `entropy_target`, down otherwise, within [entropy_coef_min, entropy_coef_max]), and a step
+    applies it only when the previous step's entropy was at or below the target. The entropy is
+    the mean over every completion token of the step, all ranks (TRL's is over the tokens the
+    policy loss keeps, which differs only under `top_entropy_quantile`). Logged: `entropy_coef`
+    (the controller's value after the step, as TRL) and `entropy_coef_applied`."""
+    entropy_coef_min: float = 0.0
+    """Lower bound of the adaptive coefficient (TRL's 0)."""
+    entropy_coef_max: float = 1.0
+    """Upper bound of the adaptive coefficient (TRL's 1)."""
+    entropy_coef_delta: float = 0.005
+    """Step of the adaptive coefficient per optimizer step (TRL's 0.005)."""
+    entropy_target: float = 0.2
+    """Mean token entropy in nats at or below which the adaptive bonus acts (TRL's 0.2)."""
     off_policy_mask_threshold: float | None = None
     """TRL's off-policy sequence mask (DeepSeek-V3.2): a completion with a negative advantage
     whose mean log-ratio of sampler over current policy exceeds this leaves the policy loss.
@@ -579,6 +595,9 @@ def validate(cfg: TrainConfig) -> None:
           f"grpo.delta: is {g.delta}; use a cap > 1, best above 1 + epsilon_high (TRL suggests 4), or null")
     check(g.clip_ratio_c is None or g.clip_ratio_c > 1.0,
           f"grpo.clip_ratio_c: is {g.clip_ratio_c}; use a value > 1 (verl uses 3), or null")
+    check(g.entropy_coef_min <= g.entropy_coef_max and g.entropy_coef_delta >= 0,
+          f"grpo.entropy_coef_min/max/delta: need min <= max and delta >= 0, got {g.entropy_coef_min}, "
+          f"{g.entropy_coef_max}, {g.entropy_coef_delta}")
     check(0.0 < g.top_entropy_quantile <= 1.0,
           f"grpo.top_entropy_quantile: is {g.top_entropy_quantile}; use a fraction in (0, 1] (1.0: every token)")
     _check_policy_loss(g)

@@ -72,6 +72,8 @@ class OISDModule(L.LightningModule):
         """(first step, problems, rollout, rewards, advantages, metrics) of the batch in use."""
         self.num_tokens = 0
         self.skipped_steps = 0
+        self.entropy_control = {"coef": cfg.grpo.entropy_coef, "last_entropy": math.inf}
+        """Adaptive entropy control's state (`grpo.use_adaptive_entropy`), kept in the checkpoints."""
         self.previous_gradients = PreviousGradients(cfg.log.gradient_view_sketch)
         """Each term's gradient on the last gradient-view step (`grad/<term>/cos_prev`); kept in the
         checkpoints (`on_save_checkpoint`), so a resumed run logs the same cos_prev."""
@@ -367,6 +369,10 @@ class OISDModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)
+        g, control = self.cfg.grpo, self.entropy_control
+        if g.use_adaptive_entropy:  # TRL: applied only while the last step's entropy was at or below target
+            applied = control["coef"] if control["last_entropy"] <= g.entropy_target else 0.0
+            self.objective = dataclasses.replace(self.objective, entropy_coef=applied)
         viewed = self.cfg.log.gradient_view and self._is_log_step(self.global_step + 1)
         # under FSDP the view differentiates w.r.t. the gathered parameters, held for the whole step
         with gathered(self.policy, through_backward=True) if viewed else contextlib.nullcontext():
@@ -382,8 +388,24 @@ class OISDModule(L.LightningModule):
         out["loss/total"] = self.objective.total(out)
         out.update(grad_norm=grad_norm, learning_rate=sched.get_last_lr()[0],
                    skipped_steps=float(self.skipped_steps), align_scale=self.objective.align_scale)
+        if g.use_adaptive_entropy:
+            out.update(entropy_coef_applied=self.objective.entropy_bonus,
+                       entropy_coef=self._adapt_entropy_coef(sums["sum/entropy"], tokens))
         out.update(view_metrics)
         return out
+
+    def _adapt_entropy_coef(self, entropy_sum: torch.Tensor, tokens: torch.Tensor) -> float:
+        """TRL's controller after a step: the step's mean token entropy over all ranks, the
+        coefficient moved by entropy_coef_delta toward more bonus when it is at or below the target."""
+        g, control = self.cfg.grpo, self.entropy_control
+        both = torch.stack([entropy_sum.detach().float().to(self.device), tokens.float()])
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(both)
+        entropy = float(both[0] / both[1].clamp(min=1.0))
+        step = g.entropy_coef_delta if entropy <= g.entropy_target else -g.entropy_coef_delta
+        control["coef"] = min(max(control["coef"] + step, g.entropy_coef_min), g.entropy_coef_max)
+        control["last_entropy"] = entropy
+        return control["coef"]
 
     def gradient_view(self, optimizer=None, state_params=None) -> GradientView | None:
         """A collector of each term's gradient for this step (`log.gradient_view`), or None.
@@ -492,6 +514,7 @@ class OISDModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["oisd_counters"] = {"num_tokens": self.num_tokens, "skipped_steps": self.skipped_steps}
+        checkpoint["oisd_entropy_control"] = dict(self.entropy_control)
         # the last gradient-view step's (sketched) term gradients, so a resumed run logs cos_prev as
         # an uninterrupted one does
         checkpoint["oisd_previous_gradients"] = dict(self.previous_gradients.last)
@@ -500,6 +523,7 @@ class OISDModule(L.LightningModule):
         counters = checkpoint.get("oisd_counters", {})
         self.num_tokens = counters.get("num_tokens", 0)
         self.skipped_steps = counters.get("skipped_steps", 0)
+        self.entropy_control.update(checkpoint.get("oisd_entropy_control", {}))
         self.previous_gradients.last = dict(checkpoint.get("oisd_previous_gradients", {}))
 
 

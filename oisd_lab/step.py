@@ -129,6 +129,16 @@ class Objective:
     internal policy); None: the final layer, as in GRPO. Sampling always uses the final layer."""
     policy_final_norm: bool = False
     """With policy_layer: apply the final norm before the unembedding (the OISD lens) or not (BuPO)."""
+    entropy_coef: float | None = None
+    """This step's entropy-bonus coefficient (adaptive entropy control sets it); None:
+    grpo.entropy_coef."""
+
+    @property
+    def entropy_bonus(self) -> float:
+        """The coefficient of the entropy bonus in this step's loss (0 under BuPO's internal policy)."""
+        if self.policy_layer is not None:
+            return 0.0
+        return float(self.grpo.entropy_coef if self.entropy_coef is None else self.entropy_coef)
 
     @property
     def num_layers(self) -> int:
@@ -241,7 +251,7 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     """
     g, m, mask = objective.grpo, objective.method, part.completion_mask
     # one pass over the vocabulary: log-probs, entropy and the lens JSD of every student
-    bonus = g.entropy_coef != 0 and objective.policy_layer is None  # BuPO's internal policy: no bonus
+    bonus = objective.entropy_bonus != 0  # BuPO's internal policy: no bonus
     logps, ent, think = objective.head(out, part, students=objective.logit_weight > 0, entropy=True,
                                        entropy_grad=bonus)
     per_tok, clip = losses.policy_loss(logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level,
@@ -263,7 +273,7 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
         per_tok = per_tok + g.beta * kl
         terms["sum/kl"] = (kl.detach() * mask).sum()
     if bonus:  # verl's entropy_coeff: minus coef x entropy, aggregated as the policy loss
-        per_tok = per_tok - g.entropy_coef * ent
+        per_tok = per_tok - objective.entropy_bonus * ent
     agg = dict(loss_type=losses.aggregation_of(g.loss_type), **norm)
     terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
     align = Alignment(mask, adv, rewards, dict(agg, loss_type=m.align_loss_type or agg["loss_type"]))

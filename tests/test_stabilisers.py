@@ -8,6 +8,7 @@ gradient exactly as before, and training runs with each."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -165,7 +166,8 @@ def test_bad_values_are_one_line_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [["grpo.delta=4.0", "grpo.num_iterations=2"], ["grpo.clip_ratio_c=3.0"],
                                      ["grpo.beta=0.04", "grpo.kl_estimator=low_var_kl+", "grpo.use_bias_correction_kl=true"],
-                                     ["grpo.steps_per_generation=2"]])
+                                     ["grpo.steps_per_generation=2"],
+                                     ["grpo.use_adaptive_entropy=true", "grpo.entropy_target=100"]])
 def test_train_with_each_stabiliser(options, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert main(["train", *tiny_overrides(run_dir, "log.wandb_mode=disabled", "max_steps=2", "method=oisd",
@@ -219,3 +221,59 @@ def test_the_step_drops_the_masked_rows_from_the_policy_loss(tiny_model, char_to
     keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1.0])[:, None]
     want = losses.aggregate(per_tok * keep, part.completion_mask, "dapo", **norm)
     torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_adaptive_entropy_control_moves_the_coefficient_as_trls_controller(tiny_model, char_tokenizer):
+    """TRL's controller, written out: applied = coef if the last step's entropy <= target else 0;
+    after the step coef += delta if its entropy <= target else -= delta, within [min, max]."""
+    from test_iterations import _fit
+    from test_iterations import _module as iter_module
+
+    base = ["grpo.use_adaptive_entropy=true", "grpo.entropy_coef=0.01", "grpo.entropy_coef_delta=0.004",
+            "grpo.entropy_coef_max=0.018", "grpo.lr=0.01"]
+    for target in (100.0, 1.0, 0.0):  # always below, around, always above the tiny model's entropy
+        module, _ = iter_module(tiny_model, char_tokenizer, *base, f"grpo.entropy_target={target}")
+        rows = _fit(module, 4)
+        coef, last, applied, after = 0.01, math.inf, [], []
+        for r in rows:
+            applied.append(coef if last <= target else 0.0)
+            entropy = r["entropy"]  # the step's mean token entropy (one process)
+            coef = min(max(coef + (0.004 if entropy <= target else -0.004), 0.0), 0.018)
+            last = entropy
+            after.append(coef)
+        assert [r["entropy_coef_applied"] for r in rows] == pytest.approx(applied, abs=1e-12)
+        assert [r["entropy_coef"] for r in rows] == pytest.approx(after, abs=1e-12)
+        assert module.entropy_control == {"coef": pytest.approx(after[-1]), "last_entropy": pytest.approx(last)}
+        if target == 100.0:
+            assert after == pytest.approx([0.014, 0.018, 0.018, 0.018]) and applied[0] == 0.0 and applied[1] > 0
+        if target == 0.0:
+            assert set(applied) == {0.0} and after[-1] == 0.0
+        # the controller's state travels in the checkpoint
+        ckpt = {}
+        module.on_save_checkpoint(ckpt)
+        fresh, _ = iter_module(tiny_model, char_tokenizer, *base)
+        fresh.on_load_checkpoint(ckpt)
+        assert fresh.entropy_control == module.entropy_control
+
+
+def test_an_applied_adaptive_coefficient_is_the_static_bonus(tiny_model, char_tokenizer):
+    import dataclasses
+
+    from test_alignment_options import _module, _rollout
+
+    from oisd_lab import step as step_lib
+
+    rollout = _rollout([6, 3, 8, 5, 2, 7, 8, 4], [0, 1, 2, 0] * 2)
+    adv = torch.linspace(-1.0, 1.0, 8)
+    static = _module(tiny_model, char_tokenizer, "method=grpo", "grpo.prompts_per_step=2", "grpo.entropy_coef=0.3")
+    adaptive = _module(tiny_model, char_tokenizer, "method=grpo", "grpo.prompts_per_step=2",
+                       "grpo.use_adaptive_entropy=true")
+    objective = dataclasses.replace(adaptive.objective, entropy_coef=0.3)
+    norm = static.normalisers(rollout)
+    want = step_lib.loss_terms(static.objective.forward(tiny_model, rollout), rollout, adv, norm, static.objective)
+    got = step_lib.loss_terms(objective.forward(tiny_model, rollout), rollout, adv, norm, objective)
+    torch.testing.assert_close(got["loss/policy"], want["loss/policy"])
+    (g_want,) = torch.autograd.grad(want["loss/total"], tiny_model.model.norm.weight)
+    (g_got,) = torch.autograd.grad(got["loss/total"], tiny_model.model.norm.weight)
+    torch.testing.assert_close(g_got, g_want)
+    assert dataclasses.replace(objective, policy_layer=2).entropy_bonus == 0.0  # BuPO's internal policy
