@@ -141,3 +141,12 @@ def test_every_package_import_inside_a_function_says_why():
     unexplained = [f"{p.relative_to(PACKAGE.parent)}:{n}" for p in sorted(PACKAGE.rglob("*.py"))
                    for n in _unexplained_function_imports(p)]
     assert unexplained == []
+
+
+def test_nothing_outside_the_benchmarks_imports_them():
+    """The benchmarks sit on top of the product: what they share with the planner lives in
+    `oisd_lab.synthetic`. (`oisd-lab bench` reaches `oisd_lab.bench` through the CLI's table of
+    subcommand modules, by name, not by an import.)"""
+    into_bench = sorted(f"{name} -> {target}" for name, targets in _graph().items() for target in targets
+                        if _room(target) == "oisd_lab.bench" and _room(name) != "oisd_lab.bench")
+    assert into_bench == []

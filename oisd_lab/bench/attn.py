@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from ..synthetic import synthetic_rollout
 from .common import (
     Settings,
     _cfg,
@@ -18,7 +19,6 @@ from .common import (
     _policy,
     _ratio,
     _rotated,
-    _synthetic_rollout,
     stats,
 )
 
@@ -37,7 +37,7 @@ def bench_attn(s: Settings) -> dict:
     source = load_source(cfgs["grpo"].task)
     problems = source.train_batch(0, s.attn_prompts, s.seed)
     batch = s.attn_prompts * s.generations
-    rollout = _synthetic_rollout(tok, batch, 16, s.attn_len, s.seed)
+    rollout = synthetic_rollout(tok, batch, 16, s.attn_len, s.seed)
     fixed = (problems, rollout)
     fits: dict[str, list[list[dict]]] = {m: [] for m in presets}
     gen_s = []

@@ -238,20 +238,6 @@ def _ratio(key: str):
     return lambda a, b: _median_of(a, key) / _median_of(b, key)
 
 
-def _synthetic_rollout(tokenizer, batch: int, prompt_len: int, completion_len: int, seed: int = 0):
-    """A rollout of random printable tokens, every completion exactly `completion_len` long."""
-    # on use: a section loads training code only when it runs, so importing the bench package stays light
-    from ..rollout import Rollout
-
-    gen = torch.Generator().manual_seed(seed)
-    low = 3  # after pad, bos, eos: never ends a completion early
-    ids = torch.randint(low, len(tokenizer), (batch, prompt_len + completion_len), generator=gen)
-    texts = ["x" * completion_len] * batch
-    return Rollout(input_ids=ids, attention_mask=torch.ones_like(ids),
-                   completion_mask=torch.ones(batch, completion_len), prompt_length=prompt_len,
-                   texts=texts, truncated=torch.ones(batch, dtype=torch.bool))
-
-
 class _NoEos:
     """A tokenizer view whose EOS id is never sampled, so every completion runs to full length."""
 

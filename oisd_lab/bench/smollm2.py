@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..synthetic import profiler_peak
 from .common import (
     Settings,
     _cfg,
@@ -30,7 +31,6 @@ from .common import (
     _rotated,
     stats,
 )
-from .memory import profiler_peak
 from .versus_trl import _ours_fit, _trl_fit
 
 OVERRIDES = {"task": "word", "model.chat_template": "true"}
@@ -196,12 +196,11 @@ def _versus_trl(sm, cfg, policy, tok, source, fmt) -> dict:
 def _memory(s: Settings, policy, tok, source, fmt) -> dict:
     """Peak bytes of one loss forward+backward (one micro-batch) at `smol_mem_len`-token completions."""
     # on use: a section loads training code only when it runs, so importing the bench package stays light
-    from .common import _synthetic_rollout
-    from .memory import _VocabOnly
+    from ..synthetic import VocabOnly, synthetic_rollout
 
     rows, length = s.smol_mem_rows, s.smol_mem_len
     sm = replace(smol_settings(s), max_len=length, micro=rows, prompts=max(rows // s.smol_generations, 1))
-    rollout = _synthetic_rollout(_VocabOnly(len(tok)), rows, 40, length, s.seed)
+    rollout = synthetic_rollout(VocabOnly(len(tok)), rows, 40, length, s.seed)
     adv = torch.linspace(-1.5, 1.5, rows)
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=rows, max_completion_length=length)
     out = {"rows": rows, "completion_length": length, "prompt_length": 40,

@@ -63,7 +63,7 @@ class PhaseMeter:
             result = fn()
             return result, torch.cuda.max_memory_allocated()
         # on use: the planner builds models and traces the step only when a plan is made
-        from ..bench.memory import profiler_peak
+        from ..synthetic import profiler_peak
 
         held, box = self._held(), []
         peak = profiler_peak(lambda: box.append(fn()))
