@@ -89,6 +89,11 @@ class OISDModule(L.LightningModule):
         if parallelize is not None:
             parallelize(self.policy)
 
+    @property
+    def reference_models(self) -> list:
+        """The frozen reference policy of the KL term, in a list (empty when `grpo.beta` is 0)."""
+        return self._ref
+
     def on_train_start(self) -> None:
         self.policy.train()
         for ref in self._ref:
@@ -106,7 +111,7 @@ class OISDModule(L.LightningModule):
             with gathered(self.policy):
                 metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
             timer.lap("time/diagnostics")
-        metrics.update(self._optimise(rollout, adv.to(self.device), rewards.to(self.device)))
+        metrics.update(self.optimise(rollout, adv.to(self.device), rewards.to(self.device)))
         timer.lap("time/forward_backward")
         metrics.update(timer.laps)
         metrics["step_time"] = timer.total
@@ -341,7 +346,10 @@ class OISDModule(L.LightningModule):
                 sums[key] = _combine(key, sums.get(key), value.detach())
         return sums
 
-    def _optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
+    def optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
+        """The policy step: forward, backward and optimiser step over the micro-batches; its metrics.
+        A phase of its own, as `sampler` and `on_log_step` are: the planner's measured peaks
+        (`plan/run_hook.py`) and the GPU check (`bench/gpu.py`) wrap it."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)

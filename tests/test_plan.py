@@ -216,7 +216,7 @@ def test_the_profiler_peak_is_an_allocation_and_prints_nothing_of_its_own(capfd)
 
 
 def test_rollout_formula_is_within_15_percent_of_a_measured_generate():
-    from oisd_lab.bench.common import _NoEos
+    from oisd_lab.bench.common import NoEos
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
     from oisd_lab.rollout import generate
     from oisd_lab.synthetic import profiler_peak
@@ -224,7 +224,7 @@ def test_rollout_formula_is_within_15_percent_of_a_measured_generate():
     tok = build_char_tokenizer()
     model = build_tiny_model("tiny", len(tok))
     prompts, C, c = ["1+2*3=?" * 3] * 16, 64, model.config
-    measured = profiler_peak(lambda: generate(model, _NoEos(tok), prompts, 4, C))  # every row runs to C
+    measured = profiler_peak(lambda: generate(model, NoEos(tok), prompts, 4, C))  # every row runs to C
     geometry = (c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, 64,
                 len(prompts[0]) + C, 4)
     planned = formulas.kv_cache_bytes(*geometry) + formulas.decode_step_bytes(*geometry, c.vocab_size)

@@ -8,7 +8,7 @@ import threading
 import torch
 
 from ..synthetic import VocabOnly, profiler_peak, synthetic_rollout
-from .common import Settings, _cfg, _module, _policy
+from .common import Settings, bench_config, bench_module, tiny_policy
 
 
 class _RssPeak:
@@ -49,7 +49,7 @@ def bench_memory(s: Settings) -> dict:
     completion = min(s.mem_completion, s.mem_tokens)
     batch = max(s.mem_tokens // completion, 1)
     prompt_len = 16
-    policy = _policy(s.mem_vocab, s.seed, max_positions=prompt_len + completion + 1)
+    policy = tiny_policy(s.mem_vocab, s.seed, max_positions=prompt_len + completion + 1)
     rollout = synthetic_rollout(VocabOnly(s.mem_vocab), batch, prompt_len, completion, s.seed)
     adv = torch.linspace(-1.5, 1.5, batch)
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=batch,
@@ -59,8 +59,8 @@ def bench_memory(s: Settings) -> dict:
            "logits_bytes": batch * completion * s.mem_vocab * 4, "per_preset": {}}
     presets = [m for m in ("grpo", "oisd_logit", "oisd_attn", "oisd") if m in s.presets or m == "grpo"]
     for m in presets:
-        cfg = _cfg(s, m, prompts=max(batch // s.generations, 1), max_len=completion, micro=batch)
-        module = _module(cfg, policy, tok, load_source(cfg.task))
+        cfg = bench_config(s, m, prompts=max(batch // s.generations, 1), max_len=completion, micro=batch)
+        module = bench_module(cfg, policy, tok, load_source(cfg.task))
 
         def step(module=module):
             policy.zero_grad(set_to_none=True)
