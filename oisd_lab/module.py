@@ -35,7 +35,7 @@ from .errors import NonFiniteError
 from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
-from .registry import ADVANTAGE_ESTIMATORS, REWARD_FUNCS
+from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS, REWARD_FUNCS
 from .rollout import Rollout, generate
 from .run_hooks import PolicyView
 from .sharding import fsdp_units, gathered
@@ -379,7 +379,7 @@ class OISDModule(L.LightningModule):
         view differentiates w.r.t. the gathered parameters); default: the same parameters."""
         if not self.cfg.log.gradient_view:
             return None
-        weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
+        weights = {"policy": 1.0, **{name: self.objective.weight(name) for name in ALIGNMENT_CHANNELS.names()}}
         # .grad is this process's unscaled sum unless DDP averages it, a GradScaler scales it or
         # FSDP moves it to the shards (under FSDP the parameters here are the gathered ones, inside
         # `gathered(..., through_backward=True)`)

@@ -176,3 +176,4 @@ def test_a_registered_channel_trains(toy_channel, tmp_path, cache_dir):
     for row in rows:
         assert row["loss/toy_cosine"] > 0 and "loss/think" not in row and "loss/attn" not in row
         assert row["loss/total"] == pytest.approx(row["loss/policy"] + 0.5 * row["loss/toy_cosine"], rel=1e-5, abs=1e-7)
+    assert rows[1]["grad/toy_cosine/norm"] > 0  # step 2 logs: the gradient view separates the channel
