@@ -127,7 +127,7 @@ def _with_label(trace, name, fn):
 
 def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None,
                   accumulated: bool = False) -> None:
-    """What `OISDModule._optimise` does to memory: per micro-batch the loss terms and their
+    """What `OISDModule.optimise` does to memory: per micro-batch the loss terms and their
     backward, then gradient clipping and the optimizer step. `accumulated`: start as a later
     micro-batch does, with every gradient already allocated by the earlier ones."""
     label = trace.label if trace is not None else lambda _: contextlib.nullcontext()
