@@ -55,22 +55,22 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from oisd_lab import losses
-    from oisd_lab.bench.common import Settings, _cfg, _module, _quiet, _synthetic_rollout
-    from oisd_lab.bench.memory import _VocabOnly
+    from oisd_lab.bench.common import Settings, bench_config, bench_module, quiet_logs
     from oisd_lab.models import load_pretrained
     from oisd_lab.sources import load_source
+    from oisd_lab.synthetic import VocabOnly, synthetic_rollout
 
-    _quiet()
+    quiet_logs()
     variants = {"after": {n: getattr(losses, n) for n in SWAPPED},
                 "before": {n: getattr(_losses_at(args.before), n) for n in SWAPPED}}
     policy, tok = load_pretrained("smollm2")
     s = Settings(prompts=args.rows // 4, generations=4, max_len=args.completion_len, micro=args.rows)
-    rollout = _synthetic_rollout(_VocabOnly(len(tok)), args.rows, args.prompt_len, args.completion_len)
+    rollout = synthetic_rollout(VocabOnly(len(tok)), args.rows, args.prompt_len, args.completion_len)
     adv = torch.linspace(-1.5, 1.5, args.rows)
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=args.rows,
                 max_completion_length=args.completion_len)
     presets = args.presets.split(",")
-    modules = {m: _module(_cfg(s, m, model="smollm2"), policy, tok, load_source(_cfg(s, m).task)) for m in presets}
+    modules = {m: bench_module(bench_config(s, m, model="smollm2"), policy, tok, load_source(bench_config(s, m).task)) for m in presets}
     runs = [(m, v) for m in presets for v in variants]
     times: dict[str, dict[str, list[float]]] = {f"{m}/{v}": {"cpu": [], "wall": []} for m, v in runs}
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from oisd_lab.bench.memory import profiler_peak
 from oisd_lab.config import compose
 from oisd_lab.models import build_char_tokenizer
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import Rollout
 from oisd_lab.sources import load_source
+from oisd_lab.synthetic import profiler_peak
 
 V, WIDTH, LAYERS = 151_936, 64, 2
 PROMPTS, GENERATIONS, PROMPT_LEN, COMPLETION = 2, 4, 48, 1000

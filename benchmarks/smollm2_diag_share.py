@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from oisd_lab.bench.common import Settings, _cfg
+from oisd_lab.bench.common import Settings, bench_config
 from oisd_lab.bench.smollm2 import OVERRIDES, _diagnostics, smol_settings
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     init = copy.deepcopy(policy.state_dict())
     results = {"batch": sm.prompts * sm.generations, "max_completion_length": sm.max_len, "runs": {}}
     for count in (int(x) for x in args.settings.split(",")):
-        cfg = _cfg(sm, "grpo", **OVERRIDES, **{"log.diag_rollouts": count})
+        cfg = bench_config(sm, "grpo", **OVERRIDES, **{"log.diag_rollouts": count})
         source = load_source(cfg.task)
         fmt = lambda text, source=source: source.format_prompt(text, tok, chat=True)  # noqa: E731
         policy.load_state_dict(init)

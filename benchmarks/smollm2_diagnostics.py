@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from oisd_lab import diagnostics, losses
-from oisd_lab.bench.common import Settings, _cfg, _module, _NoEos
+from oisd_lab.bench.common import NoEos, Settings, bench_config, bench_module
 from oisd_lab.bench.smollm2 import OVERRIDES, _decode_ours, _diagnosed, _diagnostics, smol_settings
 from oisd_lab.run.folder import RunDir
 from oisd_lab.run_hooks import LogStepHook
@@ -76,7 +76,7 @@ def main() -> None:
     sm = smol_settings(Settings())
     policy, tok = load_pretrained(sm.smol_model)
     policy.eval()
-    cfg = _cfg(sm, "grpo", **OVERRIDES)
+    cfg = bench_config(sm, "grpo", **OVERRIDES)
     source = load_source(cfg.task)
     if args.fit:
         fmt = lambda text: source.format_prompt(text, tok, chat=True)  # noqa: E731
@@ -88,8 +88,8 @@ def main() -> None:
         return
     prompts = [source.format_prompt(p.prompt, tok, chat=True) for p in source.train_batch(0, sm.prompts, sm.seed)]
     torch.manual_seed(sm.seed)
-    rollout = _decode_ours(policy, _NoEos(tok), prompts, sm)
-    module = _module(cfg, policy, tok, source)
+    rollout = _decode_ours(policy, NoEos(tok), prompts, sm)
+    module = bench_module(cfg, policy, tok, source)
     view = module.policy_view()
     g = torch.Generator().manual_seed(0)
     rewards = (torch.rand(len(rollout), generator=g) > 0.5).float()

@@ -47,6 +47,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .anatomy import decoder_layers
+
 CAPTURE_IMPLEMENTATION = "oisd_capture"
 
 
@@ -267,7 +269,7 @@ def _uses_attention_interface(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """Self-attention modules of a decoder-only model, by ``layer_idx``.
+    """Self-attention modules of a decoder-only model's decoder layers, by ``layer_idx``.
 
     Raises:
         ValueError: when the model has no attention modules with ``layer_idx`` and a config, two
@@ -276,7 +278,11 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """
     found: dict[int, nn.Module] = {}
     name = type(model).__name__
-    for mod_name, module in model.named_modules():
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        raise ValueError(f"attention capture: {name} has no attention modules with a layer_idx") from None
+    for mod_name, module in layers.named_modules(prefix="layers"):
         if "Attention" not in type(module).__name__ or not isinstance(
             getattr(module, "layer_idx", None), int
         ):

@@ -39,7 +39,7 @@ from .options import (
     WANDB_MODES,
     WEIGHTINGS,
 )
-from .registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, REWARD_FUNCS
+from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS, POLICY_LOSSES, REWARD_FUNCS
 
 HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 """Lightning precisions that cast the weights themselves (the `-mixed` ones keep them)."""
@@ -295,6 +295,9 @@ class MethodConfig:
     """Weight of the logit-alignment (think) loss."""
     attn_weight: float = 0.0
     """Weight of the attention-alignment loss."""
+    channel_weights: dict[str, float] = field(default_factory=dict)
+    """Weights of alignment channels registered without a field of their own
+    (`registry.ALIGNMENT_CHANNELS`), by name: `+method.channel_weights.<name>=0.1`."""
     weighting: str = "signed"
     """Per-completion weight of both alignment losses: `signed` (the advantage A: pull toward the
     final layer when above the group mean, push away when below), `unsigned` (|A|), `positive`
@@ -622,6 +625,9 @@ def validate(cfg: TrainConfig) -> None:
     check_choice(m.name, tuple(method_presets()), "method.name")
     check(m.logit_weight >= 0, f"method.logit_weight: is {m.logit_weight}; use a value >= 0")
     check(m.attn_weight >= 0, f"method.attn_weight: is {m.attn_weight}; use a value >= 0")
+    for name, weight in m.channel_weights.items():
+        check_choice(name, ALIGNMENT_CHANNELS.names(), "method.channel_weights")
+        check(weight >= 0, f"method.channel_weights.{name}: is {weight}; use a value >= 0")
     check_choice(m.weighting, WEIGHTINGS, "method.weighting")
     for name in ("think_weighting", "attn_weighting"):
         if getattr(m, name) is not None:

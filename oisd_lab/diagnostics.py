@@ -42,8 +42,9 @@ from collections import defaultdict
 import torch
 
 from . import losses
+from .anatomy import backbone_of
 from .attention import AttentionCapture, attention_layer_of, hidden_index_of
-from .hidden_capture import HiddenCapture, backbone_of
+from .hidden_capture import HiddenCapture
 from .step import ATTN_ROW_BLOCK, VOCAB_CHUNK_ELEMENTS, attention_row_blocks, completion_positions
 
 METRICS = ("lens_acc", "agree_top1", "kl", "jsd", "entropy", "attn_jsd", "attn_cos")

@@ -51,8 +51,14 @@ import torch
 from torch import Tensor
 
 from .losses import ADVANTAGE_SIGNS
+from .registry import ALIGNMENT_CHANNELS
 
-TERMS = ("policy", "think", "attn")
+
+def view_terms() -> tuple[str, ...]:
+    """The loss terms the view separates: the policy loss, then each registered alignment channel."""
+    return ("policy", *ALIGNMENT_CHANNELS.names())
+
+
 Grads = Sequence[Tensor | None]
 """One entry per parameter; None where the term cannot reach the parameter."""
 
@@ -299,7 +305,7 @@ class GradientView:
 
     def add(self, terms: Mapping[str, Tensor]) -> None:
         start = time.perf_counter()
-        for name in TERMS:
+        for name in view_terms():
             loss = terms.get(f"loss/{name}")
             if loss is None or not loss.requires_grad or not self.weights.get(name):
                 continue
@@ -332,7 +338,7 @@ class GradientView:
             return
         world = dist.get_world_size()
         device = self.params[0].device  # NCCL reduces device tensors only
-        for name in TERMS:  # the same order on every rank
+        for name in view_terms():  # the same order on every rank
             grads = self.grads.get(name)
             present = torch.tensor([0.0 if grads is None else 1.0], device=device)
             dist.all_reduce(present)

@@ -17,24 +17,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .lens import _LAYER_LIST_NAMES, Readout, _backbone
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (`model.model` for Llama/Qwen): its forward returns no logits."""
-    found = _backbone(model)
-    if found is None:
-        raise ValueError(f"{type(model).__name__}: no decoder stack with a final norm found")
-    return found
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    backbone = backbone_of(model)
-    for name in _LAYER_LIST_NAMES:
-        layers = getattr(backbone, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(f"{type(model).__name__}: no list of decoder layers ({', '.join(_LAYER_LIST_NAMES)})")
+from .anatomy import decoder_layers
+from .lens import Readout
 
 
 def _first(output) -> torch.Tensor:
@@ -45,7 +29,7 @@ class HiddenCapture:
     """Within the context, a forward records `hidden_states[k][:, positions]` for k in `layers`.
 
     >>> with HiddenCapture(model, readout, [0, 3, L], slice(P - 1, P - 1 + C)) as cap:
-    ...     backbone_of(model)(input_ids=ids, attention_mask=mask, use_cache=False)
+    ...     anatomy.backbone_of(model)(input_ids=ids, attention_mask=mask, use_cache=False)
     >>> cap.hidden[3]   # [b, C, D]
 
     `on_capture(k, h)`: called with each slice instead of storing it (then `hidden` stays empty).

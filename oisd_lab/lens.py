@@ -1,7 +1,7 @@
 """Logit lens for Hugging Face decoder-only causal LMs, and the ``method.layers`` resolver.
 
 The OISD student distribution is ``p_l = softmax(W_U · Norm(h_l))``: the model's own final norm and
-unembedding applied to an intermediate hidden state (no new heads). This module finds those two
+unembedding applied to an intermediate hidden state (no new heads). `anatomy.py` finds those two
 modules (plus the final logit soft-capping of Gemma 2/3, the logit scaling of Granite and Cohere)
 and applies them to any entry of ``output_hidden_states``.
 
@@ -28,12 +28,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from .anatomy import NORM_NAMES, final_norm_of, find_backbone, num_layers, unembedding
 from .options import LENS_GRAD_MODES
-
-# Attribute names of the final norm across HF decoder families (Llama/Qwen/Gemma/Mistral: ``norm``;
-# GPT-2/GPT-J: ``ln_f``; Phi: ``final_layernorm``; OPT: ``final_layer_norm``; Mamba-like: ``norm_f``).
-_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_layer_norm", "norm_f")
-_LAYER_LIST_NAMES = ("layers", "h", "blocks")
 
 
 def _check_lens_grad(lens_grad: str) -> None:
@@ -109,33 +105,6 @@ class Readout:
         return partial(self.logits, layer=layer, lens_grad=lens_grad, norm=norm)
 
 
-def _backbone(model: nn.Module) -> nn.Module | None:
-    """The decoder stack holding the final norm (``model.model`` for most CausalLMs)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [getattr(model, prefix, None) if prefix else None, getattr(model, "model", None)]
-    try:
-        candidates.append(model.get_decoder())
-    except (AttributeError, ValueError, NotImplementedError):
-        pass  # exotic wrappers: fall through to the other candidates
-    for cand in candidates:
-        if isinstance(cand, nn.Module) and any(
-            isinstance(getattr(cand, n, None), nn.Module) for n in _NORM_NAMES
-        ):
-            return cand
-    return None
-
-
-def _num_layers(model: nn.Module, backbone: nn.Module) -> int | None:
-    text_config = model.config.get_text_config()
-    n = getattr(text_config, "num_hidden_layers", None)
-    if n is None:
-        for name in _LAYER_LIST_NAMES:
-            layers = getattr(backbone, name, None)
-            if isinstance(layers, nn.ModuleList):
-                return len(layers)
-    return n
-
-
 def find_readout(model: nn.Module) -> Readout:
     """Locate final norm, unembedding, logit post-processing and depth of a causal LM.
 
@@ -143,30 +112,26 @@ def find_readout(model: nn.Module) -> Readout:
         ValueError: naming the model class when a piece cannot be found.
     """
     name = type(model).__name__
-    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(unembed, nn.Module):
+    unembed = unembedding(model)
+    if unembed is None:
         raise ValueError(
             f"find_readout: {name} has no output embedding (lm_head); need a *ForCausalLM"
         )
-    backbone = _backbone(model)
+    backbone = find_backbone(model)
     if backbone is None:
         raise ValueError(
-            f"find_readout: cannot find the final norm of {name} (looked for {_NORM_NAMES} on the "
+            f"find_readout: cannot find the final norm of {name} (looked for {NORM_NAMES} on the "
             "base model); build the Readout by hand"
         )
-    norm = next(
-        getattr(backbone, n)
-        for n in _NORM_NAMES
-        if isinstance(getattr(backbone, n, None), nn.Module)
-    )
-    num_layers = _num_layers(model, backbone)
-    if not num_layers:
+    norm = final_norm_of(backbone)
+    depth = num_layers(model, backbone)
+    if not depth:
         raise ValueError(f"find_readout: cannot find the number of decoder layers of {name}")
     cfg = model.config.get_text_config()
     return Readout(
         norm=norm,
         unembed=unembed,
-        num_layers=int(num_layers),
+        num_layers=int(depth),
         final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
         # Only the families whose CausalLM forward applies them (Cohere multiplies, Granite divides).
         logit_scale=getattr(cfg, "logit_scale", None) if "Cohere" in name else None,

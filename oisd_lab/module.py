@@ -35,7 +35,7 @@ from .errors import NonFiniteError
 from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
-from .registry import ADVANTAGE_ESTIMATORS, REWARD_FUNCS
+from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS, REWARD_FUNCS
 from .rollout import Rollout, generate
 from .run_hooks import PolicyView
 from .sharding import fsdp_units, gathered
@@ -92,6 +92,11 @@ class OISDModule(L.LightningModule):
         if parallelize is not None:
             parallelize(self.policy)
 
+    @property
+    def reference_models(self) -> list:
+        """The frozen reference policy of the KL term, in a list (empty when `grpo.beta` is 0)."""
+        return self._ref
+
     def on_train_start(self) -> None:
         self.policy.train()
         for ref in self._ref:
@@ -109,7 +114,7 @@ class OISDModule(L.LightningModule):
             with gathered(self.policy):
                 metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
             timer.lap("time/diagnostics")
-        metrics.update(self._optimise(rollout, adv.to(self.device), rewards.to(self.device)))
+        metrics.update(self.optimise(rollout, adv.to(self.device), rewards.to(self.device)))
         timer.lap("time/forward_backward")
         metrics.update(timer.laps)
         metrics["step_time"] = timer.total
@@ -365,7 +370,10 @@ class OISDModule(L.LightningModule):
                 sums[key] = _combine(key, sums.get(key), value.detach())
         return sums
 
-    def _optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
+    def optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
+        """The policy step: forward, backward and optimiser step over the micro-batches; its metrics.
+        A phase of its own, as `sampler` and `on_log_step` are: the planner's measured peaks
+        (`plan/run_hook.py`) and the GPU check (`bench/gpu.py`) wrap it."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)
@@ -415,7 +423,7 @@ class OISDModule(L.LightningModule):
         view differentiates w.r.t. the gathered parameters); default: the same parameters."""
         if not self.cfg.log.gradient_view:
             return None
-        weights = {"policy": 1.0, "think": self.objective.logit_weight, "attn": self.objective.attn_weight}
+        weights = {"policy": 1.0, **{name: self.objective.weight(name) for name in ALIGNMENT_CHANNELS.names()}}
         # .grad is this process's unscaled sum unless DDP averages it, a GradScaler scales it or
         # FSDP moves it to the shards (under FSDP the parameters here are the gathered ones, inside
         # `gathered(..., through_backward=True)`)

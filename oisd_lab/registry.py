@@ -1,5 +1,6 @@
-"""Named extension points: each policy loss and each advantage estimator is one entry, found by the
-name its config field holds (`grpo.loss_type`, `grpo.advantage_estimator`).
+"""Named extension points: each policy loss, advantage estimator, reward function and alignment
+channel is one entry, found by the name its config field holds (`grpo.loss_type`,
+`grpo.advantage_estimator`, `grpo.reward_funcs`) or, for a channel, by its weight.
 
     from oisd_lab.registry import POLICY_LOSSES
 
@@ -24,6 +25,15 @@ Signatures (docs/grpo-conventions.md):
   rows group-contiguous, lengths the completion tokens of each row. Meta `batch_level`: the
   estimator reads the whole step's batch (under data parallelism the module gathers every rank's
   rewards first).
+- alignment channel: fn(outputs, part, objective, shared) -> {student layer k: per-token divergence
+  [b, C] to the final layer} (`step.PolicyOutputs`, the micro-batch `Rollout`, `step.Objective`;
+  `shared`: what the step's one pass over the vocabulary computed, "lens_jsd" for the logit lens).
+  The objective adds `weight x` the channel's aggregated, advantage-weighted loss (`loss/<name>`)
+  to the total. Meta `weight`: the `method.` field of its weight (None: `method.channel_weights`
+  holds it under the channel's name); `weighting`: the `method.` field of its weighting (None or
+  unset: `method.weighting`); `capture`: what the policy forward must keep for it, "lens" (the
+  students' hidden states, read in the vocabulary pass), "hidden" (the students' hidden states)
+  or "attention" (the attention rows of the students and the final layer).
 """
 
 from __future__ import annotations
@@ -88,6 +98,8 @@ class Registry:
 POLICY_LOSSES = Registry("policy loss", "grpo.loss_type")
 REWARD_FUNCS = Registry("reward function", "grpo.reward_funcs")
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator", "grpo.advantage_estimator")
+ALIGNMENT_CHANNELS = Registry("alignment channel", "method.channel_weights")
+CAPTURES = ("lens", "hidden", "attention")  # what a channel's `capture` may name
 
 for _name in ("dapo", "grpo", "dr_grpo", "bnpo", "luspo"):
     POLICY_LOSSES.register(_name, "oisd_lab.losses:clipped_policy_loss", aggregation=_name)
@@ -103,6 +115,26 @@ ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus", "oisd_lab.losses:reinforce_
 ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline",
                               "oisd_lab.losses:reinforce_plus_plus_baseline_estimator", batch_level=True)
 
+def channel_weight(method, name: str) -> float:
+    """The configured weight of channel `name` in `method` (a `config.MethodConfig`), before the
+    alignment schedule."""
+    field_name = ALIGNMENT_CHANNELS.meta(name, "weight")
+    if field_name is not None:
+        return getattr(method, field_name)
+    return float((getattr(method, "channel_weights", None) or {}).get(name, 0.0))
+
+
+def channel_weighting(method, name: str) -> str:
+    """The weighting of channel `name`: its own `method.` field when set, else `method.weighting`."""
+    field_name = ALIGNMENT_CHANNELS.meta(name, "weighting")
+    return (getattr(method, field_name) if field_name else None) or method.weighting
+
+
 REWARD_FUNCS.register("correct", "oisd_lab.rewards:exact_match_reward", task_grader=True)
 REWARD_FUNCS.register("format", "oisd_lab.rewards:format_reward")
 REWARD_FUNCS.register("overlong", "oisd_lab.rewards:overlong_penalty")
+
+ALIGNMENT_CHANNELS.register("think", "oisd_lab.step:think_divergence", weight="logit_weight",
+                            weighting="think_weighting", capture="lens")
+ALIGNMENT_CHANNELS.register("attn", "oisd_lab.step:attention_divergence", weight="attn_weight",
+                            weighting="attn_weighting", capture="attention")

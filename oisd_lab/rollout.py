@@ -162,7 +162,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        completion_ids = _decode(model, prompt_ids, prompt_mask, num_generations, max_new_tokens, temperature,
+        completion_ids = decode_completions(model, prompt_ids, prompt_mask, num_generations, max_new_tokens, temperature,
                                  top_p, do_sample, eos_ids, tokenizer.pad_token_id,
                                  dict(top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty))
     finally:
@@ -217,7 +217,7 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, do_samp
 
 
 @torch.no_grad()
-def _decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int,
+def decode_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int,
             max_new_tokens: int, temperature: float, top_p: float, do_sample: bool,
             eos_ids: torch.Tensor, pad_id: int, shaping: dict | None = None) -> torch.Tensor:
     """Completion ids [prompts * G, <= max_new_tokens], pad after EOS, rows group-contiguous.

@@ -27,14 +27,16 @@ import contextlib
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from . import anatomy
+
 
 def decoder_layers(policy) -> list[torch.nn.Module]:
     """The policy's decoder blocks (the units sharded one by one)."""
-    base = getattr(policy, "model", policy)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError("strategy: fsdp needs a decoder with `.model.layers`; use strategy=ddp for this model")
-    return list(layers)
+    try:
+        return list(anatomy.decoder_layers(policy))
+    except ValueError:
+        raise ValueError("strategy: fsdp needs a decoder with a list of decoder layers (`.model.layers`); "
+                         "use strategy=ddp for this model") from None
 
 
 def shard(policy, mesh, bf16: bool) -> None:

@@ -27,7 +27,7 @@ from . import losses
 from .attention import AttentionCapture, attention_layer_of
 from .lens import Readout, find_readout
 from .options import JSD_TEMPERATURE_SAMPLING
-from .registry import POLICY_LOSSES
+from .registry import ALIGNMENT_CHANNELS, POLICY_LOSSES, channel_weight, channel_weighting
 from .rollout import Rollout
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24
@@ -151,15 +151,26 @@ class Objective:
         value = self.method.jsd_temperature
         return float(self.grpo.temperature if value == JSD_TEMPERATURE_SAMPLING else value)
 
+    def weight(self, channel: str) -> float:
+        """This step's weight of an alignment channel (`registry.ALIGNMENT_CHANNELS`): its
+        configured weight x the schedule."""
+        return channel_weight(self.method, channel) * self.align_scale
+
+    def channels(self, capture: str | None = None) -> list[str]:
+        """The alignment channels with a positive weight this step, in registry order; with
+        `capture`, only those that need that capture."""
+        return [name for name in ALIGNMENT_CHANNELS.names() if self.weight(name) > 0
+                and (capture is None or ALIGNMENT_CHANNELS.meta(name, "capture") == capture)]
+
     @property
     def logit_weight(self) -> float:
         """This step's weight of L_think: method.logit_weight x the schedule."""
-        return self.method.logit_weight * self.align_scale
+        return self.weight("think")
 
     @property
     def attn_weight(self) -> float:
         """This step's weight of L_attn: method.attn_weight x the schedule."""
-        return self.method.attn_weight * self.align_scale
+        return self.weight("attn")
 
     def scheduled(self, step: int) -> Objective:
         """This objective at optimisation step `step` (1-based) of `method.align_schedule`."""
@@ -169,9 +180,9 @@ class Objective:
 
     @property
     def hidden_layers(self) -> list[int]:
-        """What `policy_forward` must return: the student layers for the logit alignment, and the
-        internal policy's layer."""
-        layers = list(self.student_layers) if self.logit_weight > 0 else []
+        """What `policy_forward` must return: the student layers for the channels that read hidden
+        states (the logit alignment), and the internal policy's layer."""
+        layers = list(self.student_layers) if self.channels("lens") or self.channels("hidden") else []
         if self.policy_layer is not None and self.policy_layer not in layers:
             layers.append(self.policy_layer)
         return layers
@@ -179,7 +190,7 @@ class Objective:
     @property
     def attn_layers(self) -> list[int]:
         """What `policy_forward` must capture for the attention alignment (students + final)."""
-        return [*self.student_layers, self.num_layers] if self.attn_weight > 0 else []
+        return [*self.student_layers, self.num_layers] if self.channels("attention") else []
 
     def forward(self, model, part: Rollout) -> PolicyOutputs:
         return policy_forward(model, part, self.hidden_layers, self.attn_layers, self.readout)
@@ -223,12 +234,12 @@ class Objective:
         return on_mask(res.logps, mask), ent, {k: on_mask(d, mask) for k, d in zip(studs, res.lens_jsd, strict=True)}
 
     def total(self, terms: Mapping[str, object]):
-        """L = L_policy + w_logit L_think + w_attn L_attn, for tensors or logged floats alike."""
+        """L = L_policy + w_logit L_think + w_attn L_attn (+ any registered channel's weighted
+        loss, in registry order), for tensors or logged floats alike."""
         total = terms["loss/policy"]
-        if "loss/think" in terms:
-            total = total + self.logit_weight * terms["loss/think"]
-        if "loss/attn" in terms:
-            total = total + self.attn_weight * terms["loss/attn"]
+        for name in ALIGNMENT_CHANNELS.names():
+            if f"loss/{name}" in terms:
+                total = total + self.weight(name) * terms[f"loss/{name}"]
         return total
 
 
@@ -244,7 +255,8 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     `reward` weighting.
     part.old_logps (the old policy, else the current one detached) and part.is_weights (sampler
     mismatch) enter the policy loss (`losses.policy_loss`, any grpo.loss_type).
-    Returns "loss/policy", "loss/think" / "loss/attn" (when weighted), "loss/total" (with graph),
+    Returns "loss/policy", "loss/<channel>" for each weighted alignment channel
+    (`registry.ALIGNMENT_CHANNELS`: "loss/think", "loss/attn"), "loss/total" (with graph),
     detached token sums "sum/<metric>" (entropy, clip ratios, importance ratio, kl), the importance
     ratio's "min/..." and "max/..." for logging, and per-channel
     divergence sums by advantage sign "stat/<channel>/..." (`divergence_sums`).
@@ -252,8 +264,8 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     g, m, mask = objective.grpo, objective.method, part.completion_mask
     # one pass over the vocabulary: log-probs, entropy and the lens JSD of every student
     bonus = objective.entropy_bonus != 0  # BuPO's internal policy: no bonus
-    logps, ent, think = objective.head(out, part, students=objective.logit_weight > 0, entropy=True,
-                                       entropy_grad=bonus)
+    logps, ent, lens_jsd = objective.head(out, part, students=bool(objective.channels("lens")), entropy=True,
+                                          entropy_grad=bonus)
     per_tok, clip = losses.policy_loss(logps, part.old_logps, adv, mask, g.loss_type, g.importance_sampling_level,
                                        options=g, is_weights=part.is_weights)
     if g.off_policy_mask_threshold is not None:  # TRL's order: this mask, the entropy mask, the IS weights
@@ -277,12 +289,10 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     agg = dict(loss_type=losses.aggregation_of(g.loss_type), **norm)
     terms["loss/policy"] = losses.aggregate(per_tok, mask, **agg)
     align = Alignment(mask, adv, rewards, dict(agg, loss_type=m.align_loss_type or agg["loss_type"]))
-    if objective.logit_weight > 0:
-        terms["loss/think"] = align.loss("think", think,
-                                         m.think_weighting or m.weighting, terms)
-    if objective.attn_weight > 0:
-        terms["loss/attn"] = align.loss("attn", attention_divergence(out, part, objective),
-                                        m.attn_weighting or m.weighting, terms)
+    shared = {"lens_jsd": lens_jsd}
+    for name in objective.channels():
+        divergence = ALIGNMENT_CHANNELS.get(name)(out, part, objective, shared)
+        terms[f"loss/{name}"] = align.loss(name, divergence, channel_weighting(m, name), terms)
     with torch.no_grad():
         terms["sum/entropy"] = (ent * mask).sum()
         for name in ("low", "high", "region"):
@@ -333,9 +343,12 @@ class Alignment:
         return total / len(divs)
 
 
-def think_divergence(out: PolicyOutputs, part: Rollout, objective: Objective) -> dict[int, torch.Tensor]:
+def think_divergence(out: PolicyOutputs, part: Rollout, objective: Objective,
+                     shared: Mapping | None = None) -> dict[int, torch.Tensor]:
     """Per student layer, the per-token JSD(sg[p_L] || lens p_l): {k: [b, C]}, 0 off the mask.
-    (`loss_terms` gets these from the same chunked pass as the log-probs.)"""
+    (`loss_terms` gets these from the same chunked pass as the log-probs, in `shared`.)"""
+    if shared is not None and shared.get("lens_jsd"):
+        return shared["lens_jsd"]
     return objective.head(out, part, students=True, entropy=False)[2]
 
 
@@ -349,7 +362,8 @@ def attention_row_blocks(part: Rollout) -> Iterator[tuple[int, int, int]]:
         yield lo, hi, P - 1 + hi
 
 
-def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective) -> dict[int, torch.Tensor]:
+def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective,
+                         shared: Mapping | None = None) -> dict[int, torch.Tensor]:
     """Per student layer, the per-token attention-row JSD to the final layer: {k: [b, C]}."""
     m, mask = objective.method, part.completion_mask
     keys = part.attention_mask.bool()

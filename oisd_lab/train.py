@@ -65,7 +65,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                         format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template),
                         ref_model=ref, on_log_step=hook)
     if cfg.log.plan:  # the memory plan, and the measured peaks of the first steps beside it
-        # imported only when asked for: the planner loads the tracing and benchmark code
+        # imported only when asked for: the planner loads the tracing and measuring code
         from .plan.run_hook import plan_run
 
         plan_run(cfg, run, module, log)

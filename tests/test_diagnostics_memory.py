@@ -11,12 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from oisd_lab import diagnostics, losses
+from oisd_lab.anatomy import backbone_of
 from oisd_lab.attention import AttentionCapture, attention_layer_of, hidden_index_of
-from oisd_lab.bench.memory import profiler_peak
-from oisd_lab.hidden_capture import HiddenCapture, backbone_of
+from oisd_lab.hidden_capture import HiddenCapture
 from oisd_lab.lens import find_readout
 from oisd_lab.rollout import Rollout, generate
 from oisd_lab.step import policy_forward
+from oisd_lab.synthetic import profiler_peak
 
 
 # ---------------------------------------------------------------- the plain implementation

@@ -141,3 +141,88 @@ def test_every_package_import_inside_a_function_says_why():
     unexplained = [f"{p.relative_to(PACKAGE.parent)}:{n}" for p in sorted(PACKAGE.rglob("*.py"))
                    for n in _unexplained_function_imports(p)]
     assert unexplained == []
+
+
+def test_nothing_outside_the_benchmarks_imports_them():
+    """The benchmarks sit on top of the product: what they share with the planner lives in
+    `oisd_lab.synthetic`. (`oisd-lab bench` reaches `oisd_lab.bench` through the CLI's table of
+    subcommand modules, by name, not by an import.)"""
+    into_bench = sorted(f"{name} -> {target}" for name, targets in _graph().items() for target in targets
+                        if _room(target) == "oisd_lab.bench" and _room(name) != "oisd_lab.bench")
+    assert into_bench == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_definitions(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, methods, variables, arguments, and the
+    attributes it assigns on its own objects (`self._x = ...`; `obj._x = ...` defines nothing)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            found.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            found.add(node.attr)
+        elif isinstance(node, ast.arg):
+            found.add(node.arg)
+    return {name for name in found if _private(name)}
+
+
+def _private_crossings(files: dict[str, Path]) -> list[str]:
+    """`module: name` for each private name a module reaches in another package module: imported
+    from it (`from .x import _y`), read off it (`x._y`), or read off an object (`obj._y`, `obj` not
+    `self` or `cls`) when `_y` is defined in another package module and not in this one."""
+    trees = {name: ast.parse(path.read_text()) for name, path in files.items()}
+    defined = {name: _private_definitions(tree) for name, tree in trees.items()}
+    elsewhere: dict[str, set[str]] = {}
+    for name, names in defined.items():
+        for private in names:
+            elsewhere.setdefault(private, set()).add(name)
+    found = set()
+    for name, tree in trees.items():
+        package = name if files[name].name == "__init__.py" else name.rpartition(".")[0]
+        modules: dict[str, str] = {}  # local name -> the package module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                source = ".".join([*base, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    if f"{source}.{alias.name}" in files:
+                        modules[alias.asname or alias.name] = f"{source}.{alias.name}"
+                    elif _private(alias.name) and source in files and source != name:
+                        found.add(f"{name}: {source}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                modules |= {alias.asname or alias.name: alias.name for alias in node.names if alias.name in files}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+                continue
+            owner = modules.get(node.value.id) if isinstance(node.value, ast.Name) else None
+            if owner is not None:
+                if owner != name:
+                    found.add(f"{name}: {owner}.{node.attr}")
+            elif not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) \
+                    and node.attr not in defined[name] and elsewhere.get(node.attr):
+                found.add(f"{name}: {'|'.join(sorted(elsewhere[node.attr]))}.{node.attr}")
+    return sorted(found)
+
+
+def test_the_crossing_finder_sees_imports_module_attributes_and_object_attributes(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("def _f():\n    pass\n\n\nclass A:\n    def _m(self):\n"
+                                           "        self._x = 1\n")
+    (tmp_path / "pkg" / "b.py").write_text("from . import a\nfrom .a import _f, A\n\n\ndef g(obj):\n"
+                                           "    a._f()\n    obj._m()\n    obj._local()\n    obj.__len__()\n")
+    (tmp_path / "pkg" / "c.py").write_text("def _m(self):\n    return self._x\n\n\ndef h(o):\n"
+                                           "    return o._m()\n")
+    files = {f"pkg.{p.stem}": p for p in (tmp_path / "pkg").glob("*.py")}
+    assert _private_crossings(files) == ["pkg.b: pkg.a._f", "pkg.b: pkg.a|pkg.c._m"]
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    assert _private_crossings(files) == []

@@ -203,7 +203,7 @@ def test_train_keeps_the_plan_beside_measured_peaks(tmp_path, cache_dir):
 def test_the_profiler_peak_is_an_allocation_and_prints_nothing_of_its_own(capfd):
     import sys
 
-    from oisd_lab.bench.memory import profiler_peak
+    from oisd_lab.synthetic import profiler_peak
 
     def fn():
         x = torch.ones(1000, 1000)  # 4,000,000 bytes held at once
@@ -216,15 +216,15 @@ def test_the_profiler_peak_is_an_allocation_and_prints_nothing_of_its_own(capfd)
 
 
 def test_rollout_formula_is_within_15_percent_of_a_measured_generate():
-    from oisd_lab.bench.common import _NoEos
-    from oisd_lab.bench.memory import profiler_peak
+    from oisd_lab.bench.common import NoEos
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
     from oisd_lab.rollout import generate
+    from oisd_lab.synthetic import profiler_peak
 
     tok = build_char_tokenizer()
     model = build_tiny_model("tiny", len(tok))
     prompts, C, c = ["1+2*3=?" * 3] * 16, 64, model.config
-    measured = profiler_peak(lambda: generate(model, _NoEos(tok), prompts, 4, C))  # every row runs to C
+    measured = profiler_peak(lambda: generate(model, NoEos(tok), prompts, 4, C))  # every row runs to C
     geometry = (c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, 64,
                 len(prompts[0]) + C, 4)
     planned = formulas.kv_cache_bytes(*geometry) + formulas.decode_step_bytes(*geometry, c.vocab_size)
@@ -233,9 +233,9 @@ def test_rollout_formula_is_within_15_percent_of_a_measured_generate():
 
 def test_planned_diagnostics_pass_matches_a_measured_one():
     from oisd_lab import diagnostics
-    from oisd_lab.bench.memory import profiler_peak
     from oisd_lab.plan.model_config import load_model_config
     from oisd_lab.plan.setup import build_module, build_policy, micro_batches, step_shape
+    from oisd_lab.synthetic import profiler_peak
 
     cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48",
                    "accelerator=cpu"])

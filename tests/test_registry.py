@@ -1,8 +1,8 @@
 """The extension points (`oisd_lab.registry`): the advantage estimators against verl's definitions
 (verl commit b178a3cd56f58b2d502255daba591e92833930a7, `verl/trainer/ppo/core_algos.py` and
 `verl/utils/torch_functional.py::masked_whiten`) on hand-made tensors, the built-ins unchanged
-behind the registry, and a toy policy loss and a toy estimator added through the registries alone
-that train with `oisd-lab train`."""
+behind the registry, and a toy policy loss, a toy estimator and a toy alignment channel added
+through the registries alone that train with `oisd-lab train`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import assert_gradients_flowed, tiny_overrides
 from oisd_lab import losses
 from oisd_lab.cli import main
 from oisd_lab.config import ConfigError, compose
-from oisd_lab.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+from oisd_lab.registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS, POLICY_LOSSES
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
 LENGTHS = torch.tensor([3, 5, 2, 4, 1, 6, 3, 2, 4, 4, 1, 5])
@@ -137,3 +137,43 @@ def test_a_registered_entry_trains(options, toy_entries, tmp_path, cache_dir):
     assert_gradients_flowed(rows)
     if "toy" in options[0]:
         assert toy_entries["loss" if "loss_type" in options[0] else "estimator"] > 0
+
+
+def test_the_built_in_channels_are_think_and_attn_in_that_order():
+    assert ALIGNMENT_CHANNELS.names() == ("think", "attn")
+    assert [ALIGNMENT_CHANNELS.meta(n, "weight") for n in ("think", "attn")] == ["logit_weight", "attn_weight"]
+    with pytest.raises(ConfigError, match="method.channel_weights: unknown value 'toy'"):
+        compose(["+method.channel_weights.toy=1"])
+
+
+@pytest.fixture()
+def toy_channel():
+    """A hidden-state cosine channel (1 - cos(h_k, h_L) per token), registered here and nowhere
+    else, with its weight in `method.channel_weights`."""
+    seen = {"calls": 0, "layers": set()}
+
+    def hidden_cosine(out, part, objective, shared):
+        seen["calls"] += 1
+        seen["layers"] |= set(out.hidden)
+        mask = part.completion_mask
+        return {k: (1 - torch.nn.functional.cosine_similarity(out.hidden[k], out.final.detach(), dim=-1)) * mask
+                for k in objective.student_layers}
+
+    ALIGNMENT_CHANNELS.register("toy_cosine", hidden_cosine, capture="hidden")
+    yield seen
+    ALIGNMENT_CHANNELS.unregister("toy_cosine")
+
+
+def test_a_registered_channel_trains(toy_channel, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, "log.wandb_mode=disabled", "max_steps=2", "method.layers=[1]",
+                               "+method.channel_weights.toy_cosine=0.5", "method.weighting=uniform")
+    assert main(["train", *overrides]) == 0
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert_gradients_flowed(rows)
+    assert toy_channel["calls"] > 0 and toy_channel["layers"] == {1}
+    for row in rows:
+        assert row["loss/toy_cosine"] > 0 and "loss/think" not in row and "loss/attn" not in row
+        assert row["loss/total"] == pytest.approx(row["loss/policy"] + 0.5 * row["loss/toy_cosine"], rel=1e-5, abs=1e-7)
+    assert rows[1]["grad/toy_cosine/norm"] > 0  # step 2 logs: the gradient view separates the channel

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .attn import bench_attn
-from .common import PRESETS, QUICK, SECTIONS, Settings, _quiet, machine_info
+from .common import PRESETS, QUICK, SECTIONS, Settings, machine_info, quiet_logs
 from .memory import bench_memory
 from .presets import bench_presets
 from .smollm2 import bench_smollm2
@@ -91,7 +91,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def run(args: argparse.Namespace) -> int:
     s = settings_from(args)
-    _quiet()
+    quiet_logs()
     torch.set_num_threads(s.threads)
     result = {"meta": machine_info(s, quick=args.quick)}
     for name in s.sections:

@@ -89,7 +89,7 @@ def machine_info(s: Settings, quick: bool = False) -> dict:
             "load_avg": os.getloadavg(), "settings": asdict(s)}
 
 
-def _quiet() -> None:
+def quiet_logs() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -104,7 +104,7 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _cfg(s: Settings, method: str, **extra):
+def bench_config(s: Settings, method: str, **extra):
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..config import compose
 
@@ -116,31 +116,31 @@ def _cfg(s: Settings, method: str, **extra):
     return compose(over + [f"{k}={v}" for k, v in extra.items()])
 
 
-def _start_policy(s: Settings):
+def start_policy(s: Settings):
     """(policy, tokenizer) of the presets and TRL sections: `--init` random, warm or a checkpoint."""
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import build_char_tokenizer, load_pretrained
 
     if s.init == "random":
         tok = build_char_tokenizer()
-        return _policy(len(tok), s.seed), tok
+        return tiny_policy(len(tok), s.seed), tok
     path = s.init
     if s.init == "warm":
         # on use: a section loads training code only when it runs, so importing the bench package stays light
         from ..pretrain import warm_start
 
-        path = warm_start(_cfg(s, "grpo"), log=lambda *a: None)
+        path = warm_start(bench_config(s, "grpo"), log=lambda *a: None)
     return load_pretrained(path)
 
 
-def _policy(vocab_size: int, seed: int = 0, max_positions: int = 512):
+def tiny_policy(vocab_size: int, seed: int = 0, max_positions: int = 512):
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import build_tiny_model
 
     return build_tiny_model("tiny", vocab_size=vocab_size, seed=seed, max_positions=max_positions)
 
 
-def _now() -> tuple[float, float]:
+def clock_now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
@@ -159,10 +159,10 @@ class _Clock:
         class _Cb(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if not clock.marks:
-                    clock.marks.append(_now())
+                    clock.marks.append(clock_now())
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                clock.marks.append(_now())
+                clock.marks.append(clock_now())
 
         class _Log(Logger):
             name, version = "bench", "0"
@@ -195,7 +195,7 @@ def _phases(row: dict) -> dict:
     return out
 
 
-def _fit(module, steps: int) -> list[dict]:
+def fit_steps(module, steps: int) -> list[dict]:
     """`steps` Lightning training steps; per step the module's metrics, `wall` and `cpu` seconds
     (from the start of one step to the end of the next, so Lightning and logging count), and
     `rollout_*`, `optimise_*`, `diagnostics_*` phase times."""
@@ -211,7 +211,7 @@ def _fit(module, steps: int) -> list[dict]:
     return clock.steps()
 
 
-def _module(cfg, policy, tokenizer, source, fixed=None, hook=None, format_prompt=None):
+def bench_module(cfg, policy, tokenizer, source, fixed=None, hook=None, format_prompt=None):
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..module import OISDModule
 
@@ -221,38 +221,24 @@ def _module(cfg, policy, tokenizer, source, fixed=None, hook=None, format_prompt
                       on_log_step=hook, sampler=sampler)
 
 
-def _rotated(items: tuple[str, ...], r: int) -> list[str]:
+def rotated(items: tuple[str, ...], r: int) -> list[str]:
     k = r % len(items)
     return list(items[k:] + items[:k])
 
 
-def _median_of(rows: list[dict], key: str) -> float:
+def median_of(rows: list[dict], key: str) -> float:
     return statistics.median(float(r[key]) for r in rows)
 
 
-def _per_round(fits_a: list, fits_b: list, fn) -> dict:
+def per_round(fits_a: list, fits_b: list, fn) -> dict:
     return stats([fn(a, b) for a, b in zip(fits_a, fits_b, strict=True)])
 
 
-def _ratio(key: str):
-    return lambda a, b: _median_of(a, key) / _median_of(b, key)
+def median_ratio(key: str):
+    return lambda a, b: median_of(a, key) / median_of(b, key)
 
 
-def _synthetic_rollout(tokenizer, batch: int, prompt_len: int, completion_len: int, seed: int = 0):
-    """A rollout of random printable tokens, every completion exactly `completion_len` long."""
-    # on use: a section loads training code only when it runs, so importing the bench package stays light
-    from ..rollout import Rollout
-
-    gen = torch.Generator().manual_seed(seed)
-    low = 3  # after pad, bos, eos: never ends a completion early
-    ids = torch.randint(low, len(tokenizer), (batch, prompt_len + completion_len), generator=gen)
-    texts = ["x" * completion_len] * batch
-    return Rollout(input_ids=ids, attention_mask=torch.ones_like(ids),
-                   completion_mask=torch.ones(batch, completion_len), prompt_length=prompt_len,
-                   texts=texts, truncated=torch.ones(batch, dtype=torch.bool))
-
-
-class _NoEos:
+class NoEos:
     """A tokenizer view whose EOS id is never sampled, so every completion runs to full length."""
 
     def __init__(self, tokenizer) -> None:
@@ -266,13 +252,13 @@ class _NoEos:
         return self._tok(*args, **kwargs)
 
 
-def _timed(fn, sink: list[tuple[float, float]]):
+def timed_call(fn, sink: list[tuple[float, float]]):
     def wrapper(*args, **kwargs):
-        w0, c0 = _now()
+        w0, c0 = clock_now()
         try:
             return fn(*args, **kwargs)
         finally:
-            w1, c1 = _now()
+            w1, c1 = clock_now()
             sink.append((w1 - w0, c1 - c0))
 
     return wrapper

@@ -154,13 +154,13 @@ def synthetic_rollout(case: Case, seed: int = 0):
 def time_decoding(model, case: Case, device: torch.device) -> dict:
     """Tokens/s of sampling `decode_prompts` x `generations` completions of `decode_tokens` each."""
     # on use: a section loads training code only when it runs, so importing the bench package stays light
-    from ..rollout import _decode
+    from ..rollout import decode_completions
 
     phases = Phases(device)
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, case.config["vocab_size"], (case.decode_prompts, case.prompt_len), generator=gen)
     never = torch.tensor([-1], device=device)  # an EOS id no sample matches: full-length completions
-    run = phases.wrap("rollout", lambda: _decode(model, prompts.to(device), torch.ones_like(prompts).to(device),
+    run = phases.wrap("rollout", lambda: decode_completions(model, prompts.to(device), torch.ones_like(prompts).to(device),
                                                  case.generations, case.decode_tokens, 1.0, 1.0, True, never, 0))
     with torch.autocast(device.type, dtype=torch.bfloat16):
         out = run()
@@ -221,7 +221,7 @@ def run_method(model, case: Case, method: str, device: torch.device, rollout, wo
     phases = Phases(device)
     module.sampler = phases.wrap("rollout", module.sampler)
     module.on_log_step = phases.wrap("diagnostics", module.on_log_step)
-    module._optimise = phases.wrap("forward_backward", module._optimise)
+    module.optimise = phases.wrap("forward_backward", module.optimise)
     rows = []
     before = [p.detach().to("cpu", copy=True) for p in model.parameters()]
     trainer = L.Trainer(max_steps=STEPS + 1, max_epochs=-1, accelerator=cfg.accelerator, devices=1,

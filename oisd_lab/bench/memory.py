@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import threading
 
 import torch
 
-from .common import Settings, _cfg, _module, _policy, _synthetic_rollout
+from ..synthetic import VocabOnly, profiler_peak, synthetic_rollout
+from .common import Settings, bench_config, bench_module, tiny_policy
 
 
 class _RssPeak:
@@ -41,41 +40,6 @@ class _RssPeak:
         return self.peak - self.base
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """File descriptor 2 to /dev/null: the profiler's C++ side prints its own start/stop lines there."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def profiler_peak(fn) -> int:
-    """Peak bytes held by tensors allocated inside `fn()` (CPU allocator events of torch.profiler).
-    The profiler's own start/stop lines are kept off stderr; what `fn` writes there is not."""
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _native_stderr_silenced():
-        prof.start()
-    try:
-        fn()
-    finally:
-        with _native_stderr_silenced():
-            prof.stop()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    cur = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        cur += event.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
 def bench_memory(s: Settings) -> dict:
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import build_char_tokenizer
@@ -85,8 +49,8 @@ def bench_memory(s: Settings) -> dict:
     completion = min(s.mem_completion, s.mem_tokens)
     batch = max(s.mem_tokens // completion, 1)
     prompt_len = 16
-    policy = _policy(s.mem_vocab, s.seed, max_positions=prompt_len + completion + 1)
-    rollout = _synthetic_rollout(_VocabOnly(s.mem_vocab), batch, prompt_len, completion, s.seed)
+    policy = tiny_policy(s.mem_vocab, s.seed, max_positions=prompt_len + completion + 1)
+    rollout = synthetic_rollout(VocabOnly(s.mem_vocab), batch, prompt_len, completion, s.seed)
     adv = torch.linspace(-1.5, 1.5, batch)
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=batch,
                 max_completion_length=completion)
@@ -95,8 +59,8 @@ def bench_memory(s: Settings) -> dict:
            "logits_bytes": batch * completion * s.mem_vocab * 4, "per_preset": {}}
     presets = [m for m in ("grpo", "oisd_logit", "oisd_attn", "oisd") if m in s.presets or m == "grpo"]
     for m in presets:
-        cfg = _cfg(s, m, prompts=max(batch // s.generations, 1), max_len=completion, micro=batch)
-        module = _module(cfg, policy, tok, load_source(cfg.task))
+        cfg = bench_config(s, m, prompts=max(batch // s.generations, 1), max_len=completion, micro=batch)
+        module = bench_module(cfg, policy, tok, load_source(cfg.task))
 
         def step(module=module):
             policy.zero_grad(set_to_none=True)
@@ -118,9 +82,3 @@ def bench_memory(s: Settings) -> dict:
     return out
 
 
-class _VocabOnly:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n

@@ -11,14 +11,14 @@ import torch
 
 from .common import (
     Settings,
-    _cfg,
-    _fit,
-    _median_of,
-    _module,
-    _per_round,
-    _ratio,
-    _rotated,
-    _start_policy,
+    bench_config,
+    bench_module,
+    fit_steps,
+    median_of,
+    median_ratio,
+    per_round,
+    rotated,
+    start_policy,
     stats,
 )
 
@@ -30,26 +30,26 @@ def bench_presets(s: Settings) -> dict:
     from ..run_hooks import LogStepHook
     from ..sources import load_source
 
-    policy, tok = _start_policy(s)
+    policy, tok = start_policy(s)
     init = copy.deepcopy(policy.state_dict())
-    cfgs = {m: _cfg(s, m) for m in s.presets}
+    cfgs = {m: bench_config(s, m) for m in s.presets}
     source = load_source(cfgs["grpo"].task)
     problems = source.train_batch(0, s.prompts, s.seed)
     torch.manual_seed(s.seed)
     fixed = (problems, generate(policy, tok, [p.prompt for p in problems], s.generations, s.max_len))
     opt: dict[str, list[list[dict]]] = {m: [] for m in s.presets}
     full: dict[str, list[list[dict]]] = {m: [] for m in s.presets}
-    _fit(_module(cfgs["grpo"], policy, tok, source, fixed), 2)  # process warm-up
+    fit_steps(bench_module(cfgs["grpo"], policy, tok, source, fixed), 2)  # process warm-up
     with tempfile.TemporaryDirectory(prefix="oisd_bench_") as tmp:  # diagnostics files
         for r in range(s.repeats):
-            for m in _rotated(s.presets, r):
+            for m in rotated(s.presets, r):
                 policy.load_state_dict(init)
-                opt[m].append(_fit(_module(cfgs[m], policy, tok, source, fixed), s.steps + 1))
+                opt[m].append(fit_steps(bench_module(cfgs[m], policy, tok, source, fixed), s.steps + 1))
                 policy.load_state_dict(init)
                 run_dir = Path(tmp) / f"{m}-{r}"
                 run_dir.mkdir()
                 hook = LogStepHook(cfgs[m], RunDir(run_dir))
-                full[m].append(_fit(_module(cfgs[m], policy, tok, source, hook=hook), s.steps + 1))
+                full[m].append(fit_steps(bench_module(cfgs[m], policy, tok, source, hook=hook), s.steps + 1))
     policy.load_state_dict(init)
     return {"batch": {"prompts": s.prompts, "generations": s.generations, "max_completion_length": s.max_len,
                       "micro_batch_size": s.micro, "fixed_rollout_completion_tokens":
@@ -63,27 +63,27 @@ def _preset_summary(m: str, opt: dict, full: dict, s: Settings, every: int) -> d
     o, g = timed(opt[m]), timed(opt["grpo"])
     f, fg = timed(full[m]), timed(full["grpo"])
     batch = s.prompts * s.generations
-    out: dict = {"mean_completion_length": stats([_median_of(x, "completions/mean_length") for x in f])}
+    out: dict = {"mean_completion_length": stats([median_of(x, "completions/mean_length") for x in f])}
     for c in ("cpu", "wall"):
         diag = stats([x[0][f"diagnostics_{c}"] for x in full[m] if f"diagnostics_{c}" in x[0]])
-        align = _per_round(o, g, lambda a, b, c=c: _median_of(a, f"optimise_{c}") - _median_of(b, f"optimise_{c}"))
-        rest = lambda x, c=c: (_median_of(x, c) - _median_of(x, f"rollout_{c}")  # noqa: E731
-                               - _median_of(x, f"optimise_{c}") - _median_of(x, "time/scoring"))
+        align = per_round(o, g, lambda a, b, c=c: median_of(a, f"optimise_{c}") - median_of(b, f"optimise_{c}"))
+        rest = lambda x, c=c: (median_of(x, c) - median_of(x, f"rollout_{c}")  # noqa: E731
+                               - median_of(x, f"optimise_{c}") - median_of(x, "time/scoring"))
         out[c] = {
-            "opt_step_s": stats([_median_of(x, c) for x in o]),
-            "full_step_s": stats([_median_of(x, c) for x in f]),
-            "ratio_opt_vs_grpo": _per_round(o, g, _ratio(c)),
-            "ratio_full_vs_grpo": _per_round(f, fg, _ratio(c)),
+            "opt_step_s": stats([median_of(x, c) for x in o]),
+            "full_step_s": stats([median_of(x, c) for x in f]),
+            "ratio_opt_vs_grpo": per_round(o, g, median_ratio(c)),
+            "ratio_full_vs_grpo": per_round(f, fg, median_ratio(c)),
             "rollout_tokens_per_s": stats([statistics.median(r["completions/mean_length"] * batch / r[f"rollout_{c}"]
                                                              for r in x) for x in f]),
             "diagnostics_per_log_step_s": diag,
             "breakdown_s": {
-                "rollout": stats([_median_of(x, f"rollout_{c}") for x in f]),
-                "scoring": stats([_median_of(x, "time/scoring") for x in f]),
-                "forward_backward": stats([_median_of(x, f"optimise_{c}") for x in f]),
+                "rollout": stats([median_of(x, f"rollout_{c}") for x in f]),
+                "scoring": stats([median_of(x, "time/scoring") for x in f]),
+                "forward_backward": stats([median_of(x, f"optimise_{c}") for x in f]),
                 "alignment": align,
                 "logging": stats([rest(x) + (diag["median"] or 0.0) / every for x in f]),
-                "step": stats([_median_of(x, c) for x in f]),
+                "step": stats([median_of(x, c) for x in f]),
             },
         }
     return out

@@ -18,20 +18,20 @@ from pathlib import Path
 
 import torch
 
+from ..synthetic import profiler_peak
 from .common import (
+    NoEos,
     Settings,
-    _cfg,
-    _fit,
-    _median_of,
-    _module,
-    _NoEos,
-    _now,
-    _per_round,
-    _rotated,
+    bench_config,
+    bench_module,
+    clock_now,
+    fit_steps,
+    median_of,
+    per_round,
+    rotated,
     stats,
 )
-from .memory import profiler_peak
-from .versus_trl import _ours_fit, _trl_fit
+from .versus_trl import ours_fit, trl_fit
 
 OVERRIDES = {"task": "word", "model.chat_template": "true"}
 
@@ -50,7 +50,7 @@ def bench_smollm2(s: Settings) -> dict:
 
     sm = smol_settings(s)
     policy, tok = load_pretrained(s.smol_model)
-    cfgs = {m: _cfg(sm, m, **OVERRIDES) for m in s.presets}
+    cfgs = {m: bench_config(sm, m, **OVERRIDES) for m in s.presets}
     source = load_source(cfgs["grpo"].task)
     fmt = lambda text: source.format_prompt(text, tok, chat=True)  # noqa: E731
     problems = source.train_batch(0, sm.prompts, sm.seed)
@@ -61,7 +61,7 @@ def bench_smollm2(s: Settings) -> dict:
                      "micro_batch_size": sm.micro, "task": "word", "chat_template": True}}
     init = copy.deepcopy(policy.state_dict())
     torch.manual_seed(sm.seed)
-    fixed = (problems, _decode_ours(policy, _NoEos(tok), prompts, sm))
+    fixed = (problems, _decode_ours(policy, NoEos(tok), prompts, sm))
     out["floor"] = floor_arithmetic(policy.config, fixed[1].prompt_length, sm.max_len)
     out["presets"] = _presets(sm, cfgs, policy, tok, source, fixed, prompts, init, fmt)
     policy.load_state_dict(init)
@@ -103,9 +103,9 @@ def _decode_hf(policy, tok, prompts, sm):
 
 
 def _timed_call(fn, *args) -> dict:
-    w0, c0 = _now()
+    w0, c0 = clock_now()
     fn(*args)
-    w1, c1 = _now()
+    w1, c1 = clock_now()
     return {"wall": w1 - w0, "cpu": c1 - c0}
 
 
@@ -113,15 +113,15 @@ def _presets(sm, cfgs, policy, tok, source, fixed, prompts, init, fmt) -> dict:
     """Per round: decoding (ours, `model.generate`; full length) and each preset's optimisation step."""
     fits: dict[str, list[list[dict]]] = {m: [] for m in cfgs}
     decode: dict[str, list[dict]] = {"ours": [], "hf": []}
-    _fit(_module(cfgs["grpo"], policy, tok, source, fixed, format_prompt=fmt), 1)  # process warm-up
+    fit_steps(bench_module(cfgs["grpo"], policy, tok, source, fixed, format_prompt=fmt), 1)  # process warm-up
     for r in range(sm.repeats):
-        for name in _rotated(("ours", "hf"), r):
+        for name in rotated(("ours", "hf"), r):
             torch.manual_seed(sm.seed + r)
             fn = _decode_ours if name == "ours" else _decode_hf
-            decode[name].append(_timed_call(fn, policy, _NoEos(tok) if name == "ours" else tok, prompts, sm))
-        for m in _rotated(tuple(cfgs), r):
+            decode[name].append(_timed_call(fn, policy, NoEos(tok) if name == "ours" else tok, prompts, sm))
+        for m in rotated(tuple(cfgs), r):
             policy.load_state_dict(init)
-            fits[m].append(_fit(_module(cfgs[m], policy, tok, source, fixed, format_prompt=fmt), 1))
+            fits[m].append(fit_steps(bench_module(cfgs[m], policy, tok, source, fixed, format_prompt=fmt), 1))
     out: dict = {"decode_s": {n: {c: stats([x[c] for x in v]) for c in ("cpu", "wall")} for n, v in decode.items()},
                  "decode_ours_vs_hf": {c: stats([a[c] / b[c] for a, b in zip(decode["ours"], decode["hf"],
                                                                               strict=True)]) for c in ("cpu", "wall")},
@@ -132,11 +132,11 @@ def _presets(sm, cfgs, policy, tok, source, fixed, prompts, init, fmt) -> dict:
             gen = out["decode_s"]["ours"][c]["median"]
             key = f"optimise_{c}"
             out["per_preset"][m][c] = {
-                "forward_backward_s": stats([_median_of(x, key) for x in fits[m]]),
-                "ratio_fb_vs_grpo": _per_round(fits[m], fits["grpo"],
-                                               lambda a, b, k=key: _median_of(a, k) / _median_of(b, k)),
-                "ratio_full_vs_grpo": _per_round(fits[m], fits["grpo"], lambda a, b, k=key, g=gen:
-                                                 (g + _median_of(a, k)) / (g + _median_of(b, k))),
+                "forward_backward_s": stats([median_of(x, key) for x in fits[m]]),
+                "ratio_fb_vs_grpo": per_round(fits[m], fits["grpo"],
+                                               lambda a, b, k=key: median_of(a, k) / median_of(b, k)),
+                "ratio_full_vs_grpo": per_round(fits[m], fits["grpo"], lambda a, b, k=key, g=gen:
+                                                 (g + median_of(a, k)) / (g + median_of(b, k))),
             }
     return out
 
@@ -149,9 +149,9 @@ def _diagnostics(sm, cfg, policy, tok, source, fmt) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="oisd_bench_smol_") as tmp:
         hook = LogStepHook(cfg, RunDir(Path(tmp)))
-        rows = _fit(_module(cfg, policy, tok, source, hook=hook, format_prompt=fmt), 2)
+        rows = fit_steps(bench_module(cfg, policy, tok, source, hook=hook, format_prompt=fmt), 2)
     every = cfg.log.every_n_steps
-    module = _module(cfg, policy, tok, source)
+    module = bench_module(cfg, policy, tok, source)
     out = {"log_every_n_steps": every, "layers_diagnosed": _diagnosed(cfg, module)}
     for c in ("cpu", "wall"):
         diag, step = rows[0][f"diagnostics_{c}"], rows[1][c]
@@ -179,35 +179,34 @@ def _versus_trl(sm, cfg, policy, tok, source, fmt) -> dict:
         policy.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         for r in range(sm.repeats):
-            for fn in ([_ours_fit, _trl_fit] if r % 2 == 0 else [_trl_fit, _ours_fit]):
+            for fn in ([ours_fit, trl_fit] if r % 2 == 0 else [trl_fit, ours_fit]):
                 rows = fn(sm, cfg, source, model_dir, r, fmt)
-                (ours if fn is _ours_fit else theirs).append(rows[1:])
-    out = {"ours_mean_completion_length": stats([_median_of(x, "completions/mean_length") for x in ours]),
-           "trl_mean_completion_length": stats([_median_of(x, "completions/mean_length") for x in theirs])}
+                (ours if fn is ours_fit else theirs).append(rows[1:])
+    out = {"ours_mean_completion_length": stats([median_of(x, "completions/mean_length") for x in ours]),
+           "trl_mean_completion_length": stats([median_of(x, "completions/mean_length") for x in theirs])}
     for c in ("cpu", "wall"):
-        out[c] = {"ours_step_s": stats([_median_of(x, c) for x in ours]),
-                  "trl_step_s": stats([_median_of(x, c) for x in theirs]),
-                  "ratio_ours_vs_trl": _per_round(ours, theirs, lambda a, b, c=c: _median_of(a, c) / _median_of(b, c)),
-                  "ours_rollout_s": stats([_median_of(x, f"rollout_{c}") for x in ours]),
-                  "trl_generate_s": stats([_median_of(x, f"generate_{c}") for x in theirs])}
+        out[c] = {"ours_step_s": stats([median_of(x, c) for x in ours]),
+                  "trl_step_s": stats([median_of(x, c) for x in theirs]),
+                  "ratio_ours_vs_trl": per_round(ours, theirs, lambda a, b, c=c: median_of(a, c) / median_of(b, c)),
+                  "ours_rollout_s": stats([median_of(x, f"rollout_{c}") for x in ours]),
+                  "trl_generate_s": stats([median_of(x, f"generate_{c}") for x in theirs])}
     return out
 
 
 def _memory(s: Settings, policy, tok, source, fmt) -> dict:
     """Peak bytes of one loss forward+backward (one micro-batch) at `smol_mem_len`-token completions."""
     # on use: a section loads training code only when it runs, so importing the bench package stays light
-    from .common import _synthetic_rollout
-    from .memory import _VocabOnly
+    from ..synthetic import VocabOnly, synthetic_rollout
 
     rows, length = s.smol_mem_rows, s.smol_mem_len
     sm = replace(smol_settings(s), max_len=length, micro=rows, prompts=max(rows // s.smol_generations, 1))
-    rollout = _synthetic_rollout(_VocabOnly(len(tok)), rows, 40, length, s.seed)
+    rollout = synthetic_rollout(VocabOnly(len(tok)), rows, 40, length, s.seed)
     adv = torch.linspace(-1.5, 1.5, rows)
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=rows, max_completion_length=length)
     out = {"rows": rows, "completion_length": length, "prompt_length": 40,
            "logits_bytes": rows * length * len(tok) * 4, "per_preset": {}}
     for m in [p for p in ("grpo", "oisd_logit", "oisd") if p in s.presets]:
-        module = _module(_cfg(sm, m, **OVERRIDES), policy, tok, source, format_prompt=fmt)
+        module = bench_module(bench_config(sm, m, **OVERRIDES), policy, tok, source, format_prompt=fmt)
 
         def step(module=module):
             policy.zero_grad(set_to_none=True)

@@ -8,16 +8,16 @@ from pathlib import Path
 
 from .common import (
     Settings,
-    _cfg,
-    _fit,
-    _median_of,
-    _module,
-    _now,
-    _per_round,
-    _ratio,
-    _start_policy,
-    _timed,
+    bench_config,
+    bench_module,
+    clock_now,
+    fit_steps,
+    median_of,
+    median_ratio,
+    per_round,
+    start_policy,
     stats,
+    timed_call,
 )
 
 
@@ -29,8 +29,8 @@ def bench_trl(s: Settings) -> dict:
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..sources import load_source
 
-    policy, tok = _start_policy(s)
-    cfg = _cfg(s, "grpo")
+    policy, tok = start_policy(s)
+    cfg = bench_config(s, "grpo")
     source = load_source(cfg.task)
     ours, theirs = [], []
     with tempfile.TemporaryDirectory(prefix="oisd_bench_trl_") as tmp:
@@ -38,24 +38,24 @@ def bench_trl(s: Settings) -> dict:
         policy.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         for r in range(s.repeats):
-            order = [_ours_fit, _trl_fit] if r % 2 == 0 else [_trl_fit, _ours_fit]
+            order = [ours_fit, trl_fit] if r % 2 == 0 else [trl_fit, ours_fit]
             for fn in order:
                 rows = fn(s, cfg, source, model_dir, r)
-                (ours if fn is _ours_fit else theirs).append(rows[1:])
+                (ours if fn is ours_fit else theirs).append(rows[1:])
     out = {"batch": {"prompts": s.prompts, "generations": s.generations, "max_completion_length": s.max_len,
                      "micro_batch_size": s.micro, "loss_type": "dapo", "beta": 0.0},
-           "ours_mean_completion_length": stats([_median_of(x, "completions/mean_length") for x in ours]),
-           "trl_mean_completion_length": stats([_median_of(x, "completions/mean_length") for x in theirs])}
+           "ours_mean_completion_length": stats([median_of(x, "completions/mean_length") for x in ours]),
+           "trl_mean_completion_length": stats([median_of(x, "completions/mean_length") for x in theirs])}
     for c in ("cpu", "wall"):
-        out[c] = {"ours_step_s": stats([_median_of(x, c) for x in ours]),
-                  "trl_step_s": stats([_median_of(x, c) for x in theirs]),
-                  "ratio_ours_vs_trl": _per_round(ours, theirs, _ratio(c)),
-                  "ours_rollout_s": stats([_median_of(x, f"rollout_{c}") for x in ours]),
-                  "trl_generate_s": stats([_median_of(x, f"generate_{c}") for x in theirs])}
+        out[c] = {"ours_step_s": stats([median_of(x, c) for x in ours]),
+                  "trl_step_s": stats([median_of(x, c) for x in theirs]),
+                  "ratio_ours_vs_trl": per_round(ours, theirs, median_ratio(c)),
+                  "ours_rollout_s": stats([median_of(x, f"rollout_{c}") for x in ours]),
+                  "trl_generate_s": stats([median_of(x, f"generate_{c}") for x in theirs])}
     return out
 
 
-def _ours_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> list[dict]:
+def ours_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> list[dict]:
     """`fmt`: prompt text -> what the model sees (e.g. the chat template), as for TRL."""
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..models import load_pretrained
@@ -63,10 +63,10 @@ def _ours_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> li
     policy, tok = load_pretrained(model_dir)
     cfg = copy.deepcopy(cfg)
     cfg.seed = s.seed + r
-    return _fit(_module(cfg, policy, tok, source, format_prompt=fmt), s.trl_steps + 1)
+    return fit_steps(bench_module(cfg, policy, tok, source, format_prompt=fmt), s.trl_steps + 1)
 
 
-def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> list[dict]:
+def trl_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> list[dict]:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -88,10 +88,10 @@ def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> lis
     class Rec(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if not marks:
-                marks.append(_now())
+                marks.append(clock_now())
 
         def on_step_end(self, args, state, control, **kwargs):
-            marks.append(_now())
+            marks.append(clock_now())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "completions/mean_length" in logs:
@@ -111,7 +111,7 @@ def _trl_fit(s: Settings, cfg, source, model_dir: Path, r: int, fmt=None) -> lis
         dataloader_num_workers=0, lr_scheduler_type="constant", weight_decay=cfg.grpo.weight_decay)
     policy, tok = load_pretrained(model_dir)
     gen_times: list[tuple[float, float]] = []
-    policy.generate = _timed(policy.generate, gen_times)
+    policy.generate = timed_call(policy.generate, gen_times)
     trainer = GRPOTrainer(model=policy, reward_funcs=correct, args=args, train_dataset=data,
                           processing_class=tok, callbacks=[Rec()])
     trainer.remove_callback(PrinterCallback)  # no per-step log lines in the bench output

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run.folder import RunDir, cell_folder
-from .spec import Cell, Grid, _key, hydra_value
+from .spec import Cell, Grid, hydra_value, override_key
 
 TAIL_LINES = 20
 
@@ -33,7 +33,7 @@ def state(folder: Path) -> str:
 
 def cell_command(grid: Grid, cell: Cell, folder: Path, threads: int = 1) -> list[str]:
     """The `train` command of a cell; grid-set keys are added unless the grid file sets them."""
-    keys = {_key(o) for o in cell.overrides}
+    keys = {override_key(o) for o in cell.overrides}
     extra = [f"run_dir={hydra_value(str(Path(folder).resolve()))}"]
     defaults = {"num_threads": str(threads), "log.wandb_group": hydra_value(grid.name),
                 "log.tags": hydra_value(cell.tags(grid.name))}
@@ -41,7 +41,7 @@ def cell_command(grid: Grid, cell: Cell, folder: Path, threads: int = 1) -> list
     return [sys.executable, "-m", "oisd_lab", "train", *cell.overrides, *extra]
 
 
-def _child_env(threads: int) -> dict[str, str]:
+def child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("WANDB_MODE", "offline")
     # A W&B service started in this process (a notebook, say) must not be shared by the cells:
@@ -91,7 +91,7 @@ def launch(grid: Grid, cell: Cell, folder: Path, threads: int = 1) -> Launch | N
         log.flush()
         offset = log.tell()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_child_env(threads), start_new_session=True, preexec_fn=_die_with_parent)
+                                env=child_env(threads), start_new_session=True, preexec_fn=_die_with_parent)
     run.write_status(pid=proc.pid)  # the child's first status write comes seconds later
     return Launch(cell, folder, proc, offset, time.time(), lock)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..extras import require_extra
 from ..run.folder import RunDir
-from .local import _child_env, cell_command, cell_dir, settle
+from .local import cell_command, cell_dir, child_env, settle
 from .spec import Cell, Grid
 
 
@@ -57,7 +57,7 @@ def run_cell_job(folder: str, command: list[str], threads: int) -> str:
         log.flush()
         offset = log.tell()
         run.write_status(attempts=attempts, returncode=None, error=None, log_tail=None)
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads)).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(threads)).returncode
     if settle(folder_path, offset, code) != "finished":
         raise RuntimeError(f"cell {folder_path.name} failed: {run.read_status().get('error')}")
     return "finished"

@@ -103,8 +103,8 @@ def expand(grid: Grid, check: Callable[[Any], None] | None = None) -> list[Cell]
     """The cells of a grid in a fixed order (cartesian product, first axis slowest); `check` is
     called with each cell's composed config."""
     for item in [*grid.base, *grid.overrides]:
-        if _key(item) in SET_BY_GRID:
-            raise ConfigError(f"{_key(item)}: set by the grid (cells live in <grid dir>/cells); use --out")
+        if override_key(item) in SET_BY_GRID:
+            raise ConfigError(f"{override_key(item)}: set by the grid (cells live in <grid dir>/cells); use --out")
     cells, seen = [], {}
     for index, values in enumerate(itertools.product(*grid.axes.values())):
         axes = dict(zip(grid.axes, values, strict=True))
@@ -183,11 +183,11 @@ def merge_overrides(*groups: list[str]) -> list[str]:
         for item in group:
             if "=" not in item:
                 raise ConfigError(f"{item}: overrides are key=value (e.g. method=oisd seed=1)")
-            merged[_key(item)] = item
+            merged[override_key(item)] = item
     return list(merged.values())
 
 
-def _key(item: str) -> str:
+def override_key(item: str) -> str:
     return item.partition("=")[0].lstrip("+~")
 
 

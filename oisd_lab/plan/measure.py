@@ -18,7 +18,7 @@ def measure_step(cfg, prompt_length: int, seed: int = 0) -> dict:
     """Bytes of one real training step on this machine's CPU: the peak allocated inside the step
     (`step`, as the plan's traced step peak), and the parameters and optimizer state held before it."""
     # on use: the planner builds models and traces the step only when a plan is made
-    from ..bench.memory import profiler_peak
+    from ..synthetic import profiler_peak
     from .model_config import load_model_config
     from .trace import tensor_bytes
 

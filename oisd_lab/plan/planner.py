@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..anatomy import decoder_layers
 from . import formulas
 from .setup import (
     StepShape,
@@ -87,11 +88,8 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
 
 
 def _layer_bytes(policy) -> int:
-    """Bytes of the first decoder layer's parameters (0 for a model without `.model.layers`: FSDP is
-    then planned as gathering the whole model)."""
-    # on use: the sharding module loads Lightning's strategies
-    from ..sharding import decoder_layers
-
+    """Bytes of the first decoder layer's parameters (0 for a model without a list of decoder
+    layers: FSDP is then planned as gathering the whole model)."""
     try:
         return tensor_bytes(decoder_layers(policy)[0].parameters())
     except (ValueError, IndexError):

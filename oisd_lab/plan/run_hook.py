@@ -32,7 +32,7 @@ def plan_run(cfg, run, module, log=print) -> None:
     run.plan.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     meter = PhaseMeter(run.memory, {k: v["total"] for k, v in result.phases.items()}, module)
     module.sampler = meter.wrap(module.sampler, "rollout")
-    module._optimise = meter.wrap(module._optimise, "policy step")
+    module.optimise = meter.wrap(module.optimise, "policy step")
     if module.on_log_step is not None:
         module.on_log_step = meter.wrap(module.on_log_step, "diagnostics")
 
@@ -63,7 +63,7 @@ class PhaseMeter:
             result = fn()
             return result, torch.cuda.max_memory_allocated()
         # on use: the planner builds models and traces the step only when a plan is made
-        from ..bench.memory import profiler_peak
+        from ..synthetic import profiler_peak
 
         held, box = self._held(), []
         peak = profiler_peak(lambda: box.append(fn()))
@@ -77,7 +77,7 @@ class PhaseMeter:
                                                       if p.grad is not None)]
         for opt in self.module.trainer.optimizers:
             tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-        for ref in self.module._ref:
+        for ref in self.module.reference_models:
             tensors += list(ref.parameters())
         return tensor_bytes(tensors)
 

@@ -87,15 +87,14 @@ def micro_batches(shape: StepShape, vocab_size: int, count: int | None = None, s
     """(rollout, advantages, normalisers) of the first `count` micro-batches of a step whose
     completions all run to full length (the bench's synthetic rollout, one prompt left-padded)."""
     # on use: the planner builds models and traces the step only when a plan is made
-    from ..bench.common import _synthetic_rollout
-    from ..bench.memory import _VocabOnly
+    from ..synthetic import VocabOnly, synthetic_rollout
 
     mb, n = shape.micro_batch, count or shape.num_micro
     tokens = torch.tensor(float(shape.rows * shape.completion_length))
     norm = dict(num_items_in_batch=tokens, num_sequences=shape.rows, max_completion_length=shape.completion_length)
     parts = []
     for i in range(min(n, shape.num_micro)):
-        rollout = _synthetic_rollout(_VocabOnly(vocab_size), mb, shape.prompt_length, shape.completion_length,
+        rollout = synthetic_rollout(VocabOnly(vocab_size), mb, shape.prompt_length, shape.completion_length,
                                      seed + i)
         rollout.attention_mask[-1, 0] = 0  # prompts of different lengths: left padding, so a 4-D mask is built
         parts.append((rollout, torch.linspace(-1.5, 1.5, mb), norm))

@@ -19,14 +19,17 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import losses, step
+from ..registry import ALIGNMENT_CHANNELS
 from .tracker import MemoryTrace
 
 LABELS = {  # (module, function) -> the part of the step its allocations belong to
     ("losses", "_chunked_logps"): "log-probs and entropy", ("losses", "entropy_from_logits"): "log-probs and entropy",
-    ("losses", "_lens_jsd_rows"): "think loss (lens JSD)", ("step", "attention_divergence"): "attention loss",
-    ("step", "reference_logps"): "reference model",
+    ("losses", "_lens_jsd_rows"): "think loss (lens JSD)", ("step", "reference_logps"): "reference model",
 }
 """A renamed function loses its label (its bytes count under "loss terms"); tests check the labels."""
+CHANNEL_LABELS = {"think": "think loss (lens JSD)", "attn": "attention loss"}
+"""Labels of the alignment channels' divergences (`registry.ALIGNMENT_CHANNELS`); any other
+channel's is "<name> loss"."""
 
 
 @dataclass
@@ -92,7 +95,7 @@ def _grid(index: torch.Tensor, dim: int) -> torch.Tensor:
 @contextlib.contextmanager
 def labelled(trace: MemoryTrace | None, policy):
     """Label allocations by part of the step: the policy forward, its logits, the loss functions
-    of `step` and `losses`; a gradient counts as "gradients" once accumulated into `.grad`."""
+    of `step` and `losses`, each alignment channel's divergence; a gradient counts as "gradients" once accumulated into `.grad`."""
     if trace is None:
         yield
         return
@@ -108,6 +111,10 @@ def labelled(trace: MemoryTrace | None, policy):
         if hasattr(modules[module], fn):
             saved[module, fn] = getattr(modules[module], fn)
             setattr(modules[module], fn, _with_label(trace, name, saved[module, fn]))
+    channels = {name: ALIGNMENT_CHANNELS.entry(name) for name in ALIGNMENT_CHANNELS.names()}
+    divergences = {name: entry.resolve() for name, entry in channels.items()}
+    for name, entry in channels.items():  # the step finds a channel's divergence through its entry
+        entry.target = _with_label(trace, CHANNEL_LABELS.get(name, f"{name} loss"), divergences[name])
     try:
         yield
     finally:
@@ -115,6 +122,8 @@ def labelled(trace: MemoryTrace | None, policy):
             handle.remove()
         for (module, fn), original in saved.items():
             setattr(modules[module], fn, original)
+        for name, entry in channels.items():
+            entry.target = divergences[name]
 
 
 def _with_label(trace, name, fn):
@@ -127,7 +136,7 @@ def _with_label(trace, name, fn):
 
 def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None,
                   accumulated: bool = False) -> None:
-    """What `OISDModule._optimise` does to memory: per micro-batch the loss terms and their
+    """What `OISDModule.optimise` does to memory: per micro-batch the loss terms and their
     backward, then gradient clipping and the optimizer step. `accumulated`: start as a later
     micro-batch does, with every gradient already allocated by the earlier ones."""
     label = trace.label if trace is not None else lambda _: contextlib.nullcontext()
