@@ -120,3 +120,25 @@ def test_sharded_run_killed_after_a_checkpoint_resumes_to_the_same_end(reference
     assert got.keys() == ref.keys()
     assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def test_logging_steps_without_the_gradient_view_train_as_with_it(reference, cache_dir, tmp_path):
+    """`log.gradient_view=false`: the logging pass (rank 0) and the rollouts run forwards that no
+    backward follows, and the step's backward then runs FSDP's own per-layer gathers. Those forwards
+    once made the ranks prefetch different layers and wait on each other forever at step 1. The
+    run ends as the reference ends after the same 2 steps (the view only reads the gradients)."""
+    run = tmp_path / "run"
+    cmd = [*command(run), "max_steps=2", "log.gradient_view=false"]
+    done = subprocess.run(cmd, env=environment(cache_dir), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = rows(run / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2] and not any("grad/policy/norm" in r for r in metrics)
+    want = rows(reference / "metrics.jsonl")[:2]
+    assert [r["reward"] for r in metrics] == [r["reward"] for r in want]
+    for got, ref in zip(metrics, want, strict=True):
+        assert abs(got["grad_norm"] - ref["grad_norm"]) < 1e-4 * ref["grad_norm"], (got["grad_norm"], ref["grad_norm"])
+    ckpt = torch.load(reference / "checkpoints" / "step=2.ckpt", map_location="cpu", weights_only=False)
+    ref = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}
+    got = load_file(run / "final_model" / "model.safetensors")
+    # measured: equal to 1e-8 after two Adam steps of lr 3e-5
+    assert max((got[k] - ref[k]).abs().max().item() for k in got) < 1e-6
