@@ -431,7 +431,11 @@ class TrainConfig:
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu or gpu."""
     devices: Any = 1
-    """Lightning devices: a count or a list of GPU indices."""
+    """Lightning devices: a count or a list of GPU indices (per node)."""
+    num_nodes: int = 1
+    """Nodes of a multi-node run (each runs `devices` ranks). Under SLURM (`srun`) ranks come from
+    SLURM_PROCID / SLURM_LOCALID / SLURM_NODEID; num_nodes must equal `--nodes` and devices
+    `--ntasks-per-node`."""
     strategy: str = "auto"
     """Lightning strategy: auto, ddp or fsdp (FSDP2: each decoder layer and the root sharded over
     all ranks; GPUs over NCCL, CPU ranks over gloo)."""

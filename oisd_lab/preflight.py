@@ -22,7 +22,7 @@ from .sources import TaskSource, load_source
 from .tasks import TASKS
 
 RESUME_MAY_CHANGE = ("run_dir", "max_steps", "checkpoint_every", "num_threads", "accelerator", "devices",
-                     "strategy", "eval.batch_size", "pretrain.cache_dir", "log.")
+                     "num_nodes", "strategy", "eval.batch_size", "pretrain.cache_dir", "log.")
 """Settings (or prefixes, ending in '.') that a resumed run may change: they do not alter what
 the run computes per step (the grid runner treats the same ones as execution settings)."""
 
@@ -59,12 +59,15 @@ def check_runtime(cfg: TrainConfig) -> None:
     if str(cfg.accelerator) in ("gpu", "cuda"):
         check(torch.cuda.is_available(),
                f"accelerator: '{cfg.accelerator}' but no CUDA device is visible; use accelerator=auto or cpu")
+    check(isinstance(cfg.num_nodes, int) and not isinstance(cfg.num_nodes, bool) and cfg.num_nodes >= 1,
+          f"num_nodes: must be a whole number of nodes >= 1, got {cfg.num_nodes!r}; use num_nodes=1 on one machine")
+    check_slurm(cfg)
     chatty = logging.getLogger("lightning.pytorch")
     level = chatty.level
     chatty.setLevel(logging.WARNING)  # the real Trainer reports the hardware once, later
     try:
-        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=make_strategy(cfg.strategy),
-                  precision=cfg.precision,
+        L.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                  strategy=make_strategy(cfg.strategy), precision=cfg.precision,
                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     except Exception as err:  # Lightning raises ValueError, MisconfigurationException, ...
         message = first_line(err) or type(err).__name__
@@ -72,6 +75,26 @@ def check_runtime(cfg: TrainConfig) -> None:
         raise ConfigError(f"{field}: {message}") from err
     finally:
         chatty.setLevel(level)
+
+
+def check_slurm(cfg: TrainConfig) -> None:
+    """Under `srun` every task is one rank: num_nodes must be SLURM's node count and devices its
+    tasks per node (otherwise ranks disagree on the world size and the run hangs at the first
+    collective)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():  # torchrun inside SLURM wins
+        return
+    nodes = os.environ.get("SLURM_NNODES")
+    if nodes is not None and nodes.isdigit():
+        check(int(nodes) == cfg.num_nodes,
+              f"num_nodes: {cfg.num_nodes} but SLURM allocated {nodes} nodes (--nodes={nodes}); "
+              f"pass num_nodes={nodes}")
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    if per_node.isdigit() and str(cfg.devices).isdigit():
+        check(int(per_node) == int(cfg.devices),
+              f"devices: {cfg.devices} but SLURM starts {per_node} tasks per node (--ntasks-per-node={per_node}); "
+              f"pass devices={per_node}")
 
 
 def model_depth(cfg: TrainConfig) -> int | None:

@@ -70,6 +70,7 @@ def gathered(policy, through_backward: bool = False):
     if not units:
         yield
         return
+    order = _ForwardOrder(units)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         if through_backward:
@@ -78,6 +79,8 @@ def gathered(policy, through_backward: bool = False):
     try:
         yield
     finally:
+        if not through_backward:
+            order.forget_since_entry()
         for unit in units:
             root = unit is policy  # the root stays gathered from its forward to its backward
             if through_backward:
@@ -86,6 +89,29 @@ def gathered(policy, through_backward: bool = False):
                 continue
             unit.reshard()
             unit.set_reshard_after_forward(not root, recurse=False)
+
+
+class _ForwardOrder:
+    """FSDP2 records every forward of a unit (grad or not) to choose which unit to prefetch in the
+    next backward: the unit that ran before it. Forwards inside `gathered` without a backward (a
+    rollout, whose length differs between ranks, or rank 0's logging pass) would make the ranks
+    prefetch different units, and their collectives then pair an all-gather on one rank with a
+    reduce-scatter on the other: a deadlock at the step's first backward. Dropping those records
+    leaves every rank with the forwards of the step alone."""
+
+    def __init__(self, units: list) -> None:
+        self.groups = [g for unit in units for g in getattr(unit._get_fsdp_state(), "_fsdp_param_groups", [])]
+        self.ctx = self.groups[0].comm_ctx if self.groups else None
+        # the list exists once the root's first forward has initialised FSDP
+        self.order = len(getattr(self.ctx, "post_forward_order", []))
+        self.indices = [len(g._post_forward_indices) for g in self.groups]
+
+    def forget_since_entry(self) -> None:
+        if self.ctx is None or not hasattr(self.ctx, "post_forward_order"):
+            return
+        del self.ctx.post_forward_order[self.order:]
+        for group, n in zip(self.groups, self.indices, strict=True):
+            del group._post_forward_indices[n:]
 
 
 class ShardedStrategy(ModelParallelStrategy):

@@ -135,6 +135,16 @@ def test_strategies_share_the_trace_and_move_the_state():
     assert ddp.required > ddp.peak * 1.1  # fragmentation, CUDA context and NCCL on GPU
 
 
+def test_fsdp_over_two_nodes_shards_over_every_rank():
+    cache: dict = {}
+    base = ["accelerator=gpu", "precision=bf16-mixed", "model.dtype=float32", "strategy=fsdp"]
+    one = make_plan(compose([*base, "devices=8"]), 20, cache=cache)
+    two = make_plan(compose([*base, "devices=8", "num_nodes=2"]), 20, cache=cache)
+    assert (one.setup["world"], two.setup["world"]) == (8, 16)
+    assert two.state["parameters"] == -(-4 * one.setup["parameters"] // 16)
+    assert two.state["optimizer state"] < one.state["optimizer state"] * 0.51
+
+
 # Parameter counts published with each model.
 SHIPPED = {"Qwen/Qwen3-4B": 4_022_468_096, "Qwen/Qwen3-8B": 8_190_735_360, "Qwen/Qwen3-0.6B": 596_049_920,
            "OctoThinker/OctoThinker-3B-Long-Base": 3_212_749_824, "HuggingFaceTB/SmolLM2-135M": 134_515_008}

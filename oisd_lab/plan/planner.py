@@ -178,6 +178,11 @@ DEFAULT_PROMPT_LENGTH = 512
 
 
 def world_size(cfg) -> int:
+    """Ranks of the run: devices per node times `num_nodes` (FSDP shards over all of them)."""
+    return _devices_per_node(cfg) * max(int(getattr(cfg, "num_nodes", 1) or 1), 1)
+
+
+def _devices_per_node(cfg) -> int:
     devices = cfg.devices
     if isinstance(devices, int) and devices > 0:
         return devices

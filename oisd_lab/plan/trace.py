@@ -172,9 +172,15 @@ def _storage_bytes(value) -> int:
 
 
 def tensor_bytes(tensors) -> int:
-    """Bytes of distinct storages (tied weights count once)."""
+    """Bytes of distinct storages (tied weights count once). A sharded tensor (FSDP2's DTensor
+    parameters, their gradients and AdamW state) counts the shard this rank holds: the DTensor's
+    own storage reports the full tensor."""
+    from torch.distributed.tensor import DTensor
+
     seen = {}
     for t in tensors:
+        if isinstance(t, DTensor):
+            t = t._local_tensor
         seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
     return sum(seen.values())
 

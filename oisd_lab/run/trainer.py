@@ -11,9 +11,9 @@ import torch
 
 from ..config import TrainConfig
 from ..models import load_pretrained
+from ..sharding import ShardedStrategy, make_strategy
 from .checkpointing import AtomicCheckpointIO
 from .folder import RunDir
-from ..sharding import ShardedStrategy, make_strategy
 
 
 def make_trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
@@ -27,7 +27,8 @@ def make_trainer(cfg: TrainConfig, run: RunDir, loggers: list) -> L.Trainer:
     if cfg.log.progress_bar:
         callbacks.append(_step_bar(cfg.method.name))
     return L.Trainer(
-        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, strategy=make_strategy(cfg.strategy),
+        max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=make_strategy(cfg.strategy),
         precision=cfg.precision, logger=loggers, callbacks=callbacks, log_every_n_steps=1,
         enable_progress_bar=cfg.log.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run.root, use_distributed_sampler=False, max_epochs=-1, plugins=[AtomicCheckpointIO()],
@@ -60,7 +61,23 @@ def enable_checkpointing(model) -> None:
 
 
 def launched_rank() -> int:
-    """This process's global rank when a distributed launcher started it (0 otherwise)."""
+    """This process's global rank when a launcher started it (0 otherwise), from the cluster
+    environment Lightning picks: torchrun (RANK), SLURM under `srun` (SLURM_PROCID), LSF, MPI; or
+    from RANK / LOCAL_RANK that Lightning sets on the ranks it starts itself."""
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ["RANK"])
+    if SLURMEnvironment.detect():
+        return int(os.environ["SLURM_PROCID"])
+    for env in (LSFEnvironment, MPIEnvironment):
+        if env.detect():
+            return env().global_rank()
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
