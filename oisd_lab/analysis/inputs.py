@@ -12,7 +12,16 @@ import pandas as pd
 
 from ..collect import collect
 from ..errors import ConfigError
-from .runs import COLLECTED, GridData, load_grid, load_run, read_table, snapshot_steps, with_power, with_run
+from .runs import (
+    COLLECTED,
+    GridData,
+    load_grid,
+    load_run,
+    read_table,
+    snapshot_steps,
+    with_power,
+    with_run,
+)
 
 REQUIRED_COLUMNS = {
     "results": ("run_id", "method", "task", "seed", "metric", "value"),
