@@ -441,6 +441,13 @@ class OISDModule(L.LightningModule):
         view.finish([p.grad for p in view.params])
         view.average_over_ranks()  # global figures under DDP and FSDP
         lengths = rollout.completion_mask.sum(1).to(adv.device)
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # the divergence sums by advantage sign and the batch's advantages: the whole step's, all ranks
+            keys = sorted(stats)
+            summed = torch.stack([stats[k].detach().float().to(self.device) for k in keys])
+            torch.distributed.all_reduce(summed)
+            stats = dict(zip(keys, summed, strict=True))
+            adv, lengths = self._all_ranks(adv.detach().float()), self._all_ranks(lengths.float())
         return view.metrics(stats, adv, lengths, self.cfg.grpo.num_generations)
 
     def micro_batches_with_rewards(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None
