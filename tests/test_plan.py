@@ -72,7 +72,7 @@ def test_planned_step_peak_is_within_5_percent_of_a_measured_cpu_step(case, tmp_
     over = CASES.get(case) or [f"model={_narrow_qwen3(tmp_path)}", "method=oisd", "grpo.prompts_per_step=2",
                                "grpo.num_generations=2", "grpo.micro_batch_size=2",
                                "grpo.max_completion_length=32"]
-    cfg = compose([*over, "accelerator=cpu"])
+    cfg = compose([*over, "accelerator=cpu", "log.gradient_view=false"])  # a step that is not a logging step
     planned = make_plan(cfg, prompt_length=24)
     step = planned.phases["policy step"]
     traced = sum(v for k, v in step.items() if k not in NOT_TRACED)
@@ -82,6 +82,21 @@ def test_planned_step_peak_is_within_5_percent_of_a_measured_cpu_step(case, tmp_
     assert abs(step["total"] - step.get("reference model", 0) - total) / total < 0.05
     assert planned.state["parameters"] == measured["parameters"]
     assert planned.state["optimizer state"] == measured["optimizer"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_logging_steps_gradient_view_is_planned_as_measured(case):
+    """With the gradient view on (the default), the planned step is a logging step's: each term's
+    gradient buffers, summed over micro-batches, held through the optimizer step."""
+    cfg = compose([*CASES[case], "accelerator=cpu"])
+    planned = make_plan(cfg, prompt_length=24)
+    step = planned.phases["policy step"]
+    assert step["gradient view"] > 0
+    without = make_plan(compose([*CASES[case], "accelerator=cpu", "log.gradient_view=false"]), prompt_length=24)
+    assert step["total"] > without.phases["policy step"]["total"]
+    traced = sum(v for k, v in step.items() if k not in NOT_TRACED)
+    measured = measure_step(cfg, prompt_length=24)
+    assert abs(traced / measured["step"] - 1) < 0.05, (traced, measured["step"])
 
 
 @pytest.mark.parametrize("checkpointing", ["false", "true"])
@@ -305,11 +320,14 @@ def test_fsdp_gathers_the_whole_model_for_the_rollout_and_one_layer_at_a_time_fo
     layer = sum(p.numel() for p in layers[0].parameters())
     root = n - len(layers) * layer
     assert root == sum(p.numel() for name, p in model.named_parameters() if ".layers." not in name)
-    plan = make_plan(compose(["accelerator=gpu", "devices=8", "precision=bf16-mixed", "model.dtype=float32",
-                              "strategy=fsdp"]), 20)
+    base = ["accelerator=gpu", "devices=8", "precision=bf16-mixed", "model.dtype=float32", "strategy=fsdp"]
+    plan = make_plan(compose([*base, "log.gradient_view=false"]), 20)
     assert plan.setup["parameters"] == n and plan.setup["layers"] == len(layers) == 6
     gathered = {k: v["FSDP gathered parameters"] for k, v in plan.phases.items()}
     assert gathered == {"rollout": 2 * n, "diagnostics": 2 * (root + layer), "policy step": 2 * (root + 2 * layer)}
+    # a logging step's gradient view differentiates w.r.t. the whole gathered model
+    viewed = make_plan(compose(base), 20)
+    assert viewed.phases["policy step"]["FSDP gathered parameters"] == 2 * n
     # fp32 gradient shards, plus the bf16 gradients of the root and the two layers before reduce-scatter
     assert plan.state["gradients"] == -(-4 * n // 8)
     assert plan.phases["policy step"]["gradients"] == -(-4 * n // 8) + 2 * (root + 2 * layer)

@@ -80,7 +80,9 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
             group["foreach"] = gpu or group.get("foreach")  # CUDA parameters take the foreach path
         opt_bytes = warm_optimizer(opt)
         parts = micro_batches(shape, mc.vocab_size, count=2)  # the second stands for all later ones
-        step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg))
+        # the peak step is a logging step: with the gradient view on, its per-term gradients
+        view = module.gradient_view() if run_cfg.log.gradient_view else None
+        step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg), view=view)
         grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
         return Traced(layers, tensor_bytes(policy.parameters()), grads, opt_bytes,
                       tensor_bytes(ref.parameters()) if ref is not None else 0, step, Phase(),
@@ -317,7 +319,8 @@ def _state(traced: Traced, world: int, fsdp: bool) -> tuple[dict[str, int], list
     if fsdp:
         estimated.append("FSDP sharding of parameters, gradients and optimizer state (1/world each), "
                          "the parameters gathered for the rollout (all) and for the step and the diagnostics "
-                         "(the root and one decoder layer at a time, two during backward), the step's unsharded "
+                         "(the root and one decoder layer at a time, two during backward; the whole model "
+                         "through a logging step with the gradient view), the step's unsharded "
                          "gradients (the root's and those layers') (formula)")
     elif world > 1:
         state["DDP gradient buckets"] = formulas.ddp_bucket_bytes(traced.grads, world)
@@ -334,9 +337,11 @@ def _phases(cfg, mc, shape: StepShape, traced: Traced, state: dict, fsdp: bool, 
     if fsdp:  # the rollout gathers the whole model once; the step and the diagnostics a layer at a time
         per_layer = (n_params, traced.layer_params // param_dtype.itemsize, mc.num_hidden_layers)
         in_flight = formulas.fsdp_gathered_bytes(*per_layer, formulas.FSDP_STEP_LAYERS, act)
+        # a logging step with the gradient view holds the whole model gathered through its backward
+        step_gathered = n_params * act if cfg.log.gradient_view else in_flight
         gathered = {"rollout": n_params * act,
                     "diagnostics": formulas.fsdp_gathered_bytes(*per_layer, formulas.FSDP_DIAGNOSTICS_LAYERS, act),
-                    "policy step": in_flight}
+                    "policy step": step_gathered}
         gathered = {k: {"FSDP gathered parameters": v} for k, v in gathered.items()}
         if "gradients" in step:
             # each layer's gradients are reduce-scattered as its backward ends: the sharded gradients,

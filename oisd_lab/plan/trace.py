@@ -135,10 +135,13 @@ def _with_label(trace, name, fn):
 
 
 def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None,
-                  accumulated: bool = False) -> None:
+                  accumulated: bool = False, view=None) -> None:
     """What `OISDModule.optimise` does to memory: per micro-batch the loss terms and their
     backward, then gradient clipping and the optimizer step. `accumulated`: start as a later
-    micro-batch does, with every gradient already allocated by the earlier ones."""
+    micro-batch does, with every gradient already allocated by the earlier ones. `view`: a
+    logging step's gradient view (`module.gradient_view()`), which collects each term's gradient
+    before the backward and derives the policy's after the last one, and is held through the
+    optimizer step, as `OISDModule.accumulate` and `optimise` do."""
     label = trace.label if trace is not None else lambda _: contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with autocast(), labelled(trace, module.policy):
@@ -149,9 +152,17 @@ def training_step(module, optimizer, parts, max_norm: float, autocast, trace: Me
         for part, adv, norm in parts:
             with label("loss terms"):
                 terms = module.loss_terms(part, adv, norm)
+            if view is not None:
+                with label("gradient view"):
+                    if accumulated:  # what the earlier micro-batches left: each term's gradient so far
+                        view.add(terms)
+                    view.add(terms)
             with label("backward"):
                 terms.pop("loss/total").backward()
             del terms
+        if view is not None:
+            with label("gradient view"):
+                view.finish([p.grad for p in view.params])
         with label("optimizer step"):
             torch.nn.utils.clip_grad_norm_(module.policy.parameters(), max_norm or math.inf)
             optimizer.step()
@@ -201,10 +212,13 @@ def trace(fn, label: str = "other", policy=None) -> tuple[Phase, object]:
     return Phase.of(mode), result
 
 
-def trace_step(module, optimizer, parts, max_norm: float, autocast) -> Phase:
+def trace_step(module, optimizer, parts, max_norm: float, autocast, view=None) -> Phase:
     """Peak of a step whose micro-batches all look like `parts[0]`: the second and later ones
-    hold the first's gradients, so one micro-batch is traced with its gradients allocated."""
+    hold the first's gradients, so one micro-batch is traced with its gradients allocated.
+    `view`: trace a logging step with the gradient view (the traced micro-batch first adds its
+    terms' gradients once for the earlier micro-batches, then as the last one does)."""
     mode = _AllOnesMode("loss terms")
     with mode:
-        training_step(module, optimizer, parts[:1], max_norm, autocast, trace=mode, accumulated=len(parts) > 1)
+        training_step(module, optimizer, parts[:1], max_norm, autocast, trace=mode, accumulated=len(parts) > 1,
+                      view=view)
     return Phase.of(mode)
