@@ -16,8 +16,8 @@ Lightning starts the second rank. Recorded: wall time of the command, each rank'
 set (VmHWM, polled from /proc), the plan's per-rank peak and phases (plan.json) and the measured
 phase peaks beside them (memory.json, rank 0). Both steps are logging steps (the first and the
 last); with the gradient view on (the default) each rank holds the full parameters and one
-gradient buffer per loss term through them, which the plan does not count: the second command
-turns the view off.
+gradient buffer per loss term through them, which the plan counts as a logging step; the second
+command turns the view off.
 """
 
 from __future__ import annotations
