@@ -139,7 +139,9 @@ def test_kv_cache_formula_by_hand():
 
 def test_strategies_share_the_trace_and_move_the_state():
     cache: dict = {}
-    base = ["accelerator=gpu", "devices=8", "precision=bf16-true", "grpo.optimizer=adamw_kahan"]
+    # a step that is not a logging step (with the gradient view FSDP gathers the whole model, below)
+    base = ["accelerator=gpu", "devices=8", "precision=bf16-true", "grpo.optimizer=adamw_kahan",
+            "log.gradient_view=false"]
     ddp = make_plan(compose([*base, "strategy=ddp"]), 20, cache=cache)
     fsdp = make_plan(compose([*base, "strategy=fsdp"]), 20, cache=cache)
     assert len(cache) == 1  # one trace for both
@@ -148,6 +150,9 @@ def test_strategies_share_the_trace_and_move_the_state():
     assert fsdp.phases["rollout"]["FSDP gathered parameters"] == ddp.state["parameters"]
     assert fsdp.phases["policy step"]["FSDP gathered parameters"] < ddp.state["parameters"] / 2
     assert ddp.required > ddp.peak * 1.1  # fragmentation, CUDA context and NCCL on GPU
+    viewed = make_plan(compose([*base[:-1], "strategy=fsdp"]), 20, cache=cache)
+    assert len(cache) == 2  # the gradient view is another trace
+    assert viewed.phases["policy step"]["FSDP gathered parameters"] == ddp.state["parameters"]
 
 
 def test_fsdp_over_two_nodes_shards_over_every_rank():

@@ -231,7 +231,8 @@ def traced_config(cfg):
 def trace_key(cfg, prompt_length, max_layers: int) -> str:
     """What a trace depends on (the strategy and device count only move the persistent state)."""
     cfg = traced_config(cfg)
-    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, on_gpu(cfg), prompt_length, max_layers))
+    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, cfg.log.gradient_view, on_gpu(cfg), prompt_length,
+                 max_layers))
 
 
 DEFAULT_DEVICE_MEMORY = 80 * 2**30
