@@ -226,9 +226,14 @@ class OISDModule(L.LightningModule):
             "dynamic_sampling/groups_dropped": float(len(dropped)),
             "dynamic_sampling/cap_hit": float(len(kept) < g.prompts_per_step)}
 
+    @property
+    def _distributed(self) -> bool:
+        """Several ranks in an initialised process group (False in one process or without a trainer)."""
+        return self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized()
+
     def _any_rank(self, flag: bool) -> bool:
         """`flag` on any rank (all ranks get the same answer); the flag itself in one process."""
-        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+        if not self._distributed:
             return flag
         value = torch.tensor([float(flag)], device=self.device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
@@ -407,7 +412,7 @@ class OISDModule(L.LightningModule):
         coefficient moved by entropy_coef_delta toward more bonus when it is at or below the target."""
         g, control = self.cfg.grpo, self.entropy_control
         both = torch.stack([entropy_sum.detach().float().to(self.device), tokens.float()])
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+        if self._distributed:
             torch.distributed.all_reduce(both)
         entropy = float(both[0] / both[1].clamp(min=1.0))
         step = g.entropy_coef_delta if entropy <= g.entropy_target else -g.entropy_coef_delta
@@ -441,7 +446,7 @@ class OISDModule(L.LightningModule):
         view.finish([p.grad for p in view.params])
         view.average_over_ranks()  # global figures under DDP and FSDP
         lengths = rollout.completion_mask.sum(1).to(adv.device)
-        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+        if self._distributed:
             # the divergence sums by advantage sign and the batch's advantages: the whole step's, all ranks
             keys = sorted(stats)
             summed = torch.stack([stats[k].detach().float().to(self.device) for k in keys])

@@ -268,8 +268,8 @@ def make_plan(cfg, prompt_length: int | None = None, max_layers: int = FULL_DEPT
         engine = vllm_engine_bytes(cfg, traced.params // param_dtype.itemsize, param_dtype.itemsize, gpu,
                                    device_memory or DEFAULT_DEVICE_MEMORY)
         for parts in phases.values():  # the colocated engine holds its memory for the whole run
-            parts.pop("KV cache", None), parts.pop("decoding step", None)
-            parts.pop("total")
+            for ours in ("KV cache", "decoding step", "total"):
+                parts.pop(ours, None)
             parts.update(engine)
             parts["total"] = sum(parts.values())
         estimated += ["vLLM engine: on GPUs the share grpo.vllm_gpu_memory_utilization of the device's memory, "
