@@ -92,6 +92,22 @@ def test_axis_values_become_hydra_overrides(tmp_path):
     assert cfg.method.layers == [1, 3] and cfg.task.difficulty == {"max_value": 5, "ops": "+"}
 
 
+def test_a_recipe_axis_sets_fields_of_several_groups_together_without_crossing_them(tmp_path):
+    path = write_grid(tmp_path / "g.yaml", axes={
+        "recipe": [{"grpo.advantage_estimator": "rloo"}, {"model.lora_rank": 4, "grpo.lr": 2e-4}],
+        "method": ["grpo", "oisd"]})
+    cells = G.load_grid(path).cells
+    assert [c.id.rsplit("-", 1)[0] for c in cells] == [
+        "grpo-arith-s0-advantage_estimatorrloo", "oisd-arith-s0-advantage_estimatorrloo",
+        "grpo-arith-s0-lora_rank4-lr0.0002", "oisd-arith-s0-lora_rank4-lr0.0002"]
+    first, lora = compose(cells[0].overrides), compose(cells[3].overrides)
+    assert first.grpo.advantage_estimator == "rloo" and first.model.lora_rank == 0 and first.grpo.lr == 3e-5
+    assert lora.model.lora_rank == 4 and lora.grpo.lr == 2e-4 and lora.grpo.advantage_estimator != "rloo"
+    assert lora.method.name == "oisd"
+    with pytest.raises(ConfigError, match=r"grid.axes.recipe: each value is a mapping"):
+        G.load_grid(write_grid(tmp_path / "b.yaml", axes={"recipe": ["grpo.lr=1e-4"]}))
+
+
 def test_cell_command_sets_run_dir_threads_group_and_tags(tmp_path):
     grid = G.load_grid(write_grid(tmp_path / "g.yaml", name="abl", base=["max_steps=3"],
                                   axes={"method": ["oisd"], "method.layers": [[2]]}))

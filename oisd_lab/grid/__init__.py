@@ -9,6 +9,9 @@ A grid file (`experiments/grids/*.yaml`) has three keys:
       method: [grpo, oisd]
       seed: [0, 1, 2]
 
+An axis named `recipe` takes sets of overrides as values (`- {model.lora_rank: 16, grpo.lr: 2e-4}`),
+for settings of several groups that go together and must not be crossed with each other.
+
 A cell's overrides are `base`, then its axis values, then the command line's overrides (a later
 value for the same key wins). Every cell is composed, validated and checked against its task
 and model (as `train` checks them) before anything runs. A cell's

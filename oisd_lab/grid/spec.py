@@ -108,7 +108,7 @@ def expand(grid: Grid, check: Callable[[Any], None] | None = None) -> list[Cell]
     cells, seen = [], {}
     for index, values in enumerate(itertools.product(*grid.axes.values())):
         axes = dict(zip(grid.axes, values, strict=True))
-        axis_overrides = [_axis_override(k, v) for k, v in axes.items()]
+        axis_overrides = [item for k, v in axes.items() for item in _axis_overrides(k, v)]
         label = " ".join(axis_overrides) or "the only cell"
         overrides = merge_overrides(grid.base, axis_overrides, grid.overrides)
         try:
@@ -154,7 +154,10 @@ class CellCheck:
 def _cell_name(cfg, axes: dict, run_id: str) -> str:
     """`oisd-arith-s0-1a2b3c4d`; other axes add `<last key part><value>` (`layers2`)."""
     parts = [cfg.method.name, cfg.task.name, f"s{cfg.seed}"]
-    parts += [f"{k.rsplit('.', 1)[-1]}{compact(v)}" for k, v in axes.items() if k not in ("method", "task", "seed")]
+    parts += [f"{k.rsplit('.', 1)[-1]}{compact(v)}" for k, v in axes.items()
+              if k not in ("method", "task", "seed", RECIPE_AXIS)]
+    if RECIPE_AXIS in axes:
+        parts += [f"{k.rsplit('.', 1)[-1]}{compact(v)}" for k, v in axes[RECIPE_AXIS].items()]
     return re.sub(r"[^\w.=+-]", "_", "-".join(parts))[:80] + f"-{run_id[:8]}"
 
 
@@ -168,6 +171,20 @@ def config_hash(config: dict) -> str:
             node = node.get(part, {})
         node.pop(last, None)
     return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+RECIPE_AXIS = "recipe"
+"""An axis whose values are sets of overrides (`{model.lora_rank: 16, grpo.lr: 3e-4}`): one value
+sets fields of several groups together, where a product of axes would cross them."""
+
+
+def _axis_overrides(key: str, value: Any) -> list[str]:
+    if key != RECIPE_AXIS:
+        return [_axis_override(key, value)]
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"grid.axes.{RECIPE_AXIS}: each value is a mapping of config key -> value "
+                          f"(e.g. {{grpo.dynamic_sampling: true}}), got {value!r}")
+    return [_axis_override(k, v) for k, v in value.items()]
 
 
 def _axis_override(key: str, value: Any) -> str:
