@@ -37,8 +37,8 @@ when `.grad` holds this process's unscaled sum; under data parallelism or a loss
 its own backward pass instead. Under data parallelism each rank's figures are taken from the
 gradients averaged over ranks (as the update is); under FSDP the terms are differentiated
 w.r.t. the gathered parameters, which stay gathered through the logging step's passes (the full
-model per rank on logging steps only), and the AdamW view gathers each parameter's second
-moment from its shards as it goes.
+model per rank on logging steps only), and the AdamW view takes each rank's rows of the second
+moment where they are and all-reduces its sums.
 """
 
 from __future__ import annotations
@@ -66,15 +66,27 @@ Grads = Sequence[Tensor | None]
 # --------------------------------------------------------------------------- pure math
 
 
+CHUNK = 1 << 20
+"""Elements of one parameter taken at a time by the figures below: their float64 and float32
+temporaries stay within a few chunks (8 MB each in float64) however large the parameter (a
+151,936 x 2,560 unembedding would otherwise take three 3 GB copies per inner product)."""
+
+
+def chunks(t: Tensor) -> list[Tensor]:
+    """`t` flattened, in pieces of at most CHUNK elements (views, no copy, for a contiguous `t`)."""
+    return list(t.reshape(-1).split(CHUNK))
+
+
 def grad_dot(a: Grads, b: Grads, where: Grads | None = None) -> float:
     """sum over parameters of <a_p, b_p>, over the parameters that `where` reaches (all if None);
-    a None entry counts as zeros."""
+    a None entry counts as zeros. In float64, a chunk of each parameter at a time."""
     total = None  # summed on the gradients' device: one host sync per call, not per parameter
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x is None or y is None or (where is not None and where[i] is None):
             continue
-        part = (x.double() * y.double()).sum()
-        total = part if total is None else total + part.to(total.device)
+        for xs, ys in zip(chunks(x), chunks(y), strict=True):
+            part = (xs.double() * ys.double()).sum()
+            total = part if total is None else total + part.to(total.device)
     return 0.0 if total is None else float(total)
 
 
@@ -168,12 +180,15 @@ def adam_view(grads: Mapping[str, Grads], state: Sequence[AdamEntry | None]) -> 
     step: m averages about 1 / (1 - beta1) = 10 steps, and a term adds up in it only if it keeps its
     direction from step to step (`cos_prev`). Decoupled weight decay is not a gradient and is left
     out. Empty without a policy gradient, or where a term has a gradient on a parameter without
-    optimizer state. One parameter is preconditioned at a time: no parameter-sized buffer is kept.
+    optimizer state. One chunk of one parameter is preconditioned at a time: no parameter-sized
+    temporary is made. Under FSDP each rank takes the rows of its shard of v (no gather) and the
+    sums are all-reduced: a collective, so every rank calls it.
     """
     if "policy" not in grads:
         return {}
-    squares: dict[str, Tensor | None] = dict.fromkeys(grads)
-    dots: dict[str, Tensor | None] = dict.fromkeys(n for n in grads if n != "policy")
+    # sums over whole parameters, and over this rank's shards of FSDP-sharded ones (all-reduced below)
+    sums: dict[bool, dict[str, Tensor | None]] = {False: {}, True: {}}
+    mesh = None
     for i, entry in enumerate(state):
         here = {name: g[i] for name, g in grads.items() if g[i] is not None}
         if not here:
@@ -181,14 +196,22 @@ def adam_view(grads: Mapping[str, Grads], state: Sequence[AdamEntry | None]) -> 
         if entry is None:
             return {}
         v, c, eps = entry
-        if hasattr(v, "full_tensor"):  # an FSDP shard: gathered one parameter at a time (a collective)
-            v = v.full_tensor()
-        denom = v.float().sqrt().div_(c).add_(eps)
-        u = {name: g.float() / denom for name, g in here.items()}
-        for name, x in u.items():
-            squares[name] = _add(squares[name], (x * x).sum(dtype=torch.float64))
-            if name != "policy" and "policy" in u:
-                dots[name] = _add(dots[name], (x * u["policy"]).sum(dtype=torch.float64))
+        sharded = hasattr(v, "to_local")
+        if sharded:  # an FSDP shard: the same rows of each (gathered, identical) gradient, no gather of v
+            # on use: only sharded runs reach here
+            from torch.distributed.tensor import distribute_tensor
+
+            mesh = v.device_mesh
+            here = {name: distribute_tensor(g, mesh, v.placements, src_data_rank=None).to_local()
+                    for name, g in here.items()}
+            v = v.to_local()
+        _adam_sums(sums[sharded], here, v, c, eps)
+    if mesh is not None:  # every rank holds sharded state: each reduces the same keys in the same order
+        for key in sorted(sums[True]):
+            total = sums[True][key]
+            torch.distributed.all_reduce(total, group=mesh.get_group())
+    squares = {name: _sum(sums, ("sq", name)) for name in grads}
+    dots = {name: _sum(sums, ("dot", name)) for name in grads if name != "policy"}
     policy = math.sqrt(_value(squares["policy"]))
     out = {}
     for name in dots:
@@ -196,6 +219,24 @@ def adam_view(grads: Mapping[str, Grads], state: Sequence[AdamEntry | None]) -> 
         out[f"grad/{name}/adam_norm_ratio"] = norm / policy if policy > 0 else 0.0
         out[f"grad/{name}/adam_cos_policy"] = _value(dots[name]) / (norm * policy) if norm * policy > 0 else 0.0
     return out
+
+
+def _adam_sums(sums: dict, grads: Mapping[str, Tensor], v: Tensor, c: float, eps: float) -> None:
+    """Add one parameter's sum of u^2 per term and u_term . u_policy to `sums`, u = g / (sqrt(v) /
+    c + eps), a chunk at a time: no parameter-sized temporaries."""
+    pieces = {name: chunks(g) for name, g in grads.items()}
+    for j, vs in enumerate(chunks(v)):
+        denom = vs.float().sqrt().div_(c).add_(eps)
+        u = {name: gs[j].float() / denom for name, gs in pieces.items()}
+        for name, x in u.items():
+            sums[("sq", name)] = _add(sums.get(("sq", name)), (x * x).sum(dtype=torch.float64))
+            if name != "policy" and "policy" in u:
+                sums[("dot", name)] = _add(sums.get(("dot", name)), (x * u["policy"]).sum(dtype=torch.float64))
+
+
+def _sum(sums: dict, key) -> Tensor | None:
+    parts = [s[key] for s in sums.values() if s.get(key) is not None]
+    return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1].to(parts[0].device)
 
 
 def _add(total: Tensor | None, part: Tensor) -> Tensor:
@@ -226,8 +267,8 @@ class PreviousGradients:
     written before they were kept resumes without `cos_prev` on its first gradient-view step).
     """
 
-    CHUNK = 1 << 22
-    """Elements hashed at a time: the hash's temporaries stay below ~100 MB for any parameter."""
+    CHUNK = CHUNK
+    """Elements hashed at a time: the hash's temporaries stay near 20 MB for any parameter."""
 
     def __init__(self, dims: int = 16384, seed: int = 0):
         self.dims, self.seed = dims, seed
@@ -251,7 +292,7 @@ class PreviousGradients:
                 gen.manual_seed((self.seed << 40) + (k << 20) + lo // self.CHUNK)
                 where = torch.randint(self.dims, part.shape, generator=gen, device=flat.device)
                 sign = 1.0 - 2.0 * torch.randint(2, part.shape, generator=gen, device=flat.device)
-                out.index_add_(0, where.to(out.device), (part.double() * sign).to(out.device))
+                out.index_add_(0, where.to(out.device), part.double().mul_(sign).to(out.device))
         return torch.zeros(self.dims) if out is None else out.float().cpu()
 
     def update(self, grads: Mapping[str, Grads], params: Sequence[Tensor]) -> dict[str, float]:

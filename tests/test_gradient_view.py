@@ -113,6 +113,35 @@ def test_adam_view_matches_a_hand_computation_from_adamw_state(eps):
     assert abs(_cos(plain["think"], plain["policy"]) - cos) > 0.2
 
 
+def test_figures_of_parameters_larger_than_a_chunk_equal_the_whole_tensor_formulas_in_bounded_memory(monkeypatch):
+    """A real-vocabulary unembedding is far larger than a chunk: the inner products and the AdamW
+    view, taken a chunk at a time, equal the one-pass float64 formulas, and their temporaries stay
+    within a few chunks instead of three float64 copies of the parameter."""
+    from oisd_lab import gradient_view as gv
+    from oisd_lab.synthetic import profiler_peak
+
+    monkeypatch.setattr(gv, "CHUNK", 1 << 14)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1000, 64), (7,), (3, 5)]  # 64,000 elements: 3.9 chunks, and two below one chunk
+    a = [torch.randn(s, generator=gen) for s in shapes]
+    b = [torch.randn(s, generator=gen) for s in shapes]
+    whole = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True))
+    assert grad_dot(a, b) == pytest.approx(whole, rel=1e-12)
+    assert grad_dot(a, [b[0], None, b[2]]) == pytest.approx(whole - float((a[1].double() * b[1].double()).sum()),
+                                                            rel=1e-12)
+    v = [torch.rand(s, generator=gen) * 1e-4 for s in shapes]
+    state = [(x, 0.5, 1e-8) for x in v]
+    got = adam_view({"policy": a, "think": b}, state)
+    u = {n: torch.cat([(g.double() / (x.double().sqrt() / 0.5 + 1e-8)).flatten() for g, x in zip(gs, v, strict=True)])
+         for n, gs in {"policy": a, "think": b}.items()}
+    assert got["grad/think/adam_norm_ratio"] == pytest.approx(float(u["think"].norm() / u["policy"].norm()), rel=1e-5)
+    assert got["grad/think/adam_cos_policy"] == pytest.approx(_cos(u["think"], u["policy"]), rel=1e-4, abs=1e-6)
+    # memory: one parameter of 64,000 floats is 256 KB; the old one-pass dot made 3 x 512 KB
+    chunk_f64 = 8 * gv.CHUNK
+    assert profiler_peak(lambda: grad_dot(a, b)) <= 4 * chunk_f64
+    assert profiler_peak(lambda: adam_view({"policy": a, "think": b}, state)) <= 8 * 4 * gv.CHUNK  # whole: 1.5 MB
+
+
 def test_adam_view_of_torch_optimi_and_amsgrad():
     optimi = pytest.importorskip("optimi")
     _, _, _, grads = _params_and_history(3)

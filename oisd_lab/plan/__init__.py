@@ -23,15 +23,18 @@ __all__ = ["plan", "Plan", "make_plan", "format_plan", "add_arguments", "run"]
 
 
 def plan(cfg, memory_gib: float | None = None, prompt_length: int | None = None,
-         max_layers: int = FULL_DEPTH_LIMIT, search: int = 4) -> Plan:
+         max_layers: int = FULL_DEPTH_LIMIT, search: int = 4, prompt_source: str | None = None) -> Plan:
     """The plan of `cfg`; when it does not fit `memory_gib`, up to three settings that do, found
-    with at most `search` more traces."""
+    with at most `search` more traces. `prompt_source`: where `prompt_length` comes from, for the
+    report."""
     # on use: the planner builds models and traces the step only when a plan is made
     from .suggest import suggest
 
     cache: dict = {}
     memory = round(memory_gib * GIB) if memory_gib else None
     result = make_plan(cfg, prompt_length, max_layers, cache, device_memory=memory)
+    if prompt_source:
+        result.setup["prompt_length_source"] = prompt_source
     if memory is None or result.fits(memory) or search <= 0:
         return result
     length = result.setup["prompt_length"]

@@ -58,7 +58,8 @@ class Traced:
 
         def phase(a: Phase, b: Phase) -> Phase:
             keys = set(a.at_peak) | set(b.at_peak)
-            return Phase(lin(a.peak, b.peak), {k: lin(a.at_peak.get(k, 0), b.at_peak.get(k, 0)) for k in keys})
+            return Phase(lin(a.peak, b.peak), {k: lin(a.at_peak.get(k, 0), b.at_peak.get(k, 0)) for k in keys},
+                         b.during)
 
         return Traced(layers, lin(self.params, other.params), lin(self.grads, other.grads),
                       lin(self.optimizer, other.optimizer), lin(self.reference, other.reference),
@@ -215,6 +216,13 @@ def default_prompt_length(cfg) -> tuple[int, str]:
     return DEFAULT_PROMPT_LENGTH, "assumed (--prompt-length)"
 
 
+def run_prompt_length(problems, tokenize) -> tuple[int, str]:
+    """(prompt tokens, where the number comes from) of a run: the longest of its first training
+    prompts as the run formats and tokenizes them (`tokenize(text) -> token count`); a step's
+    prompts are left-padded to the longest of its batch."""
+    return max(tokenize(p.prompt) for p in problems), f"longest of the run's first {len(problems)} training prompts"
+
+
 def traced_config(cfg):
     """The config whose step is traced. FSDP's mixed precision hands the forward bf16 copies of
     fp32 parameters (no autocast weight casts, gradients in bf16 until reduce-scattered): that is
@@ -346,8 +354,9 @@ def _phases(cfg, mc, shape: StepShape, traced: Traced, state: dict, fsdp: bool, 
         gathered = {k: {"FSDP gathered parameters": v} for k, v in gathered.items()}
         if "gradients" in step:
             # each layer's gradients are reduce-scattered as its backward ends: the sharded gradients,
-            # plus the unsharded ones (compute dtype) of the root and the layers in flight
-            step["gradients"] = state["gradients"] + in_flight
+            # plus, at a peak inside the backward, the unsharded ones (compute dtype) of the root and
+            # the layers in flight (a later micro-batch's forward holds the sharded ones only)
+            step["gradients"] = state["gradients"] + (in_flight if "backward" in traced.step.during else 0)
     kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     tokens = shape.prompt_length + shape.completion_length

@@ -24,10 +24,14 @@ def plan_run(cfg, run, module, log=print) -> None:
     if launched_rank() != 0:
         return
     # on use: the planner builds models and traces the step only when a plan is made
+    from .planner import run_prompt_length
     from .report import GIB, format_plan
 
     memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
-    result = plan(cfg, memory)
+    problems = module.task.train_batch(0, 64, cfg.seed)
+    length, source = run_prompt_length(
+        problems, lambda text: len(module.tokenizer(module.format_prompt(text))["input_ids"]))
+    result = plan(cfg, memory, prompt_length=length, prompt_source=source)
     log(format_plan(result, round(memory * GIB) if memory else None))
     run.plan.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     meter = PhaseMeter(run.memory, {k: v["total"] for k, v in result.phases.items()}, module)
@@ -73,8 +77,12 @@ class PhaseMeter:
         # on use: the planner builds models and traces the step only when a plan is made
         from .trace import tensor_bytes
 
-        tensors = [*self.module.policy.parameters(), *(p.grad for p in self.module.policy.parameters()
-                                                      if p.grad is not None)]
+        # the module's parameters, and the optimizer's: under FSDP a gathered unit's module parameters
+        # are its unsharded copies, while the optimizer holds the shards (both are held)
+        params = list(self.module.policy.parameters())
+        for opt in self.module.trainer.optimizers:
+            params += [p for group in opt.param_groups for p in group["params"]]
+        tensors = [*params, *(p.grad for p in params if p.grad is not None)]
         for opt in self.module.trainer.optimizers:
             tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
         for ref in self.module.reference_models:

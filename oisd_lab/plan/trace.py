@@ -38,10 +38,13 @@ class Phase:
 
     peak: int = 0
     at_peak: dict[str, int] = field(default_factory=dict)
+    during: tuple[str, ...] = ()
+    """The labels open at the peak, outermost first: what the code was doing then (a peak inside
+    "backward" is one of the backward pass)."""
 
     @classmethod
     def of(cls, trace: MemoryTrace, base: int = 0) -> Phase:
-        return cls(trace.peak - base, {k: v for k, v in trace.at_peak.items() if v > 0})
+        return cls(trace.peak - base, {k: v for k, v in trace.at_peak.items() if v > 0}, trace.during)
 
 
 class _AllOnesMode(MemoryTrace):
@@ -135,27 +138,20 @@ def _with_label(trace, name, fn):
 
 
 def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None,
-                  accumulated: bool = False, view=None) -> None:
+                  view=None) -> None:
     """What `OISDModule.optimise` does to memory: per micro-batch the loss terms and their
-    backward, then gradient clipping and the optimizer step. `accumulated`: start as a later
-    micro-batch does, with every gradient already allocated by the earlier ones. `view`: a
-    logging step's gradient view (`module.gradient_view()`), which collects each term's gradient
-    before the backward and derives the policy's after the last one, and is held through the
-    optimizer step, as `OISDModule.accumulate` and `optimise` do."""
+    backward, then gradient clipping and the optimizer step. `view`: a logging step's gradient
+    view (`module.gradient_view()`), which collects each term's gradient before the backward and
+    derives the policy's after the last one, and is held through the optimizer step, as
+    `OISDModule.accumulate` and `optimise` do."""
     label = trace.label if trace is not None else lambda _: contextlib.nullcontext()
     optimizer.zero_grad(set_to_none=True)
     with autocast(), labelled(trace, module.policy):
-        if accumulated:
-            with label("gradients"):
-                for p in module.policy.parameters():
-                    p.grad = torch.zeros_like(p) if p.requires_grad else None
         for part, adv, norm in parts:
             with label("loss terms"):
                 terms = module.loss_terms(part, adv, norm)
             if view is not None:
                 with label("gradient view"):
-                    if accumulated:  # what the earlier micro-batches left: each term's gradient so far
-                        view.add(terms)
                     view.add(terms)
             with label("backward"):
                 terms.pop("loss/total").backward()
@@ -213,12 +209,11 @@ def trace(fn, label: str = "other", policy=None) -> tuple[Phase, object]:
 
 
 def trace_step(module, optimizer, parts, max_norm: float, autocast, view=None) -> Phase:
-    """Peak of a step whose micro-batches all look like `parts[0]`: the second and later ones
-    hold the first's gradients, so one micro-batch is traced with its gradients allocated.
-    `view`: trace a logging step with the gradient view (the traced micro-batch first adds its
-    terms' gradients once for the earlier micro-batches, then as the last one does)."""
+    """Peak of a step whose micro-batches all look like `parts[0]`. The second micro-batch holds
+    what the first left (the gradients, and on a logging step the gradient view's per-term sums),
+    and every later one holds the same again, so two micro-batches give the peak of any number.
+    `view`: trace a logging step with the gradient view."""
     mode = _AllOnesMode("loss terms")
     with mode:
-        training_step(module, optimizer, parts[:1], max_norm, autocast, trace=mode, accumulated=len(parts) > 1,
-                      view=view)
+        training_step(module, optimizer, parts[:1] * min(len(parts), 2), max_norm, autocast, trace=mode, view=view)
     return Phase.of(mode)

@@ -29,6 +29,8 @@ class MemoryTrace(TorchDispatchMode):
         self.by_label: Counter = Counter()
         self.current = self.peak = 0
         self.at_peak: dict[str, int] = {}
+        self.during: tuple[str, ...] = (label,)
+        """The labels open when the peak was reached, outermost first (what the code was doing)."""
 
     @contextlib.contextmanager
     def label(self, name: str):
@@ -49,7 +51,7 @@ class MemoryTrace(TorchDispatchMode):
             self.live[key] = (name, nbytes)
 
     def reset_peak(self) -> None:
-        self.peak, self.at_peak = self.current, dict(self.by_label)
+        self.peak, self.at_peak, self.during = self.current, dict(self.by_label), tuple(self.labels)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -73,7 +75,7 @@ class MemoryTrace(TorchDispatchMode):
         self.by_label[name] += nbytes
         self.current += nbytes
         if self.current > self.peak:
-            self.peak, self.at_peak = self.current, dict(self.by_label)
+            self.peak, self.at_peak, self.during = self.current, dict(self.by_label), tuple(self.labels)
 
     def _free(self, key: int) -> None:
         name, nbytes = self.live.pop(key, (None, 0))
