@@ -1,9 +1,12 @@
 """One training step of the real code, run on fake tensors (or on real ones, to measure it).
 
 The policy is built from its config inside `FakeTensorMode`: no weights, no memory, no compute.
-The step is the module's own code (`OISDModule.loss_terms`: `step.policy_forward` and
-`step.loss_terms`; then backward, clipping, the optimizer step), so the traced peak follows the code as it changes. `MemoryTrace` labels every allocation by
-the part of the step that made it (policy forward, logits, the alignment losses, ...).
+The step is the module's own code (`OISDModule.accumulate_micro_batches`: per micro-batch the
+loss terms, the gradient view's terms and the backward; `finish_gradient_view`; `clip_and_step`),
+so the traced peak follows the code as it changes. `MemoryTrace` labels every allocation by the
+part of the step that made it: the module's phases ("loss terms", "gradient view", "backward",
+"optimizer step"; `OISDModule.phases`), and within them the policy forward, the logits, the
+log-probs and each alignment loss.
 
 Data-dependent answers (`.item()`, boolean indexing) are those of the planning rollout, whose
 completions all run to `max_completion_length` (the worst case): every mask element is 1.
@@ -12,7 +15,6 @@ completions all run to `max_completion_length` (the worst case): every mask elem
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,8 @@ LABELS = {  # (module, function) -> the part of the step its allocations belong 
 CHANNEL_LABELS = {"think": "think loss (lens JSD)", "attn": "attention loss"}
 """Labels of the alignment channels' divergences (`registry.ALIGNMENT_CHANNELS`); any other
 channel's is "<name> loss"."""
+PHASE_LABELS = ("loss terms", "gradient view", "backward", "optimizer step")
+"""The module's phases (`OISDModule.phases`) whose allocations the plan counts under their name."""
 
 
 @dataclass
@@ -134,38 +138,41 @@ def _with_label(trace, name, fn):
     return wrapper
 
 
-def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None,
+def training_step(module, optimizer, parts, autocast, trace: MemoryTrace | None = None,
                   accumulated: bool = False, view=None) -> None:
-    """What `OISDModule.optimise` does to memory: per micro-batch the loss terms and their
-    backward, then gradient clipping and the optimizer step. `accumulated`: start as a later
-    micro-batch does, with every gradient already allocated by the earlier ones. `view`: a
-    logging step's gradient view (`module.gradient_view()`), which collects each term's gradient
-    before the backward and derives the policy's after the last one, and is held through the
-    optimizer step, as `OISDModule.accumulate` and `optimise` do."""
-    label = trace.label if trace is not None else lambda _: contextlib.nullcontext()
+    """What `OISDModule.optimise` does to memory, by the module's own code: the micro-batches'
+    loss terms and backward (`accumulate_micro_batches`), the gradient view's figures
+    (`finish_gradient_view`), clipping and the optimizer step (`clip_and_step`), with `trace`'s
+    labels from the module's phases. `parts`: (rollout, advantages, normalisers) per micro-batch.
+    `accumulated`: start as a later micro-batch does, with every gradient already allocated by
+    the earlier ones. `view`: a logging step's gradient view (`module.gradient_view()`), which
+    collects each term's gradient before the backward and derives the policy's after the last
+    one, and is held through the optimizer step, as `OISDModule.optimise` does."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(), labelled(trace, module.policy):
+    observer = (lambda name: trace.label(name) if name in PHASE_LABELS else None) if trace is not None else None
+    with autocast(), labelled(trace, module.policy), \
+            module.phases.subscribed(observer) if observer is not None else contextlib.nullcontext():
         if accumulated:
-            with label("gradients"):
+            with trace.label("gradients") if trace is not None else contextlib.nullcontext():
                 for p in module.policy.parameters():
                     p.grad = torch.zeros_like(p) if p.requires_grad else None
-        for part, adv, norm in parts:
-            with label("loss terms"):
-                terms = module.loss_terms(part, adv, norm)
-            if view is not None:
-                with label("gradient view"):
-                    if accumulated:  # what the earlier micro-batches left: each term's gradient so far
-                        view.add(terms)
-                    view.add(terms)
-            with label("backward"):
-                terms.pop("loss/total").backward()
-            del terms
-        if view is not None:
-            with label("gradient view"):
-                view.finish([p.grad for p in view.params])
-        with label("optimizer step"):
-            torch.nn.utils.clip_grad_norm_(module.policy.parameters(), max_norm or math.inf)
-            optimizer.step()
+        micro = [(part, adv, None) for part, adv, _ in parts]
+        adding = _EarlierMicroBatches(view) if view is not None and accumulated else view
+        module.accumulate_micro_batches(micro, parts[0][2], backward=torch.Tensor.backward, view=adding)
+        module.finish_gradient_view(view)
+        module.clip_and_step(optimizer)
+
+
+class _EarlierMicroBatches:
+    """A gradient view that adds each micro-batch's terms twice: once for what the earlier
+    micro-batches left (each term's gradient so far), once as this micro-batch."""
+
+    def __init__(self, view) -> None:
+        self.view = view
+
+    def add(self, terms) -> None:
+        self.view.add(terms)
+        self.view.add(terms)
 
 
 def warm_optimizer(optimizer) -> int:
@@ -212,13 +219,12 @@ def trace(fn, label: str = "other", policy=None) -> tuple[Phase, object]:
     return Phase.of(mode), result
 
 
-def trace_step(module, optimizer, parts, max_norm: float, autocast, view=None) -> Phase:
+def trace_step(module, optimizer, parts, autocast, view=None) -> Phase:
     """Peak of a step whose micro-batches all look like `parts[0]`: the second and later ones
     hold the first's gradients, so one micro-batch is traced with its gradients allocated.
     `view`: trace a logging step with the gradient view (the traced micro-batch first adds its
     terms' gradients once for the earlier micro-batches, then as the last one does)."""
     mode = _AllOnesMode("loss terms")
     with mode:
-        training_step(module, optimizer, parts[:1], max_norm, autocast, trace=mode, accumulated=len(parts) > 1,
-                      view=view)
+        training_step(module, optimizer, parts[:1], autocast, trace=mode, accumulated=len(parts) > 1, view=view)
     return Phase.of(mode)
