@@ -5,7 +5,7 @@ whoever wants to time, measure or label a part subscribes an observer instead of
 module's methods. An observer is a callable `observer(name)` that returns a context manager
 entered for the duration of that phase, or None to let the phase pass. Phases nest ("backward"
 runs inside "policy step"), so an observer sees the inner ones inside the outer one. The phases
-the module opens, in the order of a step, are listed in docs/architecture.md (section 1).
+the module opens, in the order of a step, are listed in docs/architecture.md, section 1.
 """
 
 from __future__ import annotations
