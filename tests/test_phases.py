@@ -12,6 +12,9 @@ from lightning.pytorch.loggers import Logger
 from oisd_lab.config import compose
 from oisd_lab.module import PHASES, TIMED_PHASES, OISDModule
 from oisd_lab.phases import Phases, StepTimer
+from oisd_lab.plan.model_config import load_model_config
+from oisd_lab.plan.setup import StepShape, autocast_for, build_module, build_policy, micro_batches
+from oisd_lab.plan.trace import training_step
 from oisd_lab.sources import load_source
 
 
@@ -124,10 +127,6 @@ def test_an_observer_sees_the_phases_of_a_training_step_in_order_and_the_timer_r
 
 
 def test_the_planner_runs_the_modules_own_step_through_its_phases():
-    from oisd_lab.plan.model_config import load_model_config
-    from oisd_lab.plan.setup import StepShape, autocast_for, build_module, build_policy, micro_batches
-    from oisd_lab.plan.trace import training_step
-
     cfg = compose(["method=oisd", "accelerator=cpu", "log.gradient_view=true"])
     mc = load_model_config(cfg.model.name)
     module = build_module(cfg, build_policy(cfg, mc))

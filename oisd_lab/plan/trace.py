@@ -141,17 +141,18 @@ def _with_label(trace, name, fn):
 def training_step(module, optimizer, parts, autocast, trace: MemoryTrace | None = None,
                   accumulated: bool = False, view=None) -> None:
     """What `OISDModule.optimise` does to memory, by the module's own code: the micro-batches'
-    loss terms and backward (`accumulate_micro_batches`), the gradient view's figures
+    loss terms and backward (`accumulate_micro_batches`), the gradient view's derived policy term
     (`finish_gradient_view`), clipping and the optimizer step (`clip_and_step`), with `trace`'s
-    labels from the module's phases. `parts`: (rollout, advantages, normalisers) per micro-batch.
+    labels from the module's phases. `parts`: (rollout, advantages, normalisers) per micro-batch,
+    all with the whole step's normalisers.
     `accumulated`: start as a later micro-batch does, with every gradient already allocated by
     the earlier ones. `view`: a logging step's gradient view (`module.gradient_view()`), which
     collects each term's gradient before the backward and derives the policy's after the last
     one, and is held through the optimizer step, as `OISDModule.optimise` does."""
     optimizer.zero_grad(set_to_none=True)
-    observer = (lambda name: trace.label(name) if name in PHASE_LABELS else None) if trace is not None else None
-    with autocast(), labelled(trace, module.policy), \
-            module.phases.subscribed(observer) if observer is not None else contextlib.nullcontext():
+    phase_labels = module.phases.subscribed(lambda name: trace.label(name) if name in PHASE_LABELS else None) \
+        if trace is not None else contextlib.nullcontext()
+    with autocast(), labelled(trace, module.policy), phase_labels:
         if accumulated:
             with trace.label("gradients") if trace is not None else contextlib.nullcontext():
                 for p in module.policy.parameters():
