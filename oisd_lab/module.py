@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import time
 from collections.abc import Callable
 
 import lightning as L
@@ -35,10 +34,24 @@ from .errors import NonFiniteError
 from .gradient_view import GradientView, PreviousGradients
 from .lens import default_student_layer, find_readout, resolve_layers
 from .optim import build_optimizer
+from .phases import Phases, StepTimer
 from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS, REWARD_FUNCS
 from .rollout import Rollout, generate
 from .run_hooks import PolicyView
 from .sharding import fsdp_units, gathered
+
+PHASES = ("rollout", "rewards", "dynamic sampling", "old log-probs", "diagnostics", "policy step", "loss terms",
+          "gradient view", "backward", "optimizer step")
+"""The phases `OISDModule.phases` opens, in the order of a step. A step that samples: "rollout"
+(the sampler; again inside "dynamic sampling" for its further rounds), "rewards" (scoring and
+advantages), "dynamic sampling" (`grpo.dynamic_sampling`), "old log-probs" (`_prepare`); on
+logging steps "diagnostics" (the logging hook); then "policy step" (`optimise`), inside which
+each micro-batch has "loss terms", "gradient view" (logging steps with `log.gradient_view`) and
+"backward", then "gradient view" (its figures) and "optimizer step" (clipping, the update)."""
+TIMED_PHASES = {"rollout": "time/rollout", "rewards": "time/scoring", "dynamic sampling": "time/dynamic_sampling",
+                "old log-probs": "time/old_logps", "diagnostics": "time/diagnostics",
+                "policy step": "time/forward_backward"}
+"""Phase -> the step timer's metric (`phases.StepTimer`; wall seconds, `_cpu` for CPU seconds)."""
 
 
 class OISDModule(L.LightningModule):
@@ -77,6 +90,9 @@ class OISDModule(L.LightningModule):
         self.previous_gradients = PreviousGradients(cfg.log.gradient_view_sketch)
         """Each term's gradient on the last gradient-view step (`grad/<term>/cos_prev`); kept in the
         checkpoints (`on_save_checkpoint`), so a resumed run logs the same cos_prev."""
+        self.phases = Phases()
+        """The named phases of the step (`PHASES`), which observers subscribe to (`phases.py`): the
+        step timer, the planner's measured peaks (`plan/run_hook.py`), the GPU check (`bench/gpu.py`)."""
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -105,24 +121,22 @@ class OISDModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         step = self.global_step + 1  # the update this call produces (1-based, as in the tables)
         torch.manual_seed(self.cfg.seed * 1_000_003 + step * 9_973 + self.global_rank)
-        timer = _Timer()
-        problems, rollout, rewards, adv, metrics = self._batch_for(step, timer)
-        metrics = dict(metrics, iteration=float((step - self._held[0]) // self.cfg.grpo.steps_per_generation))
-        if self.on_log_step is not None and self._is_log_step(step):
-            # before the update: the per-layer view of the policy that sampled this rollout. Every
-            # rank gathers the parameters (a collective), so rank 0's forwards need no other rank.
-            with gathered(self.policy):
-                metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
-            timer.lap("time/diagnostics")
-        metrics.update(self.optimise(rollout, adv.to(self.device), rewards.to(self.device)))
-        timer.lap("time/forward_backward")
+        with self.phases.subscribed(StepTimer(TIMED_PHASES)) as timer:
+            problems, rollout, rewards, adv, metrics = self._batch_for(step)
+            metrics = dict(metrics, iteration=float((step - self._held[0]) // self.cfg.grpo.steps_per_generation))
+            if self.on_log_step is not None and self._is_log_step(step):
+                # before the update: the per-layer view of the policy that sampled this rollout. Every
+                # rank gathers the parameters (a collective), so rank 0's forwards need no other rank.
+                with gathered(self.policy), self.phases("diagnostics"):
+                    metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
+            metrics.update(self.optimise(rollout, adv.to(self.device), rewards.to(self.device)))
         metrics.update(timer.laps)
         metrics["step_time"] = timer.total
         for logger in self.loggers:  # direct: every row holds only this step's values
             logger.log_metrics(metrics, step=step)
         self.log("reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
 
-    def _batch_for(self, step: int, timer: _Timer) -> tuple:
+    def _batch_for(self, step: int) -> tuple:
         """(problems, rollout, rewards, advantages, rollout metrics) of this step. A generation
         batch is sampled every `grpo.num_iterations` x `grpo.steps_per_generation` steps (and after
         a resume) and reused until then: it is `steps_per_generation` slices of `prompts_per_step`
@@ -137,21 +151,21 @@ class OISDModule(L.LightningModule):
             return self._held[1][(step - self._held[0]) % slices]
         self.objective = self.objective_at(step)
         first = (step - 1) // cycle * slices  # sampler batch index of the first slice
-        sampled = [self._sampled(first + k, timer) for k in range(slices)]
+        sampled = [self._sampled(first + k) for k in range(slices)]
         if slices == 1:
             problems, rollout, per_func, _ = sampled[0]
         else:
             problems = [p for part in sampled for p in part[0]]
             rollout = Rollout.concat([part[1] for part in sampled], pad_id=self.tokenizer.pad_token_id or 0)
             per_func = torch.cat([part[2] for part in sampled])
-        rewards = per_func @ self._reward_weights
-        adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu(), per_func)
-        timer.lap("time/scoring")
+        with self.phases("rewards"):
+            rewards = per_func @ self._reward_weights
+            adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu(), per_func)
         rows = [slice(k * len(rollout) // slices, (k + 1) * len(rollout) // slices) for k in range(slices)]
         metrics = [dict(self._rollout_metrics(rollout if slices == 1 else rollout.select(r), rewards[r], per_func[r]),
                         **getattr(self, "_vllm_memory", {}), **part[3]) for r, part in zip(rows, sampled, strict=True)]
-        rollout, sampling = self._prepare(rollout)
-        timer.lap("time/old_logps")
+        with self.phases("old log-probs"):
+            rollout, sampling = self._prepare(rollout)
         batches = [(problems, rollout, rewards, adv, dict(metrics[0], **sampling))] if slices == 1 else [
             (problems[r.start // g.num_generations: r.stop // g.num_generations], rollout.select(r), rewards[r],
              adv[r], dict(m, **sampling, generation_slice=float(k)))
@@ -159,17 +173,17 @@ class OISDModule(L.LightningModule):
         self._held = (step, batches)
         return batches[0]
 
-    def _sampled(self, index: int, timer: _Timer) -> tuple:
+    def _sampled(self, index: int) -> tuple:
         """(problems, rollout, per-function rewards [B, K], dynamic-sampling metrics) of sampler
         batch `index`."""
-        problems, rollout = self.sampler(index, self.global_rank, self.trainer.world_size)
-        timer.lap("time/rollout")
-        per_func = self._rewards(problems, rollout)
+        with self.phases("rollout"):
+            problems, rollout = self.sampler(index, self.global_rank, self.trainer.world_size)
+        with self.phases("rewards"):
+            per_func = self._rewards(problems, rollout)
         if not self.cfg.grpo.dynamic_sampling:
             return problems, rollout, per_func, {}
-        # further rounds: their sampling and scoring timed apart
-        problems, rollout, per_func, dynamic = self._informative_groups(index, problems, rollout, per_func)
-        timer.lap("time/dynamic_sampling")
+        with self.phases("dynamic sampling"):  # further rounds: their sampling and scoring timed apart
+            problems, rollout, per_func, dynamic = self._informative_groups(index, problems, rollout, per_func)
         return problems, rollout, per_func, dynamic
 
     def _rewards(self, problems: list, rollout: Rollout) -> torch.Tensor:
@@ -211,8 +225,10 @@ class OISDModule(L.LightningModule):
 
         sort(0)
         while rounds < g.dynamic_sampling_max_rounds and self._any_rank(len(kept) < g.prompts_per_step):
-            more_problems, more = self.sampler(index, self.global_rank, self.trainer.world_size, round=rounds)
-            parts.append((more_problems, more, self._rewards(more_problems, more)))
+            with self.phases("rollout"):
+                more_problems, more = self.sampler(index, self.global_rank, self.trainer.world_size, round=rounds)
+            with self.phases("rewards"):
+                parts.append((more_problems, more, self._rewards(more_problems, more)))
             sampled += len(more)
             rounds += 1
             sort(len(parts) - 1)
@@ -363,22 +379,37 @@ class OISDModule(L.LightningModule):
         batch's loss accumulates in `.grad`. Returns the summed detached terms (no "loss/total").
         `backward` defaults to Lightning's `manual_backward` (precision plugins, DDP); `view`
         also collects each term's gradient (logging steps); rewards [B] for `reward` weighting."""
+        return self.accumulate_micro_batches(self.micro_batches_with_rewards(rollout, adv, rewards),
+                                             self.normalisers(rollout), backward, view)
+
+    def accumulate_micro_batches(self, parts, norm: dict, backward=None, view: GradientView | None = None
+                                 ) -> dict[str, torch.Tensor]:
+        """`accumulate` over given micro-batches, (rollout, advantages, rewards or None) each, with
+        the whole batch's normalisers `norm` (`normalisers`). Per micro-batch, the phases "loss
+        terms", "gradient view" (with a view) and "backward". The memory planner runs this on the
+        micro-batches of its planning rollout (`plan/trace.py`)."""
         backward = backward or self.manual_backward
-        norm = self.normalisers(rollout)
         sums: dict[str, torch.Tensor] = {}
-        for part, part_adv, part_rewards in self.micro_batches_with_rewards(rollout, adv, rewards):
-            terms = self.loss_terms(part.to(self.device), part_adv, norm, rewards=part_rewards)
+        for part, part_adv, part_rewards in parts:
+            with self.phases("loss terms"):
+                terms = self.loss_terms(part.to(self.device), part_adv, norm, rewards=part_rewards)
             if view is not None:
-                view.add(terms)
-            backward(terms.pop("loss/total"))
+                with self.phases("gradient view"):
+                    view.add(terms)
+            with self.phases("backward"):
+                backward(terms.pop("loss/total"))
             for key, value in terms.items():
                 sums[key] = _combine(key, sums.get(key), value.detach())
         return sums
 
     def optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
         """The policy step: forward, backward and optimiser step over the micro-batches; its metrics.
-        A phase of its own, as `sampler` and `on_log_step` are: the planner's measured peaks
-        (`plan/run_hook.py`) and the GPU check (`bench/gpu.py`) wrap it."""
+        The phase "policy step", with "loss terms", "gradient view", "backward" and "optimizer
+        step" inside it (`PHASES`)."""
+        with self.phases("policy step"):
+            return self._optimise(rollout, adv, rewards)
+
+    def _optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None) -> dict:
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)
@@ -393,7 +424,7 @@ class OISDModule(L.LightningModule):
             sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
         stats = {k: sums.pop(k) for k in list(sums) if k.startswith("stat/")}
         view_metrics = self.gradient_view_metrics(view, stats, rollout, adv)
-        grad_norm = self._clip_and_step(opt, sched)
+        grad_norm = self.clip_and_step(opt, sched)
         tokens = rollout.completion_mask.sum().clamp(min=1.0).to(self.device)
         out = {k: (v / tokens if k.startswith("sum/") else v) for k, v in sums.items()}
         out = {k.split("/", 1)[1] if k.startswith(_REDUCED) else k: float(v) for k, v in out.items()}
@@ -443,17 +474,26 @@ class OISDModule(L.LightningModule):
         """The `grad/*` metrics of a finished accumulation (empty without a view)."""
         if view is None:
             return {}
-        view.finish([p.grad for p in view.params])
-        view.average_over_ranks()  # global figures under DDP and FSDP
-        lengths = rollout.completion_mask.sum(1).to(adv.device)
-        if self._distributed:
-            # the divergence sums by advantage sign and the batch's advantages: the whole step's, all ranks
-            keys = sorted(stats)
-            summed = torch.stack([stats[k].detach().float().to(self.device) for k in keys])
-            torch.distributed.all_reduce(summed)
-            stats = dict(zip(keys, summed, strict=True))
-            adv, lengths = self._all_ranks(adv.detach().float()), self._all_ranks(lengths.float())
-        return view.metrics(stats, adv, lengths, self.cfg.grpo.num_generations)
+        self.finish_gradient_view(view)
+        with self.phases("gradient view"):
+            lengths = rollout.completion_mask.sum(1).to(adv.device)
+            if self._distributed:
+                # the divergence sums by advantage sign and the batch's advantages: the whole step's, all ranks
+                keys = sorted(stats)
+                summed = torch.stack([stats[k].detach().float().to(self.device) for k in keys])
+                torch.distributed.all_reduce(summed)
+                stats = dict(zip(keys, summed, strict=True))
+                adv, lengths = self._all_ranks(adv.detach().float()), self._all_ranks(lengths.float())
+            return view.metrics(stats, adv, lengths, self.cfg.grpo.num_generations)
+
+    def finish_gradient_view(self, view: GradientView | None) -> None:
+        """After the last micro-batch: the view's derived terms (`GradientView.finish`), averaged
+        over ranks; the phase "gradient view"."""
+        if view is None:
+            return
+        with self.phases("gradient view"):
+            view.finish([p.grad for p in view.params])
+            view.average_over_ranks()  # global figures under DDP and FSDP
 
     def micro_batches_with_rewards(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None
                                    ) -> list[tuple[Rollout, torch.Tensor, torch.Tensor | None]]:
@@ -477,9 +517,17 @@ class OISDModule(L.LightningModule):
             rollout, adv = rollout.take(order), adv[order.to(adv.device)]
         return [(rollout.select(slice(lo, lo + mb)), adv[lo : lo + mb]) for lo in range(0, len(rollout), mb)]
 
+    def clip_and_step(self, opt, sched=None) -> float:
+        """Clip the accumulated gradient to `grpo.max_grad_norm`, step the optimizer (skipping a
+        non-finite gradient as `grpo.nonfinite` says) and the scheduler (if any); the phase
+        "optimizer step". Returns the gradient's norm before clipping."""
+        with self.phases("optimizer step"):
+            return self._clip_and_step(opt, sched)
+
     def _clip_and_step(self, opt, sched) -> float:
         max_norm = self.cfg.grpo.max_grad_norm or math.inf
-        wrapped = self.trainer.model  # FSDP shards gradients: only its own method sees the global norm
+        # FSDP shards gradients: only its own method sees the global norm
+        wrapped = self.trainer.model if self._trainer is not None else self.policy
         if type(wrapped).__name__ == "FullyShardedDataParallel":
             grad_norm = wrapped.clip_grad_norm_(max_norm)
         else:
@@ -499,7 +547,8 @@ class OISDModule(L.LightningModule):
                 opt.zero_grad(set_to_none=True)
             # with a GradScaler (16-mixed) the scaler itself skips a non-finite step
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         return float(grad_norm)
 
     def loss_terms(self, part: Rollout, adv: torch.Tensor, norm: dict,
@@ -571,23 +620,3 @@ def _optimised(optimizer, policy) -> list | None:
     if len(held) != len(current) or any(a.shape != b.shape for a, b in zip(held, current, strict=True)):
         return None
     return held
-
-
-class _Timer:
-    """Wall seconds per stage as `name`, process CPU seconds as `name_cpu`."""
-
-    def __init__(self) -> None:
-        self.start = self.last = time.perf_counter()
-        self.last_cpu = time.process_time()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        """The time since the last lap, added to stage `name` (a stage timed in parts sums them)."""
-        now, cpu = time.perf_counter(), time.process_time()
-        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
-        self.laps[f"{name}_cpu"] = self.laps.get(f"{name}_cpu", 0.0) + cpu - self.last_cpu
-        self.last, self.last_cpu = now, cpu
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start

@@ -56,13 +56,22 @@ def _native_stderr_silenced():
 def profiler_peak(fn) -> int:
     """Peak bytes held by tensors allocated inside `fn()` (CPU allocator events of torch.profiler).
     The profiler's own start/stop lines are kept off stderr; what `fn` writes there is not."""
+    with profiled_peak() as peak:
+        fn()
+    return peak["bytes"]
+
+
+@contextlib.contextmanager
+def profiled_peak():
+    """`profiler_peak` of the block: the dict it yields holds the peak as "bytes" after the block."""
+    # on use: the profiler is loaded only when a peak is measured
     from torch.profiler import ProfilerActivity, profile
 
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    prof, out = profile(activities=[ProfilerActivity.CPU], profile_memory=True), {}
     with _native_stderr_silenced():
         prof.start()
     try:
-        fn()
+        yield out
     finally:
         with _native_stderr_silenced():
             prof.stop()
@@ -71,4 +80,4 @@ def profiler_peak(fn) -> int:
     for event in sorted(events, key=lambda e: e.start_ns()):
         cur += event.nbytes()
         peak = max(peak, cur)
-    return peak
+    out["bytes"] = peak

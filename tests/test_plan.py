@@ -314,8 +314,9 @@ def test_fsdp_mixed_precision_computes_on_bf16_copies_of_fp32_masters():
     assert fsdp.setup["parameters"] == n and ddp.state["parameters"] == 4 * n
     assert fsdp.state["parameters"] == -(-4 * n // 8) and fsdp.state["optimizer state"] >= 8 * n // 8
     assert ddp.phases["policy step"]["gradients"] == 4 * n  # fp32 gradients of fp32 parameters
-    # bf16 until reduce-scattered, one layer at a time: far below a full bf16 copy
-    assert fsdp.state["gradients"] < fsdp.phases["policy step"]["gradients"] < 2 * n
+    # bf16 until reduce-scattered, one layer at a time, inside the backward only: this step peaks in
+    # the second micro-batch's forward (its activations), which holds the fp32 shards alone
+    assert fsdp.phases["policy step"]["gradients"] == fsdp.state["gradients"] < 2 * n
     assert fsdp.phases["rollout"]["FSDP gathered parameters"] == 2 * n
 
 
@@ -340,9 +341,14 @@ def test_fsdp_gathers_the_whole_model_for_the_rollout_and_one_layer_at_a_time_fo
     # a logging step's gradient view differentiates w.r.t. the whole gathered model
     viewed = make_plan(compose(base), 20)
     assert viewed.phases["policy step"]["FSDP gathered parameters"] == 2 * n
-    # fp32 gradient shards, plus the bf16 gradients of the root and the two layers before reduce-scatter
+    # fp32 gradient shards; the bf16 gradients of the root and the two layers before reduce-scatter
+    # count only at a peak inside the backward, and this step peaks in a forward
     assert plan.state["gradients"] == -(-4 * n // 8)
-    assert plan.phases["policy step"]["gradients"] == -(-4 * n // 8) + 2 * (root + 2 * layer)
+    assert plan.phases["policy step"]["gradients"] == -(-4 * n // 8)
+    cache: dict = {}
+    make_plan(compose([*base, "log.gradient_view=false"]), 20, cache=cache)
+    (traced, _), = cache.values()
+    assert "backward" not in traced.step.during and "policy forward (activations)" in traced.step.during
 
 
 def test_the_vllm_engine_is_in_every_phase_instead_of_our_decoding():

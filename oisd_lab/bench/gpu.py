@@ -22,6 +22,7 @@ tiny Qwen3 on CPU in seconds (the test suite does), so the check cannot rot betw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -83,7 +84,8 @@ STEPS = 2
 
 @dataclass
 class Phases:
-    """Wall seconds (device synchronised) and peak device memory of each call of wrapped functions."""
+    """Wall seconds (device synchronised) and peak device memory of each call of wrapped functions
+    or each phase of the module (`observer`)."""
 
     device: torch.device
     seconds: dict = field(default_factory=lambda: defaultdict(list))
@@ -95,19 +97,30 @@ class Phases:
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
-            self._sync()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            start = time.perf_counter()
-            try:
+            with self.measured(name):
                 return fn(*args, **kwargs)
-            finally:
-                self._sync()
-                self.seconds[name].append(time.perf_counter() - start)
-                if self.device.type == "cuda":
-                    self.peak_bytes[name].append(torch.cuda.max_memory_allocated(self.device))
 
         return timed
+
+    def observer(self, names: dict[str, str]):
+        """An observer of the module's phases (`OISDModule.phases`) that measures those in `names`
+        (phase -> the name it is reported under)."""
+        return lambda phase: self.measured(names[phase]) if phase in names else None
+
+    @contextlib.contextmanager
+    def measured(self, name: str):
+        """The block's seconds and peak memory, as one call of `name`."""
+        self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name].append(time.perf_counter() - start)
+            if self.device.type == "cuda":
+                self.peak_bytes[name].append(torch.cuda.max_memory_allocated(self.device))
 
     def summary(self, skip: int = 1) -> dict:
         """Median seconds and max peak per phase over the calls after the first `skip` (warm-up)."""
@@ -219,9 +232,8 @@ def run_method(model, case: Case, method: str, device: torch.device, rollout, wo
     module = OISDModule(cfg, model, _IdTokenizer(), task=None, reward_fn=lambda text, answer: float(text == answer),
                         sampler=lambda step, rank, world: (problems, rollout), on_log_step=LogStepHook(cfg, run))
     phases = Phases(device)
-    module.sampler = phases.wrap("rollout", module.sampler)
-    module.on_log_step = phases.wrap("diagnostics", module.on_log_step)
-    module.optimise = phases.wrap("forward_backward", module.optimise)
+    module.phases.subscribe(phases.observer({"rollout": "rollout", "diagnostics": "diagnostics",
+                                             "policy step": "forward_backward"}))
     rows = []
     before = [p.detach().to("cpu", copy=True) for p in model.parameters()]
     trainer = L.Trainer(max_steps=STEPS + 1, max_epochs=-1, accelerator=cfg.accelerator, devices=1,

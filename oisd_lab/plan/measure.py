@@ -31,6 +31,5 @@ def measure_step(cfg, prompt_length: int, seed: int = 0) -> dict:
     opt_bytes = warm_optimizer(opt)
     parts = micro_batches(shape, mc.vocab_size, seed=seed)
     view = module.gradient_view() if cfg.log.gradient_view else None  # a logging step, as the plan's
-    peak = profiler_peak(lambda: training_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg),
-                                               view=view))
+    peak = profiler_peak(lambda: training_step(module, opt, parts, autocast_for(cfg), view=view))
     return {"step": peak, "parameters": tensor_bytes(policy.parameters()), "optimizer": opt_bytes}

@@ -83,7 +83,7 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
         parts = micro_batches(shape, mc.vocab_size, count=2)  # the second stands for all later ones
         # the peak step is a logging step: with the gradient view on, its per-term gradients
         view = module.gradient_view() if run_cfg.log.gradient_view else None
-        step = trace_step(module, opt, parts, cfg.grpo.max_grad_norm, autocast_for(cfg), view=view)
+        step = trace_step(module, opt, parts, autocast_for(cfg), view=view)
         grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
         return Traced(layers, tensor_bytes(policy.parameters()), grads, opt_bytes,
                       tensor_bytes(ref.parameters()) if ref is not None else 0, step, Phase(),

@@ -6,6 +6,7 @@ benchmarks measure)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -34,44 +35,51 @@ def plan_run(cfg, run, module, log=print) -> None:
     result = plan(cfg, memory, prompt_length=length, prompt_source=source)
     log(format_plan(result, round(memory * GIB) if memory else None))
     run.plan.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    meter = PhaseMeter(run.memory, {k: v["total"] for k, v in result.phases.items()}, module)
-    module.sampler = meter.wrap(module.sampler, "rollout")
-    module.optimise = meter.wrap(module.optimise, "policy step")
-    if module.on_log_step is not None:
-        module.on_log_step = meter.wrap(module.on_log_step, "diagnostics")
+    module.phases.subscribe(PhaseMeter(run.memory, {k: v["total"] for k, v in result.phases.items()}, module))
+
+
+MEASURED_PHASES = ("rollout", "policy step", "diagnostics")
+"""The module's phases (`OISDModule.phases`) measured, by the names of the plan's phases."""
 
 
 class PhaseMeter:
-    """Peak bytes of each wrapped phase over its first calls, written beside the planned ones."""
+    """Peak bytes of each measured phase over its first calls, written beside the planned ones; an
+    observer of the module's phases."""
 
     def __init__(self, path, planned: dict[str, int], module) -> None:
         self.path, self.planned, self.module = path, planned, module
         self.measured: dict[str, int] = {}
         self.calls: dict[str, int] = {}
 
-    def wrap(self, fn, phase: str):
-        def wrapper(*args, **kwargs):
-            self.calls[phase] = self.calls.get(phase, 0) + 1
-            if self.calls[phase] > MEASURED_STEPS:
-                return fn(*args, **kwargs)
-            result, peak = self._measure(lambda: fn(*args, **kwargs))
-            self.measured[phase] = max(self.measured.get(phase, 0), peak)
-            self._write()
-            return result
+    def __call__(self, phase: str):
+        if phase not in MEASURED_PHASES:
+            return None
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+        return self._measured(phase) if self.calls[phase] <= MEASURED_STEPS else None
 
-        return wrapper
+    @contextlib.contextmanager
+    def _measured(self, phase: str):
+        with self._peak() as peak:
+            yield
+        self.measured[phase] = max(self.measured.get(phase, 0), peak["bytes"])
+        self._write()
 
-    def _measure(self, fn) -> tuple[object, int]:
+    @contextlib.contextmanager
+    def _peak(self):
+        """The peak bytes of the block, as "bytes" of the dict it yields."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-            result = fn()
-            return result, torch.cuda.max_memory_allocated()
+            out = {}
+            yield out
+            out["bytes"] = torch.cuda.max_memory_allocated()
+            return
         # on use: the planner builds models and traces the step only when a plan is made
-        from ..synthetic import profiler_peak
+        from ..synthetic import profiled_peak
 
-        held, box = self._held(), []
-        peak = profiler_peak(lambda: box.append(fn()))
-        return box[0], held + peak
+        held = self._held()
+        with profiled_peak() as out:
+            yield out
+        out["bytes"] += held
 
     def _held(self) -> int:
         # on use: the planner builds models and traces the step only when a plan is made

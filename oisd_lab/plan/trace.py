@@ -1,9 +1,12 @@
 """One training step of the real code, run on fake tensors (or on real ones, to measure it).
 
 The policy is built from its config inside `FakeTensorMode`: no weights, no memory, no compute.
-The step is the module's own code (`OISDModule.loss_terms`: `step.policy_forward` and
-`step.loss_terms`; then backward, clipping, the optimizer step), so the traced peak follows the code as it changes. `MemoryTrace` labels every allocation by
-the part of the step that made it (policy forward, logits, the alignment losses, ...).
+The step is the module's own code (`OISDModule.accumulate_micro_batches`: per micro-batch the
+loss terms, the gradient view's terms and the backward; `finish_gradient_view`; `clip_and_step`),
+so the traced peak follows the code as it changes. `MemoryTrace` labels every allocation by the
+part of the step that made it: the module's phases ("loss terms", "gradient view", "backward",
+"optimizer step"; `OISDModule.phases`), and within them the policy forward, the logits, the
+log-probs and each alignment loss.
 
 Data-dependent answers (`.item()`, boolean indexing) are those of the planning rollout, whose
 completions all run to `max_completion_length` (the worst case): every mask element is 1.
@@ -12,7 +15,6 @@ completions all run to `max_completion_length` (the worst case): every mask elem
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,8 @@ LABELS = {  # (module, function) -> the part of the step its allocations belong 
 CHANNEL_LABELS = {"think": "think loss (lens JSD)", "attn": "attention loss"}
 """Labels of the alignment channels' divergences (`registry.ALIGNMENT_CHANNELS`); any other
 channel's is "<name> loss"."""
+PHASE_LABELS = ("loss terms", "gradient view", "backward", "optimizer step")
+"""The module's phases (`OISDModule.phases`) whose allocations the plan counts under their name."""
 
 
 @dataclass
@@ -137,31 +141,23 @@ def _with_label(trace, name, fn):
     return wrapper
 
 
-def training_step(module, optimizer, parts, max_norm: float, autocast, trace: MemoryTrace | None = None,
-                  view=None) -> None:
-    """What `OISDModule.optimise` does to memory: per micro-batch the loss terms and their
-    backward, then gradient clipping and the optimizer step. `view`: a logging step's gradient
-    view (`module.gradient_view()`), which collects each term's gradient before the backward and
+def training_step(module, optimizer, parts, autocast, trace: MemoryTrace | None = None, view=None) -> None:
+    """What `OISDModule.optimise` does to memory, by the module's own code: the micro-batches'
+    loss terms and backward (`accumulate_micro_batches`), the gradient view's derived policy term
+    (`finish_gradient_view`), clipping and the optimizer step (`clip_and_step`), with `trace`'s
+    labels from the module's phases. `parts`: (rollout, advantages, normalisers) per micro-batch,
+    all with the whole step's normalisers. `view`: a logging step's gradient view
+    (`module.gradient_view()`), which collects each term's gradient before the backward and
     derives the policy's after the last one, and is held through the optimizer step, as
-    `OISDModule.accumulate` and `optimise` do."""
-    label = trace.label if trace is not None else lambda _: contextlib.nullcontext()
+    `OISDModule.optimise` does."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(), labelled(trace, module.policy):
-        for part, adv, norm in parts:
-            with label("loss terms"):
-                terms = module.loss_terms(part, adv, norm)
-            if view is not None:
-                with label("gradient view"):
-                    view.add(terms)
-            with label("backward"):
-                terms.pop("loss/total").backward()
-            del terms
-        if view is not None:
-            with label("gradient view"):
-                view.finish([p.grad for p in view.params])
-        with label("optimizer step"):
-            torch.nn.utils.clip_grad_norm_(module.policy.parameters(), max_norm or math.inf)
-            optimizer.step()
+    phase_labels = module.phases.subscribed(lambda name: trace.label(name) if name in PHASE_LABELS else None) \
+        if trace is not None else contextlib.nullcontext()
+    with autocast(), labelled(trace, module.policy), phase_labels:
+        micro = [(part, adv, None) for part, adv, _ in parts]
+        module.accumulate_micro_batches(micro, parts[0][2], backward=torch.Tensor.backward, view=view)
+        module.finish_gradient_view(view)
+        module.clip_and_step(optimizer)
 
 
 def warm_optimizer(optimizer) -> int:
@@ -208,12 +204,12 @@ def trace(fn, label: str = "other", policy=None) -> tuple[Phase, object]:
     return Phase.of(mode), result
 
 
-def trace_step(module, optimizer, parts, max_norm: float, autocast, view=None) -> Phase:
+def trace_step(module, optimizer, parts, autocast, view=None) -> Phase:
     """Peak of a step whose micro-batches all look like `parts[0]`. The second micro-batch holds
     what the first left (the gradients, and on a logging step the gradient view's per-term sums),
     and every later one holds the same again, so two micro-batches give the peak of any number.
     `view`: trace a logging step with the gradient view."""
     mode = _AllOnesMode("loss terms")
     with mode:
-        training_step(module, optimizer, parts[:1] * min(len(parts), 2), max_norm, autocast, trace=mode, view=view)
+        training_step(module, optimizer, parts[:1] * min(len(parts), 2), autocast, trace=mode, view=view)
     return Phase.of(mode)
