@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from oisd_lab.config import compose
+from oisd_lab.models import build_char_tokenizer
 from oisd_lab.plan import formulas, plan
 from oisd_lab.plan.measure import measure_step
 from oisd_lab.plan.model_config import load_model_config, shipped_name
 from oisd_lab.plan.planner import make_plan
 from oisd_lab.plan.trace import _AllOnesMode, fake_mode
 from oisd_lab.plan.tracker import MemoryTrace
+from oisd_lab.sources import load_source
 
 NOT_TRACED = ("parameters", "optimizer state", "reference model", "total")
 
@@ -233,6 +235,13 @@ def test_train_keeps_the_plan_beside_measured_peaks(tmp_path, cache_dir):
     planned = json.loads((run / "plan.json").read_text())
     measured = json.loads((run / "memory.json").read_text())
     assert set(measured["phases"]) == {"rollout", "diagnostics", "policy step"}
+    # planned for the run's own prompts: the task's first 64, as the run formats and tokenizes them
+    cfg = compose(tiny_overrides(tmp_path / "run", "log.plan=true", "method=oisd"))
+    source, tok = load_source(cfg.task), build_char_tokenizer()
+    longest = max(len(tok(source.format_prompt(p.prompt, tok, cfg.model.chat_template))["input_ids"])
+                  for p in source.train_batch(0, 64, cfg.seed))
+    assert planned["setup"]["prompt_length"] == longest
+    assert planned["setup"]["prompt_length_source"] == "longest of the run's first 64 training prompts"
     for phase, row in measured["phases"].items():
         assert row["planned_bytes"] == planned["phases"][phase]["total"] and row["measured_bytes"] > 0
 
