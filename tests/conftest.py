@@ -55,3 +55,29 @@ def _own_wandb_service():
     in this worker would keep a killed run's id "in use" and fail the resumed start."""
     os.environ.pop("WANDB_SERVICE", None)
     yield
+
+
+def fit_rows(module, steps: int) -> list[dict]:
+    """Train `module` for `steps` with a plain Lightning Trainer on CPU; the logged rows, each with
+    its step."""
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+
+    class Rows(Logger):
+        name, version = "rows", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append({"step": step, **metrics})
+
+    rows = Rows()
+    trainer = L.Trainer(max_steps=steps, logger=[rows], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(list(range(steps)), batch_size=None))
+    return rows.rows

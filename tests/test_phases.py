@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import time
 
-import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger
+from conftest import fit_rows
 
 from oisd_lab.config import compose
 from oisd_lab.module import PHASES, TIMED_PHASES, OISDModule
@@ -80,20 +79,6 @@ def test_the_step_timer_sums_the_outermost_phases_only():
     assert timer.total >= timer.laps["time/a"]
 
 
-class _Rows(Logger):
-    name, version = "rows", 0
-
-    def __init__(self):
-        super().__init__()
-        self.rows = []
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append(dict(metrics))
-
-
 def test_an_observer_sees_the_phases_of_a_training_step_in_order_and_the_timer_reads_them(tiny_model,
                                                                                           char_tokenizer):
     cfg = compose(["method=oisd", "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.micro_batch_size=4",
@@ -102,10 +87,7 @@ def test_an_observer_sees_the_phases_of_a_training_step_in_order_and_the_timer_r
     module = OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward, on_log_step=lambda *_: {})
     recorder = _Recorder()
     module.phases.subscribe(recorder)
-    rows = _Rows()
-    trainer = L.Trainer(max_steps=1, logger=[rows], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([0], batch_size=None))
+    rows = fit_rows(module, 1)
 
     micro_batch = [(1, "loss terms"), (1, "gradient view"), (1, "backward")]
     assert recorder.entered == [
@@ -114,7 +96,7 @@ def test_an_observer_sees_the_phases_of_a_training_step_in_order_and_the_timer_r
         (1, "optimizer step")]
     assert {name for _, name in recorder.entered} <= set(PHASES)
 
-    (row,) = rows.rows
+    (row,) = rows
     outer = {name for depth, name in recorder.entered if depth == 0}
     timed = {k for k in row if k.startswith("time/") and k != "time/gradient_view"}
     assert timed == {f"{TIMED_PHASES[name]}{end}" for name in outer for end in ("", "_cpu")}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_rows
 
 from oisd_lab.config import compose
 from oisd_lab.errors import ConfigError
@@ -191,41 +192,17 @@ def _module(policy, tokenizer, engine, *overrides):
     return module
 
 
-def _fit(module, steps: int) -> list[dict]:
-    import lightning as L
-    from lightning.pytorch.loggers import Logger
-
-    class Rows(Logger):
-        name, version = "rows", 0
-
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        def log_hyperparams(self, *args, **kwargs):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            self.rows.append({"step": step, **metrics})
-
-    rows = Rows()
-    trainer = L.Trainer(max_steps=steps, logger=[rows], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(list(range(steps)), batch_size=None))
-    return rows.rows
-
-
 @needs_vllm
 def test_training_steps_sync_every_update_and_a_skipped_sync_shows_in_sampling(warm, monkeypatch):
     policy, tokenizer, engine = warm
-    rows = _fit(_module(policy, tokenizer, engine), 3)
+    rows = fit_rows(_module(policy, tokenizer, engine), 3)
     assert engine.synced_version == 2  # pushed before the rollouts of steps 2 and 3
     for r in rows:
         assert r["sampling/sampling_logp_difference/max"] < SYNCED_TOL
         assert abs(r["sampling/importance_sampling_ratio/max"] - 1) < 1e-2
         assert r["vllm/kv_cache_gib"] == 0.25
     monkeypatch.setattr(type(engine), "sync_weights", lambda self, named, version: None)
-    stale = _fit(_module(policy, tokenizer, engine), 3)
+    stale = fit_rows(_module(policy, tokenizer, engine), 3)
     print("synced", [r["sampling/sampling_logp_difference/mean"] for r in rows],
           "skipped", [r["sampling/sampling_logp_difference/mean"] for r in stale])
     later = stale[1:]  # the engine missed every update after the first fit's
