@@ -451,12 +451,15 @@ class OISDModule(L.LightningModule):
         control["last_entropy"] = entropy
         return control["coef"]
 
-    def gradient_view(self, optimizer=None, state_params=None) -> GradientView | None:
+    def gradient_view(self, optimizer=None, state_params=None, derive_policy: bool | None = None
+                      ) -> GradientView | None:
         """A collector of each term's gradient for this step (`log.gradient_view`), or None.
         optimizer (Lightning's wrapper or the torch optimizer): its state, read before this step's
         update, gives the AdamW view; None leaves it out. state_params: the parameters the
         optimizer holds, in the order of `policy.parameters()` (under FSDP the shards, while the
-        view differentiates w.r.t. the gathered parameters); default: the same parameters."""
+        view differentiates w.r.t. the gathered parameters); default: the same parameters.
+        derive_policy: whether the policy term is `.grad` minus the others (default: where that is
+        exact, decided from the trainer; the planner says it for the run it plans)."""
         if not self.cfg.log.gradient_view:
             return None
         weights = {"policy": 1.0, **{name: self.objective.weight(name) for name in ALIGNMENT_CHANNELS.names()}}
@@ -465,6 +468,7 @@ class OISDModule(L.LightningModule):
         # `gathered(..., through_backward=True)`)
         plain = self._trainer is None or (self.trainer.world_size == 1 and not fsdp_units(self.policy) and
                                           getattr(self.trainer.precision_plugin, "scaler", None) is None)
+        plain = plain if derive_policy is None else derive_policy
         return GradientView([p for p in self.policy.parameters() if p.requires_grad], weights, derive_policy=plain,
                             optimizer=getattr(optimizer, "optimizer", optimizer), previous=self.previous_gradients,
                             state_params=state_params)

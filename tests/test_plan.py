@@ -108,6 +108,16 @@ def test_a_logging_steps_gradient_view_is_planned_as_measured(case, tmp_path):
     assert abs(traced / measured["step"] - 1) < 0.05, (traced, measured["step"])
 
 
+def test_the_view_of_several_ranks_holds_the_policy_terms_own_gradient():
+    """One process derives the policy term's gradient from `.grad` after the last micro-batch;
+    under DDP and FSDP (and fp16's scaler) it gets a backward pass of its own, whose per-parameter
+    sums are held from the first micro-batch on: at least one more model-sized buffer."""
+    one = make_plan(compose(["accelerator=cpu", "method=oisd"]), 20)
+    ddp = make_plan(compose(["accelerator=cpu", "method=oisd", "devices=2", "strategy=ddp"]), 20)
+    n = one.setup["parameters"]
+    assert ddp.phases["policy step"]["gradient view"] - one.phases["policy step"]["gradient view"] >= 4 * n
+
+
 @pytest.mark.parametrize("checkpointing", ["false", "true"])
 def test_depth_extrapolation_matches_the_full_trace(checkpointing):
     cfg = compose(["model=tiny6m", "method=oisd", "grpo.prompts_per_step=2", "grpo.max_completion_length=48",

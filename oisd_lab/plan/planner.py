@@ -82,7 +82,7 @@ def trace_depth(cfg, model_config, layers: int, shape: StepShape, gpu: bool) -> 
         opt_bytes = warm_optimizer(opt)
         parts = micro_batches(shape, mc.vocab_size, count=2)  # the second stands for all later ones
         # the peak step is a logging step: with the gradient view on, its per-term gradients
-        view = module.gradient_view() if run_cfg.log.gradient_view else None
+        view = module.gradient_view(derive_policy=view_derives_policy(cfg)) if run_cfg.log.gradient_view else None
         step = trace_step(module, opt, parts, autocast_for(cfg), view=view)
         grads = tensor_bytes(p.grad for p in policy.parameters() if p.grad is not None)
         return Traced(layers, tensor_bytes(policy.parameters()), grads, opt_bytes,
@@ -180,6 +180,14 @@ DEFAULT_PROMPT_LENGTH = 512
 """Prompt tokens assumed for real datasets (chat template plus a competition problem)."""
 
 
+def view_derives_policy(cfg) -> bool:
+    """Whether the run's gradient view takes the policy term as `.grad` minus the alignment terms
+    (one process, no loss scaler) rather than from a backward pass of its own (DDP, FSDP, fp16's
+    scaler): one term's gradient buffer fewer (`OISDModule.gradient_view`)."""
+    return (world_size(cfg) == 1 and not str(cfg.strategy).startswith("fsdp")
+            and str(cfg.precision) not in ("16-mixed", "16"))
+
+
 def world_size(cfg) -> int:
     """Ranks of the run: devices per node times `num_nodes` (FSDP shards over all of them)."""
     return _devices_per_node(cfg) * max(int(getattr(cfg, "num_nodes", 1) or 1), 1)
@@ -237,9 +245,11 @@ def traced_config(cfg):
 
 
 def trace_key(cfg, prompt_length, max_layers: int) -> str:
-    """What a trace depends on (the strategy and device count only move the persistent state)."""
+    """What a trace depends on (the strategy and device count move the persistent state, and the
+    gradient view's terms: one term fewer where it derives the policy's)."""
     cfg = traced_config(cfg)
-    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, cfg.log.gradient_view, on_gpu(cfg), prompt_length,
+    return repr((cfg.model, cfg.method, cfg.grpo, cfg.precision, cfg.log.gradient_view, view_derives_policy(cfg),
+                 on_gpu(cfg), prompt_length,
                  max_layers))
 
 
