@@ -235,8 +235,12 @@ def _adam_sums(sums: dict, grads: Mapping[str, Tensor], v: Tensor, c: float, eps
 
 
 def _sum(sums: dict, key) -> Tensor | None:
-    parts = [s[key] for s in sums.values() if s.get(key) is not None]
-    return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1].to(parts[0].device)
+    """The whole parameters' and the shards' sums of `key` together (None if neither has it)."""
+    total = None
+    for part in sums.values():
+        if part.get(key) is not None:
+            total = _add(total, part[key])
+    return total
 
 
 def _add(total: Tensor | None, part: Tensor) -> Tensor:
