@@ -14,8 +14,8 @@ recipe sets `model.chat_template: true`). The task is the MATH-500 / MATH-train 
 test fixtures (8 and 4 problems). The command runs as a user runs it (`python -m oisd_lab train`);
 Lightning starts the second rank. Recorded: wall time of the command, each rank's peak resident
 set (VmHWM, polled from /proc), the plan's per-rank peak and phases (plan.json) and the measured
-phase peaks beside them (memory.json, rank 0). Both steps are logging steps (the first and the
-last); with the gradient view on (the default) each rank holds the full parameters and one
+phase peaks beside them (memory.json for rank 0, memory.rank1.json for rank 1). Both steps are
+logging steps (the first and the last); with the gradient view on (the default) each rank holds the full parameters and one
 gradient buffer per loss term through them, which the plan counts as a logging step; the second
 command turns the view off.
 """
@@ -144,19 +144,21 @@ def main() -> None:
         for key in ("reward", "frac_reward_zero_std", "grad_norm", "grad/policy/norm", "grad/think/norm"):
             result[key] = [r.get(key) for r in rows]
         result["step_time"] = [r.get("step_time") for r in rows]
-    for name in ("plan.json", "memory.json", "eval.json"):
+    for name in ("plan.json", "memory.json", "memory.rank1.json", "eval.json"):
         if (run_dir / name).is_file():
             result[name.removesuffix(".json")] = json.loads((run_dir / name).read_text())
-    if "plan" in result and "memory" in result:
-        phases = result["memory"]["phases"]
-        measured = max(row["measured_bytes"] for row in phases.values())
-        planned = result["plan"]["peak_bytes"]
-        result["planned_vs_measured_rank0"] = {
-            "planned_peak_bytes": planned, "measured_peak_bytes": measured, "ratio": measured / planned,
-            "per_phase_ratio": {k: row["ratio"] for k, row in phases.items()},
-            "note": "tensor bytes (memory.json: parameters, gradients, optimizer state held + the profiler's peak "
-                    "inside the phase), rank 0, first 2 steps; peak RSS also counts the interpreter, libraries, "
-                    "the tokenizer, the held-out evaluation and the planner's own tracing"}
+    for rank, key in ((0, "memory"), (1, "memory.rank1")):
+        if "plan" in result and key in result:
+            phases = result[key]["phases"]
+            measured = max(row["measured_bytes"] for row in phases.values())
+            planned = result["plan"]["peak_bytes"]
+            result[f"planned_vs_measured_rank{rank}"] = {
+                "planned_peak_bytes": planned, "measured_peak_bytes": measured, "ratio": measured / planned,
+                "per_phase_ratio": {k: row["ratio"] for k, row in phases.items()},
+                "note": f"tensor bytes ({key}.json: parameters, gradients, optimizer state held + the profiler's "
+                        f"peak inside the phase), rank {rank}, first 2 steps (the diagnostics pass runs on rank 0 "
+                        "only); peak RSS also counts the interpreter, libraries, the tokenizer, the held-out "
+                        "evaluation and the planner's own tracing"}
     text = json.dumps(result, indent=2) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ SIZE = (f"max_steps={STEPS}", "checkpoint_every=1", "task.num_test=4", "eval.k=1
 VOLATILE = ("time/", "step_time")
 
 
-def command(run: Path) -> list[str]:
-    overrides = tiny_overrides(run, "method=oisd", "accelerator=cpu", "devices=2", "strategy=fsdp", *SIZE)
+def command(run: Path, *extra: str) -> list[str]:
+    overrides = tiny_overrides(run, "method=oisd", "accelerator=cpu", "devices=2", "strategy=fsdp", *SIZE, *extra)
     return [sys.executable, "-m", "oisd_lab", "train", *overrides]
 
 
@@ -48,9 +48,9 @@ def stable(row: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(cache_dir, tmp_path_factory) -> Path:
-    """The run, never interrupted."""
+    """The run, never interrupted, with its memory plan and each rank's measured peaks."""
     run = tmp_path_factory.mktemp("fsdp_cli") / "run"
-    done = subprocess.run(command(run), env=environment(cache_dir), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(run, "log.plan=true"), env=environment(cache_dir), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(run)
     return run
@@ -83,6 +83,20 @@ def test_sharded_cli_run_logs_every_step_once_and_trains(reference, cache_dir):
     params = {k.removeprefix("policy."): v for k, v in ckpt["state_dict"].items()}
     assert ckpt["global_step"] == STEPS
     assert [k for k in start if not torch.equal(final[k], params[k])] == []
+
+
+def test_each_ranks_measured_peak_is_within_10_percent_of_the_plan(reference):
+    """`log.plan=true` on 2 CPU ranks: both ranks measure their phases of the first two steps
+    (tensor bytes: parameters, gradients and optimizer state held, plus the profiler's peak inside
+    each phase); the run's peak (the policy step) is within 10% of the planned peak on each."""
+    plan = json.loads((reference / "plan.json").read_text())
+    assert plan["setup"]["strategy"] == "fsdp" and plan["setup"]["world"] == 2
+    for name in ("memory.json", "memory.rank1.json"):
+        phases = json.loads((reference / name).read_text())["phases"]
+        assert {"rollout", "policy step"} <= set(phases), (name, phases)
+        assert all(row["planned_bytes"] == plan["phases"][k]["total"] for k, row in phases.items())
+        peak = max(row["measured_bytes"] for row in phases.values())
+        assert abs(peak / plan["peak_bytes"] - 1) < 0.10, (name, peak, plan["peak_bytes"], phases)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400.0) -> None:

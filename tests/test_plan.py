@@ -154,6 +154,27 @@ def test_kv_cache_formula_by_hand():
     # per-layer FSDP: 100 parameters, 4 layers of 20, root 20; root + 2 layers gathered, 2 bytes each
     assert formulas.fsdp_gathered_bytes(100, 20, 4, 2, 2) == (20 + 2 * 20) * 2
     assert formulas.fsdp_gathered_bytes(100, 20, 4, 9, 2) == 100 * 2  # never more than the model
+    # gathering a unit of 100 parameters over 8 ranks in bf16: the all-gather output (padded to 104)
+    # and, under mixed precision, this rank's shard cast to bf16 (13)
+    assert formulas.fsdp_gather_buffer_bytes(100, 8, 2, cast=True) == (104 + 13) * 2
+    assert formulas.fsdp_gather_buffer_bytes(100, 8, 2, cast=False) == 104 * 2
+
+
+def test_a_narrow_model_with_a_large_vocabulary_peaks_in_the_rollout_while_the_root_is_gathered(tmp_path):
+    """Under FSDP the rollout gathers the root (embedding and unembedding) first; while it is copied
+    out of the all-gather buffer, three copies of it are live. With 64-wide layers and V = 151,936 that
+    moment is above the decoding's (measured on 2 CPU ranks: benchmarks/results/paper_recipe_cpu.json,
+    rollout 1.00 of this plan); a model as wide as Qwen3-0.6B peaks while decoding."""
+    base = ["method=oisd", "accelerator=cpu", "devices=2", "strategy=fsdp", "precision=bf16-mixed",
+            "model.dtype=float32", "grpo.prompts_per_step=2", "grpo.num_generations=2",
+            "grpo.micro_batch_size=2", "grpo.max_completion_length=8"]
+    narrow = make_plan(compose([f"model={_narrow_qwen3(tmp_path)}", *base]), 161).phases["rollout"]
+    root = 151936 * 64 + 64  # tied embedding and the final norm, bf16
+    assert narrow["FSDP gathered parameters"] == 2 * root
+    assert narrow["FSDP all-gather buffers"] == 2 * root + 2 * (root // 2)  # the gather's output, the cast shard
+    assert "KV cache" not in narrow
+    wide = make_plan(compose(["model=Qwen/Qwen3-0.6B", *base]), 161).phases["rollout"]
+    assert "FSDP all-gather buffers" not in wide and wide["KV cache"] > 0
 
 
 def test_strategies_share_the_trace_and_move_the_state():

@@ -66,6 +66,14 @@ FSDP_DIAGNOSTICS_LAYERS = 1
 """Decoder layers gathered at once in the diagnostics pass (a forward only, nothing prefetched)."""
 
 
+def fsdp_gather_buffer_bytes(unit_params: int, world: int, dtype_bytes: int, cast: bool) -> int:
+    """Transient bytes of gathering one FSDP2 unit on top of its unsharded parameters: the flat
+    all-gather output (the whole unit, padded to the world size) and, when the compute dtype differs
+    from the parameters' (mixed precision), this rank's shard cast to it as the all-gather input."""
+    padded = -(-unit_params // world) * world
+    return padded * dtype_bytes + (padded // world * dtype_bytes if cast else 0)
+
+
 def fsdp_gathered_bytes(params: int, layer_params: int, layers: int, gathered_layers: int, dtype_bytes: int) -> int:
     """Bytes of the parameters gathered at once under per-layer FSDP2 (`sharding.py`): the root
     (all that is outside the decoder layers: embedding, final norm, unembedding; it stays gathered

@@ -340,7 +340,8 @@ def _state(traced: Traced, world: int, fsdp: bool) -> tuple[dict[str, int], list
                          "the parameters gathered for the rollout (all) and for the step and the diagnostics "
                          "(the root and one decoder layer at a time, two during backward; the whole model "
                          "through a logging step with the gradient view), the step's unsharded "
-                         "gradients (the root's and those layers') (formula)")
+                         "gradients (the root's and those layers'), and the all-gather buffers of the root while "
+                         "the rollout gathers it, where that is the rollout's peak (formula)")
     elif world > 1:
         state["DDP gradient buckets"] = formulas.ddp_bucket_bytes(traced.grads, world)
         estimated.append("DDP gradient buckets (one flat copy of the gradients, formula)")
@@ -373,9 +374,20 @@ def _phases(cfg, mc, shape: StepShape, traced: Traced, state: dict, fsdp: bool, 
     geometry = (mc.num_hidden_layers, kv_heads, head_dim, shape.rows, tokens, act)
     # gradients live from one step's backward to the next's zero_grad
     without_grads = {k: v for k, v in state.items() if k != "gradients"}
+    rollout = {**gathered["rollout"], "KV cache": formulas.kv_cache_bytes(*geometry),
+               "decoding step": formulas.decode_step_bytes(*geometry, mc.vocab_size)}
+    if fsdp:
+        # the rollout gathers the root (embedding, final norm, unembedding) first: while it is copied
+        # out of the all-gather buffer, the unsharded root, that buffer and the cast shard are live,
+        # nothing else of the rollout yet. A narrow model with a large vocabulary peaks there.
+        root = n_params - mc.num_hidden_layers * (traced.layer_params // param_dtype.itemsize)
+        buffers = formulas.fsdp_gather_buffer_bytes(root, world_size(cfg), act,
+                                                    cast=low is not None and low != param_dtype)
+        at_gather = {"FSDP gathered parameters": root * act, "FSDP all-gather buffers": buffers}
+        if sum(at_gather.values()) > sum(rollout.values()):
+            rollout = at_gather
     phases = {
-        "rollout": {**state, **gathered["rollout"], "KV cache": formulas.kv_cache_bytes(*geometry),
-                    "decoding step": formulas.decode_step_bytes(*geometry, mc.vocab_size)},
+        "rollout": {**state, **rollout},
         "diagnostics": {**state, **gathered["diagnostics"],
                         **{f"diagnostics: {k}": v for k, v in traced.diagnostics.at_peak.items()}},
         "policy step": {**without_grads, **gathered["policy step"], **step},

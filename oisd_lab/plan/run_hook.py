@@ -1,5 +1,6 @@
 """`log.plan=true`: the plan printed before training and kept in the run folder (plan.json),
-and the measured peak of each phase of the first steps beside it (memory.json):
+and the measured peak of each phase of the first steps beside it, per rank (memory.json for
+rank 0, memory.rank<r>.json for rank r):
 `torch.cuda.max_memory_allocated` on GPU; on CPU the bytes held by parameters, gradients,
 optimizer state and reference model plus the profiler's peak inside the phase (as the
 benchmarks measure)."""
@@ -16,14 +17,13 @@ MEASURED_STEPS = 2
 
 
 def plan_run(cfg, run, module, log=print) -> None:
-    """Plan `cfg`, print it, write plan.json, and measure the phases of `module`'s first steps
-    (rank 0 of a multi-process run only)."""
+    """Plan `cfg` and measure the phases of `module`'s first steps on every rank (memory.json for
+    rank 0, memory.rank<r>.json for the others); rank 0 prints the plan and writes plan.json."""
     # on use: the planner builds models and traces the step only when a plan is made
     from ..run.trainer import launched_rank
     from . import plan
 
-    if launched_rank() != 0:
-        return
+    rank = launched_rank()
     # on use: the planner builds models and traces the step only when a plan is made
     from .planner import run_prompt_length
     from .report import GIB, format_plan
@@ -33,9 +33,11 @@ def plan_run(cfg, run, module, log=print) -> None:
     length, source = run_prompt_length(
         problems, lambda text: len(module.tokenizer(module.format_prompt(text))["input_ids"]))
     result = plan(cfg, memory, prompt_length=length, prompt_source=source)
-    log(format_plan(result, round(memory * GIB) if memory else None))
-    run.plan.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    module.phases.subscribe(PhaseMeter(run.memory, {k: v["total"] for k, v in result.phases.items()}, module))
+    if rank == 0:
+        log(format_plan(result, round(memory * GIB) if memory else None))
+        run.plan.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    planned = {k: v["total"] for k, v in result.phases.items()}
+    module.phases.subscribe(PhaseMeter(run.memory_of(rank), planned, module))
 
 
 MEASURED_PHASES = ("rollout", "policy step", "diagnostics")

@@ -79,7 +79,11 @@ class RunDir:
 
     @property
     def memory(self) -> Path:
-        return self.root / "memory.json"
+        return self.memory_of(0)
+
+    def memory_of(self, rank: int) -> Path:
+        """The measured peaks of one rank: memory.json (rank 0), memory.rank<r>.json (the others)."""
+        return self.root / ("memory.json" if rank == 0 else f"memory.rank{rank}.json")
 
     @property
     def snapshots(self) -> Path:
