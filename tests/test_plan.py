@@ -66,6 +66,7 @@ CASES = {
                                       "grpo.max_completion_length=256"],
     "tiny, checkpointing, KL to a reference": ["method=oisd_logit", "grpo.beta=0.04",
                                                "model.gradient_checkpointing=true"],
+    "tiny oisd, LoRA rank 8": ["method=oisd", "model.lora_rank=8"],
 }
 
 
@@ -409,3 +410,22 @@ def test_the_vllm_engine_is_in_every_phase_instead_of_our_decoding():
     # GPU: the whole share vLLM reserves at start, in every phase
     assert {p["vLLM engine (its share of the GPU)"] for p in gpu.phases.values()} == {16 * 2**30}
     assert gpu.setup["rollout_backend"] == "vllm" and hf.setup["rollout_backend"] == "hf"
+
+
+def test_lora_plans_gradients_and_optimizer_state_of_the_adapters_only():
+    """With `model.lora_rank` the planned model is the adapted one (peft on the planner's fake
+    tensors): the frozen base keeps its parameters, and gradients and AdamW's two moments exist for
+    the adapters alone. Counts from a real adapted model."""
+    from oisd_lab import lora
+    from oisd_lab.models import build_char_tokenizer, build_tiny_model
+
+    cfg = compose(["method=oisd", "model.lora_rank=8", "accelerator=cpu"])
+    real = lora.attach(build_tiny_model("tiny", vocab_size=len(build_char_tokenizer()), seed=0), 8,
+                       cfg.model.lora_alpha, 0.0, cfg.model.lora_targets)
+    adapters = sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert 0 < adapters == sum(p.numel() for n, p in real.named_parameters() if "lora_" in n)
+    adapted = make_plan(cfg, 20)
+    full = make_plan(compose(["method=oisd", "accelerator=cpu"]), 20)
+    assert adapted.state["parameters"] == full.state["parameters"] + 4 * adapters
+    assert adapted.state["gradients"] == 4 * adapters < full.state["gradients"] / 5
+    assert 8 * adapters <= adapted.state["optimizer state"] < 8 * adapters + 4 * 1024  # + a step counter per tensor

@@ -8,8 +8,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from transformers import AutoModelForCausalLM
 
+from .. import lora
 from .formulas import DTYPES, precision_dtypes
 
 
@@ -54,8 +57,22 @@ def build_policy(cfg, model_config, seed: int = 0):
 
     param_dtype, _ = precision_dtypes(cfg.precision, cfg.model.dtype)
     torch.manual_seed(seed)
-    policy = AutoModelForCausalLM.from_config(model_config, attn_implementation=cfg.model.attn_implementation,
-                                              dtype=param_dtype)
+    m = cfg.model
+    # peft moves new adapters onto their base layer's device, which fake parameters refuse: under
+    # fake tensors the adapted model is built on the meta device outside the fake mode, then given
+    # fake storage
+    faking = m.lora_rank and detect_fake_mode() is not None
+    with contextlib.ExitStack() as outside:
+        if faking:
+            outside.enter_context(unset_fake_temporarily())
+            outside.enter_context(torch.device("meta"))
+        policy = AutoModelForCausalLM.from_config(model_config, attn_implementation=m.attn_implementation,
+                                                  dtype=param_dtype)
+        if m.lora_rank:  # adapters on the decoder layers, the rest frozen, as `train` attaches them
+            policy = lora.attach(policy, m.lora_rank, m.lora_alpha, m.lora_dropout, m.lora_targets)
+    if faking:
+        policy.to_empty(device="cpu")  # a new tensor per parameter: tied embeddings are tied again
+        policy.get_base_model().tie_weights()
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(policy)
     return policy.train()
