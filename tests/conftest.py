@@ -49,6 +49,13 @@ def assert_gradients_flowed(rows: list[dict]) -> None:
     assert any((r.get("grad_norm") or 0) > 0 for r in rows), "no step had a non-zero gradient"
 
 
+def assert_alignment_in_view(rows: list[dict]) -> None:
+    """The metrics rows of an OISD run whose logging steps' gradient view shows both alignment
+    terms reaching the weights (a non-zero gradient of the logit and the attention channel)."""
+    for term in ("think", "attn"):
+        assert any((r.get(f"grad/{term}/norm") or 0) > 0 for r in rows), f"no grad/{term}/norm > 0 in the view"
+
+
 @pytest.fixture(autouse=True)
 def _own_wandb_service():
     """Training subprocesses start their own W&B service: one inherited from a test that ran W&B

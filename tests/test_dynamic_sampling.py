@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import assert_gradients_flowed, tiny_overrides
+from conftest import assert_alignment_in_view, assert_gradients_flowed, tiny_overrides
 
 from oisd_lab.cli import main
 from oisd_lab.models import build_char_tokenizer, build_tiny_model
@@ -62,6 +62,7 @@ def test_no_zero_advantage_group_unless_the_cap_is_hit(tmp_path, cache_dir, monk
                                           "grpo.dynamic_sampling=true", "grpo.dynamic_sampling_max_rounds=6")]) == 0
     rows = _rows(run_dir)
     assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)
     for r in rows:
         assert r["dynamic_sampling/rounds"] >= 2 and r["dynamic_sampling/groups_dropped"] >= 1
         assert r["dynamic_sampling/rollouts_sampled"] >= 16 * r["dynamic_sampling/rounds"] - 1e-9

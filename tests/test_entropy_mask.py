@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_gradients_flowed, tiny_overrides
+from conftest import assert_alignment_in_view, assert_gradients_flowed, tiny_overrides
 from test_alignment_options import _module, _rollout
 
 from oisd_lab import losses
@@ -68,3 +68,4 @@ def test_train_with_top_entropy_quantile(tmp_path, cache_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2]
     assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)

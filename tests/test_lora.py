@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_gradients_flowed, tiny_overrides
+from conftest import assert_alignment_in_view, assert_gradients_flowed, tiny_overrides
 from safetensors.torch import load_file
 
 from oisd_lab import pretrain
@@ -27,6 +27,7 @@ def test_a_lora_run_trains_adapters_only_and_saves_them_merged_and_alone(tmp_pat
     assert main(["train", *overrides]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)
 
     cfg = compose(overrides)
     base, tok = load_pretrained(pretrain.warm_start(cfg, log=lambda line: None))

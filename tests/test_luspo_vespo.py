@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_gradients_flowed, tiny_overrides
+from conftest import assert_alignment_in_view, assert_gradients_flowed, tiny_overrides
 
 from oisd_lab import losses
 from oisd_lab.cli import main
@@ -183,3 +183,4 @@ def test_train_with_luspo_and_vespo(options, tmp_path, cache_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2]
     assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_gradients_flowed, tiny_overrides
+from conftest import assert_alignment_in_view, assert_gradients_flowed, tiny_overrides
 
 from oisd_lab import losses
 from oisd_lab.cli import main
@@ -135,6 +135,8 @@ def test_a_registered_entry_trains(options, toy_entries, tmp_path, cache_dir):
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     assert_gradients_flowed(rows)
+    if "method=oisd" in options:
+        assert_alignment_in_view(rows)
     if "toy" in options[0]:
         assert toy_entries["loss" if "loss_type" in options[0] else "estimator"] > 0
 

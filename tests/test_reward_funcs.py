@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_gradients_flowed, tiny_overrides
+from conftest import assert_alignment_in_view, assert_gradients_flowed, tiny_overrides
 
 from oisd_lab import losses
 from oisd_lab.cli import main
@@ -69,6 +69,7 @@ def test_train_with_three_reward_functions(aggregation, tmp_path, cache_dir):
                                           f"grpo.multi_objective_aggregation={aggregation}")]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)
     for r in rows:
         for name in ("correct", "format", "overlong"):
             assert f"rewards/{name}/mean" in r and f"rewards/{name}/std" in r

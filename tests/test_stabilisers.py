@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_gradients_flowed, tiny_overrides
+from conftest import assert_alignment_in_view, assert_gradients_flowed, tiny_overrides
 
 from oisd_lab import losses
 from oisd_lab.cli import main
@@ -175,6 +175,7 @@ def test_train_with_each_stabiliser(options, tmp_path, cache_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert [r["step"] for r in rows] == [1, 2]
     assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)
 
 
 def test_off_policy_mask_keeps_positive_and_low_kl_negative_rows():
@@ -198,6 +199,7 @@ def test_train_with_the_off_policy_mask(tmp_path, cache_dir):
                                           "grpo.num_iterations=2", "grpo.off_policy_mask_threshold=0.0")]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)
 
 
 def test_the_step_drops_the_masked_rows_from_the_policy_loss(tiny_model, char_tokenizer):
