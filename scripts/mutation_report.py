@@ -37,10 +37,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--pattern", default="")
+    parser.add_argument("--pattern", nargs="*", default=[], help="mutant name patterns (default: all)")
     args = parser.parse_args()
-    status = {k: v for k, v in results().items() if not args.pattern or Path(k).match(args.pattern)
-              or re.fullmatch(args.pattern.replace(".", r"\.").replace("*", ".*"), k)}
+    status = {k: v for k, v in results().items() if not args.pattern or any(
+        re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), k) for p in args.pattern)}
     notes = explained()
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for name, state in status.items():
@@ -50,7 +50,7 @@ def main() -> None:
                 else "killed since" if note.startswith("killed since") else state)
         by_module[module][kind] += 1
     lines = ["# Mutation score", "",
-             f"`bash scripts/mutation.sh {args.pattern!r} {args.workers}` on "
+             f"`bash scripts/mutation.sh {' '.join(args.pattern)!r} {args.workers}` on "
              f"{time.strftime('%Y-%m-%d')}: {args.seconds // 60} min with {args.workers} worker(s).", "",
              "Score = killed / (killed + survived), where survivors explained as equivalent in "
              "`explained.md` (the same behaviour) are left out. 'no tests': no test covers the line.", "",
