@@ -1,0 +1,107 @@
+"""Parts of the step against independent references: the attention channel over several row blocks
+of a long completion with left-padded prompts (against the attention weights transformers' own
+eager attention returns, in value and gradient), and the log-probs of the sampling policy that the
+importance ratio divides by (by hand)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oisd_lab import losses, step
+from oisd_lab.config import compose
+from oisd_lab.module import OISDModule
+from oisd_lab.rollout import Rollout
+
+P, C = 10, 150  # 150 completion rows: three blocks of step.ATTN_ROW_BLOCK
+PADS = (0, 3, 6, 0)  # left padding of each row's prompt
+LENGTHS = (150, 97, 64, 131)  # completion tokens up to and including EOS
+
+
+def _rollout(vocab: int) -> Rollout:
+    torch.manual_seed(0)
+    ids = torch.randint(3, vocab, (len(PADS), P + C))
+    attention = torch.ones(len(PADS), P + C, dtype=torch.long)
+    completion = torch.zeros(len(PADS), C)
+    for row, (pad, length) in enumerate(zip(PADS, LENGTHS, strict=True)):
+        ids[row, :pad] = 0
+        attention[row, :pad] = 0
+        ids[row, P + length:] = 0
+        attention[row, P + length:] = 0
+        completion[row, :length] = 1
+    return Rollout(ids, attention, completion, P, [""] * len(PADS), torch.zeros(len(PADS), dtype=torch.bool))
+
+
+def _eager_rows(model, part: Rollout, layer: int) -> torch.Tensor:
+    """[b, H, C, S] attention weights of decoder layer `layer` (0-based) for the completion's query
+    rows (outputs are read one position early: rows P-1 .. P+C-2), from transformers' eager
+    attention."""
+    model.set_attn_implementation("eager")
+    try:
+        out = model(input_ids=part.input_ids, attention_mask=part.attention_mask, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return out.attentions[layer][:, :, P - 1:P - 1 + C]
+
+
+@pytest.mark.parametrize("sink", [False, True])
+@pytest.mark.parametrize("heads", ["mean", "per_head"])
+def test_attention_channel_over_row_blocks_equals_the_eager_attention_reference(tiny_model, char_tokenizer,
+                                                                                sink, heads):
+    cfg = compose(["method=oisd_attn", "method.layers=[2]", f"method.attn_exclude_sink={str(sink).lower()}",
+                   f"method.attn_heads={heads}"])
+    module = OISDModule(cfg, tiny_model, char_tokenizer, None, None)
+    objective = module.objective_at(1)
+    part = _rollout(tiny_model.config.vocab_size)
+    assert C > 2 * step.ATTN_ROW_BLOCK and len(list(step.attention_row_blocks(part))) == 3
+    weights = torch.linspace(-1.0, 2.0, C)  # a signed weighting, so every row's gradient counts
+
+    tiny_model.zero_grad(set_to_none=True)
+    ours = step.attention_divergence(objective.forward(tiny_model, part), part, objective)[2]
+    (ours * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+    tiny_model.zero_grad(set_to_none=True)
+    L = tiny_model.config.num_hidden_layers
+    teacher = _eager_rows(tiny_model, part, L - 1).detach()
+    student = _eager_rows(tiny_model, part, 1)  # hidden_states[2] is decoder layer 1's output
+    want = losses.attention_row_jsd(teacher, student, query_mask=part.completion_mask.bool(),
+                                    key_mask=part.attention_mask.bool(), head_reduce=heads, exclude_sink=sink)
+    (want * weights).sum().backward()
+
+    assert ours.shape == (len(PADS), C)
+    # masked rows give 0; the random tiny model's layers differ a little (JSD up to ~3e-4 here)
+    assert float(want.abs().min()) == 0.0 and float(want.abs().max()) > 1e-4
+    # float32: the two paths' probabilities differ by rounding, which the JSD of close rows shows
+    # as up to ~1e-7 absolute (measured 8e-8)
+    torch.testing.assert_close(ours, want, rtol=1e-3, atol=2e-7)
+    moved = 0
+    for name, p in tiny_model.named_parameters():
+        if p.grad is None:
+            continue
+        scale = float(p.grad.abs().max())  # rounding as above, relative to each parameter's largest entry
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-3, atol=1e-3 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        moved += float(p.grad.abs().max()) > 1e-7
+    assert moved > 5 and got.keys() == {n for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+
+def test_the_sampling_policys_log_probs_by_hand():
+    """The sampler's own log-probs where it gave them (vLLM), else the old policy's, else the
+    current policy's, detached."""
+    current = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -2.5, -3.5]])
+    sampler = torch.tensor([[-0.5, float("nan"), -0.7]])
+    base = Rollout(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4), torch.ones(1, 3), 1, [""],
+                   torch.zeros(1, dtype=torch.bool))
+
+    def rollout(**extra) -> Rollout:
+        return Rollout(base.input_ids, base.attention_mask, base.completion_mask, 1, [""], base.truncated, **extra)
+
+    plain = step.sampling_logps(rollout(), current)
+    assert plain.tolist() == [[-1.0, -2.0, -3.0]] and not plain.requires_grad
+    assert step.sampling_logps(rollout(old_logps=old), current).tolist() == [[-1.5, -2.5, -3.5]]
+    assert torch.equal(step.sampling_logps(rollout(sampler_logps=sampler), current),
+                       torch.tensor([[-0.5, -2.0, -0.7]]))
+    mixed = step.sampling_logps(rollout(sampler_logps=sampler, old_logps=old), current)
+    assert torch.equal(mixed, torch.tensor([[-0.5, -2.5, -0.7]]))
