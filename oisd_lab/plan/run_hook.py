@@ -29,9 +29,10 @@ def plan_run(cfg, run, module, log=print) -> None:
     from .report import GIB, format_plan
 
     memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
-    problems = module.task.train_batch(0, 64, cfg.seed)
+    sampler = module.sampler
+    problems = sampler.task.train_batch(0, 64, cfg.seed)
     length, source = run_prompt_length(
-        problems, lambda text: len(module.tokenizer(module.format_prompt(text))["input_ids"]))
+        problems, lambda text: len(sampler.tokenizer(sampler.format_prompt(text))["input_ids"]))
     result = plan(cfg, memory, prompt_length=length, prompt_source=source)
     log(format_plan(result, round(memory * GIB) if memory else None))
     run.plan.write_text(json.dumps(result.to_dict(), indent=2) + "\n")

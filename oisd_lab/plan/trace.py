@@ -145,7 +145,7 @@ def training_step(module, optimizer, parts, autocast, trace: MemoryTrace | None 
     """What `OISDModule.optimise` does to memory, by the module's own code: the micro-batches'
     loss terms and backward (`accumulate_micro_batches`), the gradient view's derived policy term
     (`finish_gradient_view`), clipping and the optimizer step (`clip_and_step`), with `trace`'s
-    labels from the module's phases. `parts`: (rollout, advantages, normalisers) per micro-batch,
+    labels from the module's phases. `parts`: (rollout with its advantages, normalisers) per micro-batch,
     all with the whole step's normalisers. `view`: a logging step's gradient view
     (`module.gradient_view()`), which collects each term's gradient before the backward and
     derives the policy's after the last one, and is held through the optimizer step, as
@@ -154,8 +154,8 @@ def training_step(module, optimizer, parts, autocast, trace: MemoryTrace | None 
     phase_labels = module.phases.subscribed(lambda name: trace.label(name) if name in PHASE_LABELS else None) \
         if trace is not None else contextlib.nullcontext()
     with autocast(), labelled(trace, module.policy), phase_labels:
-        micro = [(part, adv, None) for part, adv, _ in parts]
-        module.accumulate_micro_batches(micro, parts[0][2], backward=torch.Tensor.backward, view=view)
+        module.accumulate_micro_batches([part for part, _ in parts], parts[0][1], backward=torch.Tensor.backward,
+                                        view=view)
         module.finish_gradient_view(view)
         module.clip_and_step(optimizer)
 
