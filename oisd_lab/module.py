@@ -30,7 +30,7 @@ from . import step as step_lib
 from .config import TrainConfig
 from .errors import NonFiniteError
 from .gradient_view import GradientView, PreviousGradients
-from .lens import default_student_layer, find_readout, resolve_layers
+from .lens import find_readout, student_layers
 from .optim import build_optimizer
 from .phases import Phases, StepTimer
 from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS
@@ -70,8 +70,7 @@ class OISDModule(L.LightningModule):
         self.automatic_optimization = False
         self.readout = find_readout(policy)
         self.num_layers = self.readout.num_layers
-        spec = cfg.method.layers or [default_student_layer(self.num_layers)]
-        self.student_layers = resolve_layers(list(spec), self.num_layers)
+        self.student_layers = student_layers(cfg.method.layers, self.num_layers)
         self.base_objective = step_lib.Objective(cfg.grpo, cfg.method, self.readout, tuple(self.student_layers))
         self.objective = self.base_objective
         """This batch's objective (`objective_at`)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import diagnostics
+from .files import append_jsonl
 from .lens import Readout
 
 
@@ -98,9 +99,8 @@ class LogStepHook:
 
     @staticmethod
     def write_jsonl(path, rows: list[dict]) -> None:
-        with open(path, "a") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+        """Append `rows` to one of the run's JSON-lines files (`files.append_jsonl`)."""
+        append_jsonl(path, rows)
 
     @staticmethod
     def log_table(wandb_loggers, step, rows) -> None:

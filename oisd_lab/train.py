@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from . import lora
 from .config import TrainConfig, to_yaml
+from .files import truncate_jsonl
 from .module import OISDModule
 from .preflight import preflight
 from .pretrain import cache_root, warm_start
 from .run import evaluation
-from .run.checkpointing import find_resumable, truncate_jsonl
+from .run.checkpointing import find_resumable
 from .run.folder import RunDir, default_run_dir
 from .run.loading import load_start
 from .run.quiet import quiet
