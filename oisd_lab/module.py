@@ -5,7 +5,7 @@ layers, attention of student and final layers only) -> policy / think / attentio
 aggregated with whole-batch normalisers (the alignment losses with the policy loss's normaliser
 unless `method.align_loss_type` is set) -> backward -> one optimizer step. Every N steps:
 per-layer diagnostics, completions and snapshots, and the gradient view (each term's gradient,
-`gradient_view.py`). The math lives in `losses.py`.
+`gradient_view.py`). The math lives in `losses/`.
 
 Positions: the logits at position t predict token t+1, so both alignment channels act on the
 positions that produced the completion tokens (the last prompt position up to the one before the

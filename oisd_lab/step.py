@@ -10,7 +10,7 @@ attention module has `layer_idx == k - 1` (`attention.attention_layer_of`). Both
 here and in `attention.py` only; the module, the diagnostics, the tests and the benchmarks call
 these functions instead of re-deriving them.
 
-The math is in `losses.py`; this module only decides which tensors go where.
+The math is in `losses/`; this module only decides which tensors go where.
 """
 
 from __future__ import annotations

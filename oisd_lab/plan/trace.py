@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .. import losses, step
+from .. import step
+from ..losses import divergence
 from ..registry import ALIGNMENT_CHANNELS
 from .tracker import MemoryTrace
 
 LABELS = {  # (module, function) -> the part of the step its allocations belong to
-    ("losses", "_chunked_logps"): "log-probs and entropy", ("losses", "entropy_from_logits"): "log-probs and entropy",
-    ("losses", "_lens_jsd_rows"): "think loss (lens JSD)", ("step", "reference_logps"): "reference model",
+    ("losses.divergence", "chunked_logps"): "log-probs and entropy",
+    ("losses.divergence", "entropy_from_logits"): "log-probs and entropy",
+    ("losses.divergence", "_lens_jsd_rows"): "think loss (lens JSD)", ("step", "reference_logps"): "reference model",
 }
 """A renamed function loses its label (its bytes count under "loss terms"); tests check the labels."""
 CHANNEL_LABELS = {"think": "think loss (lens JSD)", "attn": "attention loss"}
@@ -113,7 +115,7 @@ def labelled(trace: MemoryTrace | None, policy):
     for p in policy.parameters():
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(lambda q: trace.relabel(q.grad, "gradients")))
-    modules = {"losses": losses, "step": step}
+    modules = {"losses.divergence": divergence, "step": step}
     for (module, fn), name in LABELS.items():
         if hasattr(modules[module], fn):
             saved[module, fn] = getattr(modules[module], fn)
