@@ -37,6 +37,7 @@ from oisd_lab.gradient_view import (
 )
 from oisd_lab.module import OISDModule
 from oisd_lab.run.loading import load_start
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 
 VARIANTS = {
@@ -60,8 +61,8 @@ def think_gradient(module: OISDModule, rollout, adv: torch.Tensor, weighting: st
     total: list = [None] * len(params)
     try:
         norm = module.normalisers(rollout)
-        for part, part_adv in module.micro_batches(rollout, adv):
-            loss = module.loss_terms(part, part_adv, norm)["loss/think"]
+        for part in module.micro_batches(rollout.scored(adv)):
+            loss = module.loss_terms(part, norm)["loss/think"]
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, grads, strict=True)]
     finally:
@@ -97,8 +98,9 @@ def measure(cfg, start_dir: str, batches: int) -> list[dict]:
     """Rollout statistics and direction cosines of `batches` rollout batches (train steps 1..n)."""
     model, tokenizer = load_start(cfg, start_dir)
     source = load_source(cfg.task)
-    module = OISDModule(cfg, model, tokenizer, source, source.reward,
-                        format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template))
+    sampler = Sampler(cfg, model, tokenizer, source, source.reward,
+                      format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template))
+    module = OISDModule(cfg, model, tokenizer, sampler)
     rows = []
     for step in range(1, batches + 1):
         torch.manual_seed(cfg.seed * 1_000_003 + step * 9_973)

@@ -79,7 +79,7 @@ def main() -> int:
             setattr(losses, name, fn)
         policy.zero_grad(set_to_none=True)
         w0, c0 = time.perf_counter(), time.process_time()
-        modules[m].loss_terms(rollout, adv, norm)["loss/total"].backward()
+        modules[m].loss_terms(rollout.scored(adv), norm)["loss/total"].backward()
         times[f"{m}/{v}"]["wall"].append(time.perf_counter() - w0)
         times[f"{m}/{v}"]["cpu"].append(time.process_time() - c0)
 

@@ -23,6 +23,7 @@ from oisd_lab.config import compose
 from oisd_lab.models import build_char_tokenizer
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import Rollout
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 from oisd_lab.synthetic import profiler_peak
 
@@ -63,11 +64,11 @@ def main() -> None:
         cfg = compose([f"method={name}", f"grpo.prompts_per_step={PROMPTS}", f"grpo.num_generations={GENERATIONS}",
                        f"grpo.max_completion_length={COMPLETION}", "grpo.micro_batch_size=4"])
         source = load_source(cfg.task)
-        modules[name] = OISDModule(cfg, policy, tok, source, source.reward)
+        modules[name] = OISDModule(cfg, policy, tok, Sampler(cfg, policy, tok, source, source.reward))
 
     def step(module):
         policy.zero_grad(set_to_none=True)
-        module.accumulate(data, adv, backward=torch.Tensor.backward)
+        module.accumulate(data.scored(adv), backward=torch.Tensor.backward)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
     cpu = {name: [] for name in modules}

@@ -104,9 +104,9 @@ def main() -> None:
             row = {}
             for name in (("plain", "fused") if r % 2 == 0 else ("fused", "plain")):
                 diagnostics._lens_token_metrics = plain_lens_token_metrics if name == "plain" else FUSED
-                results[name], row[name] = _timed(lambda: hook.diagnose(view, rollout, rewards, adv))
+                results[name], row[name] = _timed(lambda: hook.diagnose(view, rollout.scored(adv, rewards)))
             diagnostics._lens_token_metrics = FUSED
-            _, row["snapshot"] = _timed(lambda: hook.write_snapshot(view, 1, rollout, adv))
+            _, row["snapshot"] = _timed(lambda: hook.write_snapshot(view, 1, rollout.scored(adv, rewards)))
             row["load"] = _load()
             out["rounds"].append(row)
             print(json.dumps(row), flush=True)

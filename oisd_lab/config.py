@@ -44,6 +44,15 @@ from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS, POLICY_LOSSES, R
 HALF_PRECISIONS = {"bf16-true": "bfloat16", "16-true": "float16"}
 """Lightning precisions that cast the weights themselves (the `-mixed` ones keep them)."""
 
+EXECUTION_SETTINGS = ("run_dir", "num_threads", "log", "pretrain.cache_dir")
+"""Config fields, or whole groups, that say where and how a run executes, not what it computes: a
+grid cell's run id leaves them out (`grid.spec.config_hash`), and a resumed run may change them."""
+RESUME_MAY_CHANGE = (*EXECUTION_SETTINGS, "max_steps", "checkpoint_every", "accelerator", "devices", "num_nodes",
+                     "strategy", "eval.batch_size")
+"""Config fields, or whole groups, that a resumed run may change (`preflight.check_run_dir`): the
+execution settings, and the run's length, checkpoint interval, hardware and evaluation batch, which
+do not alter what a step computes. Only the execution settings stay out of a grid cell's run id."""
+
 
 @dataclass
 class ModelConfig:
@@ -682,10 +691,15 @@ def weight_dtype(cfg: TrainConfig) -> str:
     return HALF_PRECISIONS.get(str(cfg.precision), cfg.model.dtype)
 
 
+def check_dtype(cfg: TrainConfig) -> None:
+    """`model.dtype` is one of `options.DTYPES`."""
+    check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
+
+
 def _check_weight_precision(cfg: TrainConfig) -> None:
     """Half-precision weights under plain AdamW lose every update below half their spacing
     (~1e-4 near 0.02 in bf16): at lr 1e-6 almost nothing trains, with no error."""
-    check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
+    check_dtype(cfg)
     dtype = weight_dtype(cfg)
     check(dtype == "float32" or cfg.grpo.optimizer != "adamw",
            f"grpo.optimizer: adamw on {dtype} weights (model.dtype={cfg.model.dtype}, precision={cfg.precision}) "

@@ -189,3 +189,9 @@ def default_student_layer(num_layers: int) -> int:
     if num_layers < 2:
         raise ValueError(f"method.layers: a {num_layers}-layer model has no intermediate layer")
     return min(max(1, _round_half_up(num_layers / 6)), num_layers - 1)
+
+
+def student_layers(spec: Sequence[int | float] | None, num_layers: int) -> list[int]:
+    """The student layers of a run: ``method.layers`` resolved (`resolve_layers`), or the default
+    student layer (`default_student_layer`) when it is empty."""
+    return resolve_layers(list(spec or [default_student_layer(num_layers)]), num_layers)

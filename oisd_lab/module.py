@@ -5,7 +5,7 @@ layers, attention of student and final layers only) -> policy / think / attentio
 aggregated with whole-batch normalisers (the alignment losses with the policy loss's normaliser
 unless `method.align_loss_type` is set) -> backward -> one optimizer step. Every N steps:
 per-layer diagnostics, completions and snapshots, and the gradient view (each term's gradient,
-`gradient_view.py`). The math lives in `losses.py`.
+`gradient_view.py`). The math lives in `losses/`.
 
 Positions: the logits at position t predict token t+1, so both alignment channels act on the
 positions that produced the completion tokens (the last prompt position up to the one before the
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -32,12 +30,13 @@ from . import step as step_lib
 from .config import TrainConfig
 from .errors import NonFiniteError
 from .gradient_view import GradientView, PreviousGradients
-from .lens import default_student_layer, find_readout, resolve_layers
+from .lens import find_readout, student_layers
 from .optim import build_optimizer
 from .phases import Phases, StepTimer
-from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS, REWARD_FUNCS
-from .rollout import Rollout, generate
+from .registry import ADVANTAGE_ESTIMATORS, ALIGNMENT_CHANNELS
+from .rollout import Rollout
 from .run_hooks import PolicyView
+from .sampler import Sampler
 from .sharding import fsdp_units, gathered
 
 PHASES = ("rollout", "rewards", "dynamic sampling", "old log-probs", "diagnostics", "policy step", "loss terms",
@@ -57,32 +56,26 @@ TIMED_PHASES = {"rollout": "time/rollout", "rewards": "time/scoring", "dynamic s
 class OISDModule(L.LightningModule):
     """GRPO with optional OISD alignment losses; presets only change the loss weights."""
 
-    def __init__(self, cfg: TrainConfig, policy, tokenizer, task, reward_fn: Callable[[str, str], float],
-                 format_prompt: Callable[[str], str] | None = None, ref_model=None, on_log_step=None,
-                 sampler: Callable[[int, int, int], tuple[list, Rollout]] | None = None):
+    def __init__(self, cfg: TrainConfig, policy, tokenizer, sampler: Sampler | None = None, ref_model=None,
+                 on_log_step=None):
         super().__init__()
         self.cfg = cfg
         self.policy = policy
         self.tokenizer = tokenizer
-        self.task = task
-        self.reward_fn = reward_fn
-        self.format_prompt = format_prompt or (lambda text: text)
         self._ref = [ref_model] if ref_model is not None else []  # a list keeps it out of state_dict
         self.on_log_step = on_log_step
-        self.sampler = sampler or self._rollout
-        """(batch index, rank, world) -> (problems, rollout); default: the task's prompts, sampled by the
-        policy. A generation batch is grpo.steps_per_generation sampler batches and serves
-        num_iterations x steps_per_generation steps (`_batch_for`); with both 1, batch index = step - 1."""
+        self.sampler = sampler
+        """Where the rollouts come from and how they are scored (`sampler.Sampler`); None for a
+        module that is only given rollouts (the memory planner's)."""
         self.automatic_optimization = False
         self.readout = find_readout(policy)
         self.num_layers = self.readout.num_layers
-        spec = cfg.method.layers or [default_student_layer(self.num_layers)]
-        self.student_layers = resolve_layers(list(spec), self.num_layers)
+        self.student_layers = student_layers(cfg.method.layers, self.num_layers)
         self.base_objective = step_lib.Objective(cfg.grpo, cfg.method, self.readout, tuple(self.student_layers))
         self.objective = self.base_objective
         """This batch's objective (`objective_at`)."""
         self._held: tuple | None = None
-        """(first step, problems, rollout, rewards, advantages, metrics) of the batch in use."""
+        """(first step, [(problems, rollout, metrics) of each slice]) of the generation batch in use."""
         self.num_tokens = 0
         self.skipped_steps = 0
         self.entropy_control = {"coef": cfg.grpo.entropy_coef, "last_entropy": math.inf}
@@ -92,7 +85,10 @@ class OISDModule(L.LightningModule):
         checkpoints (`on_save_checkpoint`), so a resumed run logs the same cos_prev."""
         self.phases = Phases()
         """The named phases of the step (`PHASES`), which observers subscribe to (`phases.py`): the
-        step timer, the planner's measured peaks (`plan/run_hook.py`), the GPU check (`bench/gpu.py`)."""
+        step timer, the sampler (it counts the updates), the planner's measured peaks
+        (`plan/run_hook.py`), the GPU check (`bench/gpu.py`)."""
+        if sampler is not None:
+            self.phases.subscribe(sampler.observe)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -122,14 +118,15 @@ class OISDModule(L.LightningModule):
         step = self.global_step + 1  # the update this call produces (1-based, as in the tables)
         torch.manual_seed(self.cfg.seed * 1_000_003 + step * 9_973 + self.global_rank)
         with self.phases.subscribed(StepTimer(TIMED_PHASES)) as timer:
-            problems, rollout, rewards, adv, metrics = self._batch_for(step)
+            problems, rollout, metrics = self._batch_for(step)
             metrics = dict(metrics, iteration=float((step - self._held[0]) // self.cfg.grpo.steps_per_generation))
             if self.on_log_step is not None and self._is_log_step(step):
                 # before the update: the per-layer view of the policy that sampled this rollout. Every
                 # rank gathers the parameters (a collective), so rank 0's forwards need no other rank.
                 with gathered(self.policy), self.phases("diagnostics"):
-                    metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout, rewards, adv))
-            metrics.update(self.optimise(rollout, adv.to(self.device), rewards.to(self.device)))
+                    metrics.update(self.on_log_step(self.policy_view(), step, problems, rollout))
+            on = self.device
+            metrics.update(self.optimise(rollout.scored(rollout.advantages.to(on), rollout.rewards.to(on))))
         metrics.update(timer.laps)
         metrics["step_time"] = timer.total
         for logger in self.loggers:  # direct: every row holds only this step's values
@@ -137,7 +134,7 @@ class OISDModule(L.LightningModule):
         self.log("reward", metrics["reward"], prog_bar=True, logger=False, batch_size=1)
 
     def _batch_for(self, step: int) -> tuple:
-        """(problems, rollout, rewards, advantages, rollout metrics) of this step. A generation
+        """(problems, rollout with its rewards and advantages, rollout metrics) of this step. A generation
         batch is sampled every `grpo.num_iterations` x `grpo.steps_per_generation` steps (and after
         a resume) and reused until then: it is `steps_per_generation` slices of `prompts_per_step`
         prompts, step k of the cycle optimises slice k mod steps_per_generation, and the cycle goes
@@ -163,12 +160,12 @@ class OISDModule(L.LightningModule):
             adv = self._advantages(rewards, rollout.completion_mask.sum(1).cpu(), per_func)
         rows = [slice(k * len(rollout) // slices, (k + 1) * len(rollout) // slices) for k in range(slices)]
         metrics = [dict(self._rollout_metrics(rollout if slices == 1 else rollout.select(r), rewards[r], per_func[r]),
-                        **getattr(self, "_vllm_memory", {}), **part[3]) for r, part in zip(rows, sampled, strict=True)]
+                        **self.sampler.memory, **part[3]) for r, part in zip(rows, sampled, strict=True)]
         with self.phases("old log-probs"):
-            rollout, sampling = self._prepare(rollout)
-        batches = [(problems, rollout, rewards, adv, dict(metrics[0], **sampling))] if slices == 1 else [
-            (problems[r.start // g.num_generations: r.stop // g.num_generations], rollout.select(r), rewards[r],
-             adv[r], dict(m, **sampling, generation_slice=float(k)))
+            rollout, sampling = self._prepare(rollout.scored(adv, rewards))
+        batches = [(problems, rollout, dict(metrics[0], **sampling))] if slices == 1 else [
+            (problems[r.start // g.num_generations: r.stop // g.num_generations], rollout.select(r),
+             dict(m, **sampling, generation_slice=float(k)))
             for k, (r, m) in enumerate(zip(rows, metrics, strict=True))]
         self._held = (step, batches)
         return batches[0]
@@ -176,24 +173,17 @@ class OISDModule(L.LightningModule):
     def _sampled(self, index: int) -> tuple:
         """(problems, rollout, per-function rewards [B, K], dynamic-sampling metrics) of sampler
         batch `index`."""
+        if self.sampler is None:
+            raise ValueError("this module has no sampler: give OISDModule a `sampler.Sampler` to train it")
         with self.phases("rollout"):
             problems, rollout = self.sampler(index, self.global_rank, self.trainer.world_size)
         with self.phases("rewards"):
-            per_func = self._rewards(problems, rollout)
+            per_func = self.sampler.score(problems, rollout)
         if not self.cfg.grpo.dynamic_sampling:
             return problems, rollout, per_func, {}
         with self.phases("dynamic sampling"):  # further rounds: their sampling and scoring timed apart
             problems, rollout, per_func, dynamic = self._informative_groups(index, problems, rollout, per_func)
         return problems, rollout, per_func, dynamic
-
-    def _rewards(self, problems: list, rollout: Rollout) -> torch.Tensor:
-        """[B, K]: every completion scored by each of `grpo.reward_funcs`."""
-        g, G = self.cfg.grpo, self.cfg.grpo.num_generations
-        lengths = rollout.completion_mask.sum(1).tolist()
-        fns = [None if REWARD_FUNCS.meta(name, "task_grader", False) else
-               functools.partial(REWARD_FUNCS.get(name), options=g) for name in g.reward_funcs]
-        return torch.tensor([[self._score(t, problems[i // G].answer, fn, int(lengths[i])) for fn in fns]
-                             for i, t in enumerate(rollout.texts)], dtype=torch.float32).view(len(rollout), -1)
 
     @property
     def _reward_weights(self) -> torch.Tensor:
@@ -228,7 +218,7 @@ class OISDModule(L.LightningModule):
             with self.phases("rollout"):
                 more_problems, more = self.sampler(index, self.global_rank, self.trainer.world_size, round=rounds)
             with self.phases("rewards"):
-                parts.append((more_problems, more, self._rewards(more_problems, more)))
+                parts.append((more_problems, more, self.sampler.score(more_problems, more)))
             sampled += len(more)
             rounds += 1
             sort(len(parts) - 1)
@@ -288,21 +278,6 @@ class OISDModule(L.LightningModule):
     def _is_log_step(self, step: int) -> bool:
         return step == 1 or step % self.cfg.log.every_n_steps == 0 or step == self.cfg.max_steps
 
-    def _rollout(self, step: int, rank: int, world: int, round: int = 0) -> tuple[list, Rollout]:
-        """This rank's prompts of batch `step` and their G completions each; `round` > 0 (dynamic
-        sampling) draws further prompts for the same batch, from a seed of its own."""
-        g = self.cfg.grpo
-        allp = self.task.train_batch(step, g.prompts_per_step * world, self.cfg.seed + round * 7_919)
-        problems = allp[rank * g.prompts_per_step : (rank + 1) * g.prompts_per_step]
-        prompts = [self.format_prompt(p.prompt) for p in problems]
-        if g.rollout_backend == "vllm":
-            return problems, self._vllm_rollout(prompts)
-        with gathered(self.policy):  # one all-gather per rollout under FSDP
-            rollout = generate(self.policy, self.tokenizer, prompts, g.num_generations,
-                               g.max_completion_length, g.temperature, g.top_p, top_k=g.top_k, min_p=g.min_p,
-                               repetition_penalty=g.repetition_penalty)
-        return problems, rollout
-
     def _advantages(self, rewards: torch.Tensor, lengths: torch.Tensor, per_func: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """Advantages of this rank's rows (`grpo.advantage_estimator`, completion lengths for the
@@ -332,34 +307,6 @@ class OISDModule(L.LightningModule):
         torch.distributed.all_gather(parts, values.to(self.device))
         return torch.cat(parts).cpu()
 
-    def _vllm_rollout(self, prompts: list[str]) -> Rollout:
-        """Sample with the colocated vLLM engine (built on first use, its memory logged once),
-        after pushing the current weights into it when an update happened since the last push."""
-        # on use: vLLM is an optional extra
-        from .rollout_vllm import VLLMRollout
-
-        g = self.cfg.grpo
-        if getattr(self, "_vllm", None) is None:
-            self._vllm = VLLMRollout.for_policy(self.policy, self.tokenizer, g.vllm_gpu_memory_utilization,
-                                                seed=self.cfg.seed * 1_000_003 + self.global_rank,
-                                                cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib,
-                                                engine_kwargs=dict(g.vllm_engine_kwargs))
-            self._vllm_memory = self._vllm.memory()
-        if self._vllm.synced_version != self.global_step:
-            self._vllm.sync_weights(self.policy.state_dict().items(), self.global_step)
-        seed = int(torch.randint(0, 2**31 - 1, ()))  # from the per-step seeded generator
-        return self._vllm.generate(prompts, g.num_generations, g.max_completion_length, g.temperature,
-                                   g.top_p, seed=seed, top_k=g.top_k, min_p=g.min_p,
-                                   repetition_penalty=g.repetition_penalty)
-
-    def _score(self, text: str, answer: str, fn=None, length: int = 0) -> float:
-        """One reward: the task's grader (fn None), or a registered function of (text, answer, length)."""
-        try:
-            reward = float(self.reward_fn(text, answer) if fn is None else fn(text, answer, length))
-        except Exception:  # a grader bug must not kill a long run; the completion scores 0
-            return 0.0
-        return reward if math.isfinite(reward) else 0.0  # a NaN reward would poison its whole group
-
     def normalisers(self, rollout: Rollout) -> dict:
         """Whole-batch normalisers so that micro-batch losses add up to the batch loss; under DDP
         the token count is averaged over ranks because gradients are averaged (as TRL does).
@@ -373,26 +320,26 @@ class OISDModule(L.LightningModule):
                     max_completion_length=self.cfg.grpo.max_completion_length,
                     num_micro_batches=-(-len(rollout) // self.cfg.grpo.micro_batch_size))
 
-    def accumulate(self, rollout: Rollout, adv: torch.Tensor, backward=None, view: GradientView | None = None,
-                   rewards: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Forward and backward of every micro-batch of one step: the gradient of the whole
-        batch's loss accumulates in `.grad`. Returns the summed detached terms (no "loss/total").
+    def accumulate(self, rollout: Rollout, backward=None, view: GradientView | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """Forward and backward of every micro-batch of one step (a rollout with its advantages,
+        and its rewards for the `reward` weighting): the gradient of the whole batch's loss
+        accumulates in `.grad`. Returns the summed detached terms (no "loss/total").
         `backward` defaults to Lightning's `manual_backward` (precision plugins, DDP); `view`
-        also collects each term's gradient (logging steps); rewards [B] for `reward` weighting."""
-        return self.accumulate_micro_batches(self.micro_batches_with_rewards(rollout, adv, rewards),
-                                             self.normalisers(rollout), backward, view)
+        also collects each term's gradient (logging steps)."""
+        return self.accumulate_micro_batches(self.micro_batches(rollout), self.normalisers(rollout), backward, view)
 
-    def accumulate_micro_batches(self, parts, norm: dict, backward=None, view: GradientView | None = None
-                                 ) -> dict[str, torch.Tensor]:
-        """`accumulate` over given micro-batches, (rollout, advantages, rewards or None) each, with
+    def accumulate_micro_batches(self, parts: list[Rollout], norm: dict, backward=None,
+                                 view: GradientView | None = None) -> dict[str, torch.Tensor]:
+        """`accumulate` over given micro-batches (rollouts with their advantages), with
         the whole batch's normalisers `norm` (`normalisers`). Per micro-batch, the phases "loss
         terms", "gradient view" (with a view) and "backward". The memory planner runs this on the
         micro-batches of its planning rollout (`plan/trace.py`)."""
         backward = backward or self.manual_backward
         sums: dict[str, torch.Tensor] = {}
-        for part, part_adv, part_rewards in parts:
+        for part in parts:
             with self.phases("loss terms"):
-                terms = self.loss_terms(part.to(self.device), part_adv, norm, rewards=part_rewards)
+                terms = self.loss_terms(part.to(self.device), norm)
             if view is not None:
                 with self.phases("gradient view"):
                     view.add(terms)
@@ -402,14 +349,14 @@ class OISDModule(L.LightningModule):
                 sums[key] = _combine(key, sums.get(key), value.detach())
         return sums
 
-    def optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
-        """The policy step: forward, backward and optimiser step over the micro-batches; its metrics.
-        The phase "policy step", with "loss terms", "gradient view", "backward" and "optimizer
-        step" inside it (`PHASES`)."""
+    def optimise(self, rollout: Rollout) -> dict:
+        """The policy step on a rollout with its advantages (and rewards): forward, backward and
+        optimiser step over the micro-batches; its metrics. The phase "policy step", with "loss
+        terms", "gradient view", "backward" and "optimizer step" inside it (`PHASES`)."""
         with self.phases("policy step"):
-            return self._optimise(rollout, adv, rewards)
+            return self._optimise(rollout)
 
-    def _optimise(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None) -> dict:
+    def _optimise(self, rollout: Rollout) -> dict:
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         self.objective = self.objective.scheduled(self.global_step + 1)
@@ -421,9 +368,9 @@ class OISDModule(L.LightningModule):
         # under FSDP the view differentiates w.r.t. the gathered parameters, held for the whole step
         with gathered(self.policy, through_backward=True) if viewed else contextlib.nullcontext():
             view = self.gradient_view(opt, state_params=_optimised(opt, self.policy)) if viewed else None
-            sums = self.accumulate(rollout, adv, view=view, rewards=rewards)
+            sums = self.accumulate(rollout, view=view)
         stats = {k: sums.pop(k) for k in list(sums) if k.startswith("stat/")}
-        view_metrics = self.gradient_view_metrics(view, stats, rollout, adv)
+        view_metrics = self.gradient_view_metrics(view, stats, rollout)
         grad_norm = self.clip_and_step(opt, sched)
         tokens = rollout.completion_mask.sum().clamp(min=1.0).to(self.device)
         out = {k: (v / tokens if k.startswith("sum/") else v) for k, v in sums.items()}
@@ -473,13 +420,14 @@ class OISDModule(L.LightningModule):
                             optimizer=getattr(optimizer, "optimizer", optimizer), previous=self.previous_gradients,
                             state_params=state_params)
 
-    def gradient_view_metrics(self, view: GradientView | None, stats: dict, rollout: Rollout,
-                              adv: torch.Tensor) -> dict:
-        """The `grad/*` metrics of a finished accumulation (empty without a view)."""
+    def gradient_view_metrics(self, view: GradientView | None, stats: dict, rollout: Rollout) -> dict:
+        """The `grad/*` metrics of a finished accumulation over `rollout` (with its advantages);
+        empty without a view."""
         if view is None:
             return {}
         self.finish_gradient_view(view)
         with self.phases("gradient view"):
+            adv = rollout.advantages
             lengths = rollout.completion_mask.sum(1).to(adv.device)
             if self._distributed:
                 # the divergence sums by advantage sign and the batch's advantages: the whole step's, all ranks
@@ -499,16 +447,9 @@ class OISDModule(L.LightningModule):
             view.finish([p.grad for p in view.params])
             view.average_over_ranks()  # global figures under DDP and FSDP
 
-    def micro_batches_with_rewards(self, rollout: Rollout, adv: torch.Tensor, rewards: torch.Tensor | None
-                                   ) -> list[tuple[Rollout, torch.Tensor, torch.Tensor | None]]:
-        """`micro_batches`, with each row's reward carried beside its advantage (None stays None)."""
-        if rewards is None:
-            return [(part, part_adv, None) for part, part_adv in self.micro_batches(rollout, adv)]
-        both = torch.stack([adv, rewards.to(adv)], dim=1)  # [B, 2]: rows move together
-        return [(part, pair[:, 0], pair[:, 1]) for part, pair in self.micro_batches(rollout, both)]
-
-    def micro_batches(self, rollout: Rollout, adv: torch.Tensor) -> list[tuple[Rollout, torch.Tensor]]:
-        """The (rows, advantages) of each forward/backward pass of one optimisation step.
+    def micro_batches(self, rollout: Rollout) -> list[Rollout]:
+        """The rows (with their advantages and rewards) of each forward/backward pass of one
+        optimisation step.
 
         Each micro-batch is trimmed to its longest completion, so rows are first sorted by
         completion length: micro-batches of similar lengths carry less padding. The normalisers
@@ -517,9 +458,8 @@ class OISDModule(L.LightningModule):
         """
         mb = self.cfg.grpo.micro_batch_size
         if mb < len(rollout) and self.cfg.grpo.loss_type != "bnpo":
-            order = torch.argsort(rollout.completion_mask.sum(1), stable=True)
-            rollout, adv = rollout.take(order), adv[order.to(adv.device)]
-        return [(rollout.select(slice(lo, lo + mb)), adv[lo : lo + mb]) for lo in range(0, len(rollout), mb)]
+            rollout = rollout.take(torch.argsort(rollout.completion_mask.sum(1), stable=True))
+        return [rollout.select(slice(lo, lo + mb)) for lo in range(0, len(rollout), mb)]
 
     def clip_and_step(self, opt, sched=None) -> float:
         """Clip the accumulated gradient to `grpo.max_grad_norm`, step the optimizer (skipping a
@@ -555,13 +495,13 @@ class OISDModule(L.LightningModule):
             sched.step()
         return float(grad_norm)
 
-    def loss_terms(self, part: Rollout, adv: torch.Tensor, norm: dict,
-                   rewards: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The loss terms of one micro-batch on the current policy (`step.loss_terms`)."""
+    def loss_terms(self, part: Rollout, norm: dict) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch (with its advantages) on the current policy
+        (`step.loss_terms`)."""
         out = self.objective.forward(self.policy, part)
         ref = step_lib.reference_logps(self._ref[0], part, self.cfg.grpo.temperature) \
             if self.cfg.grpo.beta > 0 else None
-        return step_lib.loss_terms(out, part, adv, norm, self.objective, ref_logps=ref, rewards=rewards)
+        return step_lib.loss_terms(out, part, norm, self.objective, ref_logps=ref)
 
     # ---------------------------------------------------------------- metrics
     def _rollout_metrics(self, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor) -> dict:

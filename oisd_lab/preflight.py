@@ -12,19 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, load_yaml, to_dict
+from .config import RESUME_MAY_CHANGE, TrainConfig, check_dtype, load_yaml, to_dict
 from .errors import ConfigError, check, first_line
-from .lens import default_student_layer, resolve_layers
+from .lens import student_layers
 from .models import TINY_PRESETS, is_tiny, smollm2_dir
-from .options import DTYPES
+from .run.folder import RunDir
 from .sharding import make_strategy
 from .sources import TaskSource, load_source
 from .tasks import TASKS
-
-RESUME_MAY_CHANGE = ("run_dir", "max_steps", "checkpoint_every", "num_threads", "accelerator", "devices",
-                     "num_nodes", "strategy", "eval.batch_size", "pretrain.cache_dir", "log.")
-"""Settings (or prefixes, ending in '.') that a resumed run may change: they do not alter what
-the run computes per step (the grid runner treats the same ones as execution settings)."""
 
 
 def preflight(cfg: TrainConfig) -> TaskSource:
@@ -55,7 +50,7 @@ def check_runtime(cfg: TrainConfig) -> None:
 
     import lightning as L
 
-    check(cfg.model.dtype in DTYPES, f"model.dtype: unknown dtype '{cfg.model.dtype}'; use {', '.join(DTYPES)}")
+    check_dtype(cfg)
     if str(cfg.accelerator) in ("gpu", "cuda"):
         check(torch.cuda.is_available(),
                f"accelerator: '{cfg.accelerator}' but no CUDA device is visible; use accelerator=auto or cpu")
@@ -152,10 +147,7 @@ def check_layers(cfg: TrainConfig, num_layers: int) -> None:
         check(0 <= layer <= num_layers, f"log.diag_layers: {layer} is out of range for a {num_layers}-layer model; "
                f"use hidden-state indices 0..{num_layers}")
     try:
-        if cfg.method.layers:
-            resolve_layers(list(cfg.method.layers), num_layers)
-        else:
-            default_student_layer(num_layers)
+        student_layers(cfg.method.layers, num_layers)
     except ValueError as err:
         message = str(err)
         raise ConfigError(message if message.startswith("method.layers") else f"method.layers: {message}") from err
@@ -167,7 +159,7 @@ def check_run_dir(cfg: TrainConfig) -> None:
         return
     root = Path(cfg.run_dir)
     check(not root.exists() or root.is_dir(), f"run_dir: {root} exists and is not a directory; choose another path")
-    old_file = root / "config.yaml"
+    old_file = RunDir(root).config
     if not old_file.is_file():
         return
     try:
@@ -184,7 +176,7 @@ def check_run_dir(cfg: TrainConfig) -> None:
 
 
 def _may_change(key: str) -> bool:
-    return any(key == item or (item.endswith(".") and key.startswith(item)) for item in RESUME_MAY_CHANGE)
+    return any(key == item or key.startswith(item + ".") for item in RESUME_MAY_CHANGE)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -41,6 +41,11 @@ class Rollout:
     set by the trainer; None means the current policy's, detached."""
     is_weights: torch.Tensor | None = None
     """[B, C] or [B, 1] sampler-mismatch importance weights of the policy loss, or None."""
+    rewards: torch.Tensor | None = None
+    """[B] each completion's reward (`grpo.reward_funcs` weighted by `grpo.reward_weights`), once
+    scored; None before."""
+    advantages: torch.Tensor | None = None
+    """[B] each completion's advantage (`grpo.advantage_estimator`), once computed; None before."""
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -49,11 +54,20 @@ class Rollout:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def _extras(self, fn) -> dict:
-        """The optional per-token tensors, each passed through `fn` (None stays None)."""
-        return {name: None if t is None else fn(t)
-                for name, t in (("sampler_logps", self.sampler_logps), ("old_logps", self.old_logps),
-                                ("is_weights", self.is_weights))}
+    def scored(self, advantages: torch.Tensor, rewards: torch.Tensor | None = None) -> Rollout:
+        """This rollout with its rows' advantages [B] and rewards [B] (None: none)."""
+        return dataclasses.replace(self, advantages=advantages, rewards=rewards)
+
+    def _extras(self, fn, per_row=None) -> dict:
+        """The optional tensors: the per-token ones passed through `fn`, the per-row ones (rewards,
+        advantages) through `per_row` (default `fn`); None stays None."""
+        per_row = per_row or fn
+        tokens = {name: None if t is None else fn(t)
+                  for name, t in (("sampler_logps", self.sampler_logps), ("old_logps", self.old_logps),
+                                  ("is_weights", self.is_weights))}
+        rows = {name: None if t is None else per_row(t)
+                for name, t in (("rewards", self.rewards), ("advantages", self.advantages))}
+        return tokens | rows
 
     def take(self, index: torch.Tensor) -> Rollout:
         """The rows in `index` order ([n] long); the result is no longer group-contiguous."""
@@ -71,7 +85,8 @@ class Rollout:
 
     def to(self, device) -> Rollout:
         """This rollout with its tensors on `device` (itself when they are there already)."""
-        if self.input_ids.device == torch.device(device):
+        if all(t is None or t.device == torch.device(device)
+               for t in (self.input_ids, self.rewards, self.advantages)):
             return self
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
                        self.prompt_length, self.texts, self.truncated.to(device),
@@ -95,8 +110,9 @@ class Rollout:
             pieces["completion_mask"].append(pad(p.completion_mask, (0, right), value=0.0))
             if p.sampler_logps is not None:
                 pieces["sampler_logps"].append(pad(p.sampler_logps, (0, right), value=float("nan")))
-        if any(p.old_logps is not None or p.is_weights is not None for p in parts):
-            raise ValueError("concatenate rollouts before their old log-probs and weights are set")
+        if any(t is not None for p in parts for t in (p.old_logps, p.is_weights, p.rewards, p.advantages)):
+            raise ValueError("concatenate rollouts before their old log-probs, weights, rewards and "
+                             "advantages are set")
         sampler = pieces["sampler_logps"]
         if sampler and len(sampler) != len(parts):
             raise ValueError("either every part or none has sampler log-probs")
@@ -118,7 +134,7 @@ class Rollout:
             prompt_length=self.prompt_length,
             texts=self.texts[rows] if isinstance(rows, slice) else [self.texts[i] for i in rows],
             truncated=self.truncated[rows],
-            **self._extras(lambda t: t[rows, :length]),
+            **self._extras(lambda t: t[rows, :length], lambda t: t[rows]),
         )
 
     def without_truncated(self) -> Rollout:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import diagnostics
+from .files import append_jsonl
 from .lens import Readout
 
 
@@ -37,21 +38,23 @@ class LogStepHook:
         self.cfg = cfg
         self.run = run
 
-    def __call__(self, view: PolicyView, step, problems, rollout, rewards, adv) -> dict:
+    def __call__(self, view: PolicyView, step, problems, rollout) -> dict:
+        """The logging step of `rollout` (with its rewards and advantages), sampled for `problems`."""
         if not view.is_rank_zero:
             return {}
-        self.write_completions(step, problems, rollout, rewards, adv)
+        self.write_completions(step, problems, rollout)
         if not self.cfg.log.layer_diagnostics:
             return {}
-        rows = self.diagnose(view, rollout, rewards, adv, step)
+        rows = self.diagnose(view, rollout, step)
         self.write_jsonl(self.run.diagnostics, [{"step": step, **r} for r in rows])
-        self.write_snapshot(view, step, rollout, adv)
+        self.write_snapshot(view, step, rollout)
         layers = self.cfg.log.diag_layers or diagnostics.default_diag_layers(view.readout.num_layers)
         self.log_table(view.wandb_loggers, step, rows)
         return diagnostics.scalar_metrics(rows, list(layers))
 
-    def diagnose(self, view: PolicyView, rollout, rewards, adv, step: int = 0) -> list[dict]:
-        """Metrics of the diagnosed layers on `log.diag_rollouts` rollouts sampled from the step's
+    def diagnose(self, view: PolicyView, rollout, step: int = 0) -> list[dict]:
+        """Metrics of the diagnosed layers (`rollout` with its rewards and advantages) on
+        `log.diag_rollouts` rollouts sampled from the step's
         first `MAX_DIAG_ROWS` (all of those when it is 0), in passes of `diagnostics.diag_rows`
         rollouts (bounded memory: see `diagnostics`)."""
         population = min(len(rollout), MAX_DIAG_ROWS)
@@ -66,14 +69,14 @@ class LogStepHook:
             rows = picked[lo : lo + mb]
             part = rollout.select(rows).to(view.device)
             parts.append(diagnostics.layer_metrics(
-                view.policy, view.readout, part, adv[rows].to(view.device),
-                rewards[rows].to(view.device), all_layers, self.cfg.method.chunk_size, per_rollout=sampled))
+                view.policy, view.readout, part, part.advantages, part.rewards, all_layers, self.cfg.method.chunk_size, per_rollout=sampled))
         return diagnostics.combine(parts, population if sampled else None)
 
-    def write_snapshot(self, view: PolicyView, step, rollout, adv) -> None:
+    def write_snapshot(self, view: PolicyView, step, rollout) -> None:
         k = self.cfg.log.snapshot_rollouts
         if k <= 0:
             return
+        adv = rollout.advantages
         order = torch.argsort(adv, descending=True).tolist()
         picks = sorted(set(order[: (k + 1) // 2] + order[-(k // 2):] if k > 1 else order[:1]))
         part = rollout.select(slice(0, len(rollout))).to(view.device)
@@ -85,8 +88,8 @@ class LogStepHook:
         self.run.snapshots.mkdir(parents=True, exist_ok=True)
         self.run.snapshot(step).write_text(json.dumps({"step": step, "rollouts": snaps}))
 
-    def write_completions(self, step, problems, rollout, rewards, adv) -> None:
-        G = self.cfg.grpo.num_generations
+    def write_completions(self, step, problems, rollout) -> None:
+        G, rewards, adv = self.cfg.grpo.num_generations, rollout.rewards, rollout.advantages
         lengths = rollout.completion_mask.sum(1).tolist()
         rows = [{"step": step, "prompt": problems[i // G].prompt, "answer": problems[i // G].answer,
                  "completion": text, "reward": float(rewards[i]), "advantage": float(adv[i]),
@@ -96,9 +99,8 @@ class LogStepHook:
 
     @staticmethod
     def write_jsonl(path, rows: list[dict]) -> None:
-        with open(path, "a") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+        """Append `rows` to one of the run's JSON-lines files (`files.append_jsonl`)."""
+        append_jsonl(path, rows)
 
     @staticmethod
     def log_table(wandb_loggers, step, rows) -> None:

@@ -1,7 +1,7 @@
 """One training step's objective as two public functions: the policy forward, then the loss terms.
 
     policy_forward(model, part, hidden_layers, attn_layers) -> PolicyOutputs
-    loss_terms(outputs, part, adv, norm, objective)           -> {"loss/policy", "loss/think", ...}
+    loss_terms(outputs, part, norm, objective)                -> {"loss/policy", "loss/think", ...}
 
 Positions: the logits at position t predict token t+1, so every quantity of a completion token t
 is read at sequence position P-1+t (P = prompt length): `completion_positions`. Hidden-state
@@ -10,7 +10,7 @@ attention module has `layer_idx == k - 1` (`attention.attention_layer_of`). Both
 here and in `attention.py` only; the module, the diagnostics, the tests and the benchmarks call
 these functions instead of re-deriving them.
 
-The math is in `losses.py`; this module only decides which tensors go where.
+The math is in `losses/`; this module only decides which tensors go where.
 """
 
 from __future__ import annotations
@@ -243,16 +243,15 @@ class Objective:
         return total
 
 
-def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mapping, objective: Objective,
-               ref_logps: torch.Tensor | None = None, rewards: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+def loss_terms(out: PolicyOutputs, part: Rollout, norm: Mapping, objective: Objective,
+               ref_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The loss terms of one micro-batch, each aggregated with the policy loss's normaliser (the
     alignment losses with `method.align_loss_type`'s instead when it is set).
 
-    out: `objective.forward(model, part)`; adv [b]; norm: whole-batch normalisers for
-    `losses.aggregate` (num_items_in_batch, num_sequences, max_completion_length, and
-    num_micro_batches for `bnpo`); ref_logps [b, C] when grpo.beta > 0; rewards [b] for the
-    `reward` weighting.
+    out: `objective.forward(model, part)`; part.advantages [b] (required) and part.rewards [b] (for
+    the `reward` weighting); norm: whole-batch normalisers for `losses.aggregate`
+    (num_items_in_batch, num_sequences, max_completion_length, and num_micro_batches for `bnpo`);
+    ref_logps [b, C] when grpo.beta > 0.
     part.old_logps (the old policy, else the current one detached) and part.is_weights (sampler
     mismatch) enter the policy loss (`losses.policy_loss`, any grpo.loss_type).
     Returns "loss/policy", "loss/<channel>" for each weighted alignment channel
@@ -262,6 +261,9 @@ def loss_terms(out: PolicyOutputs, part: Rollout, adv: torch.Tensor, norm: Mappi
     divergence sums by advantage sign "stat/<channel>/..." (`divergence_sums`).
     """
     g, m, mask = objective.grpo, objective.method, part.completion_mask
+    adv, rewards = part.advantages, part.rewards
+    if adv is None:
+        raise ValueError("loss_terms needs the rollout's advantages (`Rollout.scored`)")
     # one pass over the vocabulary: log-probs, entropy and the lens JSD of every student
     bonus = objective.entropy_bonus != 0  # BuPO's internal policy: no bonus
     logps, ent, lens_jsd = objective.head(out, part, students=bool(objective.channels("lens")), entropy=True,

@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 
 from . import lora
 from .config import TrainConfig, to_yaml
+from .files import truncate_jsonl
 from .module import OISDModule
 from .preflight import preflight
 from .pretrain import cache_root, warm_start
 from .run import evaluation
-from .run.checkpointing import find_resumable, truncate_jsonl
+from .run.checkpointing import find_resumable
 from .run.folder import RunDir, default_run_dir
 from .run.loading import load_start
 from .run.quiet import quiet
@@ -36,6 +37,7 @@ from .run.trainer import (
     unsharded_policy,
 )
 from .run_hooks import LogStepHook
+from .sampler import Sampler
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
@@ -61,9 +63,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     before = _eval_before(cfg, start_dir, model, tokenizer, source, log)
     ref = copy.deepcopy(model).eval() if cfg.grpo.beta > 0 else None
     hook = LogStepHook(cfg, run)
-    module = OISDModule(cfg, model, tokenizer, source, source.reward,
-                        format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template),
-                        ref_model=ref, on_log_step=hook)
+    sampler = Sampler(cfg, model, tokenizer, source, source.reward,
+                      format_prompt=lambda text: source.format_prompt(text, tokenizer, cfg.model.chat_template))
+    module = OISDModule(cfg, model, tokenizer, sampler, ref_model=ref, on_log_step=hook)
     if cfg.log.plan:  # the memory plan, and the measured peaks of the first steps beside it
         # imported only when asked for: the planner loads the tracing and measuring code
         from .plan.run_hook import plan_run

@@ -66,6 +66,7 @@ def run(out: Path, overrides: list[str], ckpt_path: Path | None = None) -> None:
     from oisd_lab.module import OISDModule
     from oisd_lab.run.folder import RunDir
     from oisd_lab.run.trainer import make_trainer
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     out.mkdir(parents=True, exist_ok=True)
@@ -77,9 +78,9 @@ def run(out: Path, overrides: list[str], ckpt_path: Path | None = None) -> None:
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     records: list[dict] = []
 
-    def record(view, step, problems, rollout, rewards, adv) -> dict:
+    def record(view, step, problems, rollout) -> dict:
         records.append({"step": step, "prompts": [p.prompt for p in problems],
-                        "rewards": rewards.clone(), "advantages": adv.clone()})
+                        "rewards": rollout.rewards.clone(), "advantages": rollout.advantages.clone()})
         return {}
 
     fmt = lambda text: source.format_prompt(text, tokenizer, False)  # noqa: E731
@@ -111,8 +112,8 @@ def run(out: Path, overrides: list[str], ckpt_path: Path | None = None) -> None:
                 return mine, generate(module.policy, tokenizer, [fmt(p.prompt) for p in mine], g.num_generations,
                                       g.max_completion_length, g.temperature, g.top_p)
 
-    module = OISDModule(cfg, model, tokenizer, source, digit_fraction, format_prompt=fmt,
-                        on_log_step=record, sampler=sampler)
+    module = OISDModule(cfg, model, tokenizer, Sampler(cfg, model, tokenizer, source, digit_fraction,
+                                                       format_prompt=fmt, draw=sampler), on_log_step=record)
     logger = Recorder()
     trainer = make_trainer(cfg, RunDir(Path(cfg.run_dir)), [logger])
     loader = torch.utils.data.DataLoader(list(range(cfg.max_steps)), batch_size=None, shuffle=False)

@@ -21,6 +21,7 @@ from oisd_lab.losses import (
 )
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import Rollout
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 from oisd_lab.step import policy_forward
 
@@ -29,7 +30,7 @@ def _module(tiny_model, tok, *overrides):
     cfg = compose(["grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_completion_length=8",
                    *overrides])
     source = load_source(cfg.task)
-    return OISDModule(cfg, tiny_model, tok, source, source.reward)
+    return OISDModule(cfg, tiny_model, tok, Sampler(cfg, tiny_model, tok, source, source.reward))
 
 
 def _rollout(lengths: list[int], pads: list[int], seed: int = 0) -> Rollout:
@@ -47,7 +48,7 @@ def _rollout(lengths: list[int], pads: list[int], seed: int = 0) -> Rollout:
 def _step(module, rollout, adv, micro, rewards=None):
     module.policy.zero_grad(set_to_none=True)
     module.cfg.grpo.micro_batch_size = micro
-    sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward, rewards=rewards)
+    sums = module.accumulate(rollout.scored(adv, rewards), backward=torch.Tensor.backward)
     return sums, {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
 
@@ -282,9 +283,10 @@ def test_rewards_travel_with_their_rows(tiny_model, char_tokenizer):
     lengths = torch.tensor([8, 1, 5, 2, 7, 3, 8, 1, 4, 6, 2, 8, 1, 3, 5, 7.0])
     rollout = _rollout(lengths.long().tolist(), [0] * 16)
     adv, rewards = torch.arange(16.0), torch.arange(16.0) * 10  # adv = row number, reward = 10 x row
-    parts = module.micro_batches_with_rewards(rollout, adv, rewards)
-    assert sorted(torch.cat([a for _, a, _ in parts]).tolist()) == adv.tolist()
-    for part, part_adv, part_rewards in parts:
+    parts = module.micro_batches(rollout.scored(adv, rewards))
+    assert sorted(torch.cat([p.advantages for p in parts]).tolist()) == adv.tolist()
+    for part in parts:
+        part_adv, part_rewards = part.advantages, part.rewards
         assert torch.equal(part_rewards, part_adv * 10)
         assert torch.equal(part.completion_mask.sum(1), lengths[part_adv.long()])
-    assert all(r is None for _, _, r in module.micro_batches_with_rewards(rollout, adv, None))
+    assert all(p.rewards is None for p in module.micro_batches(rollout.scored(adv)))

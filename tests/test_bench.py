@@ -140,18 +140,19 @@ def test_entropy_temperature_matches_divided_logits():
 def test_loss_terms_read_the_positions_that_predict_the_completion(tiny_model, char_tokenizer):
     from oisd_lab.config import compose
     from oisd_lab.module import OISDModule
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     cfg = compose(["method=oisd_logit", "grpo.temperature=0.8"])
     source = load_source(cfg.task)
-    module = OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward)
+    module = OISDModule(cfg, tiny_model, char_tokenizer, Sampler(cfg, tiny_model, char_tokenizer, source, source.reward))
     torch.manual_seed(0)
     rollout = generate(tiny_model, char_tokenizer, ["Q: 1+2\nA: ", "Q: (3+4)*5\nA: "], 3, 10)
     part = rollout.select(slice(0, len(rollout)))
     adv = torch.linspace(-1.0, 1.0, len(part))
     mask = part.completion_mask
-    terms = module.loss_terms(part, adv, dict(num_items_in_batch=mask.sum(), num_sequences=len(part),
-                                               max_completion_length=10))
+    terms = module.loss_terms(part.scored(adv), dict(num_items_in_batch=mask.sum(), num_sequences=len(part),
+                                                      max_completion_length=10))
     with torch.no_grad():
         full = tiny_model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
         P, C = part.prompt_length, mask.shape[1]
@@ -188,12 +189,14 @@ def test_attention_row_blocks_are_exact(tiny_model, char_tokenizer, monkeypatch,
     from oisd_lab import module as module_lib
     from oisd_lab import step as step_lib
     from oisd_lab.config import compose
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     cfg = compose(["method=oisd_attn", f"method.attn_heads={heads}", f"method.attn_exclude_sink={sink}",
                    "method.layers=[1,3]"])
     source = load_source(cfg.task)
-    module = module_lib.OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward)
+    module = module_lib.OISDModule(cfg, tiny_model, char_tokenizer,
+                                   Sampler(cfg, tiny_model, char_tokenizer, source, source.reward))
     torch.manual_seed(1)
     rollout = generate(tiny_model, char_tokenizer, ["Q: 1+2\nA: ", "Q: (3+4)*5\nA: "], 2, 12)
     part = rollout.select(slice(0, len(rollout)))
@@ -203,7 +206,7 @@ def test_attention_row_blocks_are_exact(tiny_model, char_tokenizer, monkeypatch,
     for block in (1000, 3):
         monkeypatch.setattr(step_lib, "ATTN_ROW_BLOCK", block)
         tiny_model.zero_grad(set_to_none=True)
-        loss = module.loss_terms(part, adv, norm)["loss/attn"]
+        loss = module.loss_terms(part.scored(adv), norm)["loss/attn"]
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in tiny_model.named_parameters()
                                         if p.grad is not None}))

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from oisd_lab.config import ConfigError, compose, config_dir, load_yaml, method_presets, to_yaml
+from oisd_lab.config import (
+    ConfigError,
+    compose,
+    config_dir,
+    load_yaml,
+    method_presets,
+    to_dict,
+    to_yaml,
+)
 from oisd_lab.preflight import check_run_dir
 
 PRESETS = {
@@ -157,3 +165,14 @@ def test_every_config_field_has_a_docstring():
                 if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
                     undocumented.append(f"{cls.name}.{node.target.id}")
     assert fields >= 60 and undocumented == []
+
+
+def test_the_execution_settings_are_among_those_a_resumed_run_may_change():
+    from oisd_lab.config import EXECUTION_SETTINGS, RESUME_MAY_CHANGE
+    from oisd_lab.grid.spec import config_hash
+
+    assert set(EXECUTION_SETTINGS) < set(RESUME_MAY_CHANGE)
+    base = to_dict(compose([]))
+    moved = to_dict(compose(["num_threads=3", "log.every_n_steps=7", "run_dir=/tmp/elsewhere"]))
+    assert config_hash(moved) == config_hash(base)  # execution settings stay out of the run id
+    assert config_hash(to_dict(compose(["max_steps=7"]))) != config_hash(base)  # the run's length does not

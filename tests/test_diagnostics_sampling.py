@@ -78,7 +78,7 @@ def test_sampled_pass_equals_the_full_pass_on_its_rollouts(setting, tmp_path):
     model, tok, rollout, adv, rewards = setting
     hook = _hook(tmp_path, "log.diag_rollouts=6")
     picked = diagnostics.sample_rollouts(len(rollout), 6, seed=hook.cfg.seed * 1_000_003 + 3)
-    sampled = {(r["layer"], r["split"]): r for r in hook.diagnose(_view(model, tok), rollout, rewards, adv, step=3)}
+    sampled = {(r["layer"], r["split"]): r for r in hook.diagnose(_view(model, tok), rollout.scored(adv, rewards), step=3)}
     readout = find_readout(model)
     layers = list(range(readout.num_layers + 1))
     whole = diagnostics.layer_metrics(model, readout, rollout, adv, rewards, layers, per_rollout=True)
@@ -140,7 +140,7 @@ def test_sampled_step_logs_standard_errors_and_the_switch_turns_the_pass_off(set
     problems = [type("P", (), {"prompt": "p", "answer": "a"})()] * 8
     hook = _hook(tmp_path / "on", "log.diag_rollouts=6", "log.snapshot_rollouts=0")
     (tmp_path / "on").mkdir()
-    scalars = hook(_view(model, tok), 1, problems, rollout, rewards, adv)
+    scalars = hook(_view(model, tok), 1, problems, rollout.scored(adv, rewards))
     layers = [k for k in diagnostics.default_diag_layers(find_readout(model).num_layers)]
     for k in layers:
         value, se = scalars[f"diag/kl/all/L{k:02d}"], scalars.get(f"diag_se/kl/all/L{k:02d}")
@@ -148,5 +148,5 @@ def test_sampled_step_logs_standard_errors_and_the_switch_turns_the_pass_off(set
     assert hook.run.diagnostics.exists()
     off = _hook(tmp_path / "off", "log.layer_diagnostics=false")
     (tmp_path / "off").mkdir()
-    assert off(_view(model, tok), 1, problems, rollout, rewards, adv) == {}
+    assert off(_view(model, tok), 1, problems, rollout.scored(adv, rewards)) == {}
     assert not off.run.diagnostics.exists() and off.run.completions.exists()

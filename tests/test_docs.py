@@ -72,9 +72,10 @@ def _fields() -> set[str]:
 
 @functools.cache
 def _top_level(module: str) -> set[str]:
-    tree = ast.parse((ROOT / "oisd_lab" / f"{module}.py").read_text())
+    path = ROOT / "oisd_lab" / f"{module}.py"
+    files = [path] if path.is_file() else sorted((ROOT / "oisd_lab" / module).glob("*.py"))  # a package
     names = set()
-    for node in tree.body:
+    for node in (node for file in files for node in ast.parse(file.read_text()).body):
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names.add(node.name)
             names |= {f"{node.name}.{n.name}" for n in node.body if isinstance(n, ast.FunctionDef)}

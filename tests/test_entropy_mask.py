@@ -30,7 +30,7 @@ def test_top_20_percent_of_ten_valid_tokens_by_hand():
 
 def _grads(module, rollout, adv):
     module.policy.zero_grad(set_to_none=True)
-    sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward)
+    sums = module.accumulate(rollout.scored(adv), backward=torch.Tensor.backward)
     return sums, {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
 

@@ -110,6 +110,7 @@ def test_module_step_with_vllm_backend(smollm2_dir, tmp_path):
     from oisd_lab.config import compose
     from oisd_lab.models import load_pretrained
     from oisd_lab.module import OISDModule
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     fixtures = __import__("pathlib").Path(__file__).parent / "fixtures"
@@ -118,12 +119,12 @@ def test_module_step_with_vllm_backend(smollm2_dir, tmp_path):
                    "grpo.max_completion_length=16", f"run_dir={tmp_path}"])
     policy, tokenizer = load_pretrained(smollm2_dir)
     source = load_source(cfg.task)
-    module = OISDModule(cfg, policy, tokenizer, source, source.reward,
-                        format_prompt=lambda t: source.format_prompt(t, tokenizer, True))
+    module = OISDModule(cfg, policy, tokenizer, Sampler(cfg, policy, tokenizer, source, source.reward,
+                                                        format_prompt=lambda t: source.format_prompt(t, tokenizer, True)))
     trainer = L.Trainer(max_steps=2, max_epochs=-1, accelerator="gpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, train_dataloaders=DataLoader(list(range(2)), batch_size=None))
-    assert module._vllm.synced_version == 1  # synced again after the first update
+    assert module.sampler.engine.synced_version == 1  # synced again after the first update
 
 
 @pytest.mark.gpu

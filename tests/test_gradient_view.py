@@ -218,8 +218,8 @@ def _naive(module, rollout, adv, micro):
     grads = {}
     for name, weight in weights.items():
         module.policy.zero_grad(set_to_none=True)
-        for part, part_adv in module.micro_batches(rollout, adv):
-            (weight * module.loss_terms(part, part_adv, norm)[f"loss/{name}"]).backward()
+        for part in module.micro_batches(rollout.scored(adv)):
+            (weight * module.loss_terms(part, norm)[f"loss/{name}"]).backward()
         grads[name] = [None if p.grad is None else p.grad.clone() for p in params]
     return grads
 
@@ -235,9 +235,9 @@ def test_gradient_view_matches_separate_backward_passes(tiny_model, char_tokeniz
     view = module.gradient_view()
     assert view.derive_policy  # one process, no loss scaler: the policy gradient is .grad minus the rest
     view.derive_policy = derive_policy  # False: its own backward pass (DDP, GradScaler)
-    sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward, view=view)
+    sums = module.accumulate(rollout.scored(adv), backward=torch.Tensor.backward, view=view)
     got = module.gradient_view_metrics(view, {k: v for k, v in sums.items() if k.startswith("stat/")},
-                                       rollout, adv)
+                                       rollout.scored(adv))
     for name in ("policy", "think", "attn"):
         assert got[f"grad/{name}/norm"] == pytest.approx(grad_norm(ref[name]), rel=1e-5)
         assert got[f"grad/{name}/reach"] == reach_fraction(ref[name], list(module.policy.parameters()))
@@ -277,9 +277,9 @@ def test_gradient_view_over_two_real_adamw_steps(tiny_model, char_tokenizer):
         refs.append(_naive(module, rollout, step_adv, micro=4))
         module.policy.zero_grad(set_to_none=True)
         view = module.gradient_view(opt)
-        sums = module.accumulate(rollout, step_adv, backward=torch.Tensor.backward, view=view)
+        sums = module.accumulate(rollout.scored(step_adv), backward=torch.Tensor.backward, view=view)
         got.append(module.gradient_view_metrics(view, {k: v for k, v in sums.items() if k.startswith("stat/")},
-                                                rollout, step_adv))
+                                                rollout.scored(step_adv)))
         totals.append([p.grad.clone() for p in params])  # what AdamW is given (no clipping here)
         sketched.append(sketch.update(view.grads, params))
         opt.step()

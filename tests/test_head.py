@@ -17,6 +17,7 @@ from oisd_lab import losses
 from oisd_lab import step as step_lib
 from oisd_lab.config import compose
 from oisd_lab.module import OISDModule
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 
 
@@ -165,7 +166,7 @@ def test_real_vocabulary_recomputes_chunks_and_matches_the_plain_head():
 def _grads(module, rollout, adv, micro):
     module.policy.zero_grad(set_to_none=True)
     module.cfg.grpo.micro_batch_size = micro
-    sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward)
+    sums = module.accumulate(rollout.scored(adv), backward=torch.Tensor.backward)
     return sums, {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
 
@@ -185,7 +186,8 @@ def test_training_step_equals_the_plain_head(tiny_model, char_tokenizer, overrid
     with torch.no_grad():  # a reference that differs from the policy, so the KL is not 0
         for p in ref.parameters():
             p.add_(1e-2 * torch.randn(p.shape, generator=gen(4)))
-    module = OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward, ref_model=ref)
+    module = OISDModule(cfg, tiny_model, char_tokenizer, Sampler(cfg, tiny_model, char_tokenizer, source, source.reward),
+                        ref_model=ref)
     module.objective = module.objective_at(1)  # BuPO's internal policy where it is on
     rollout = _rollout([6, 3, 8, 5, 2, 7, 8, 4] * 2, [0, 1, 2, 0] * 4)
     adv = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.0, 0.3, 0.0, -0.3, 0.9, 0.9, -0.9, -0.9, 1.2, -1.2, 0.3, -0.3])

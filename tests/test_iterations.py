@@ -16,6 +16,7 @@ from oisd_lab import losses
 from oisd_lab.config import compose
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import generate
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 
 G, PROMPTS, LENGTH = 4, 4, 8
@@ -25,7 +26,7 @@ def _module(model, tok, *overrides, sampler=None):
     cfg = compose([f"grpo.prompts_per_step={PROMPTS}", f"grpo.num_generations={G}",
                    f"grpo.max_completion_length={LENGTH}", *overrides])
     source = load_source(cfg.task)
-    return OISDModule(cfg, model, tok, source, source.reward, sampler=sampler), source
+    return OISDModule(cfg, model, tok, Sampler(cfg, model, tok, source, source.reward, draw=sampler)), source
 
 
 def _rollout(module, source, seed=0):
@@ -68,7 +69,7 @@ def test_old_logps_are_the_policy_before_the_update_and_the_clip_acts_as_trl(tin
     torch.testing.assert_close(prepared.old_logps * mask, old.detach() * mask, atol=2e-5, rtol=0)
     _perturb(tiny_model, 0.02)  # stands for the first update
     adv = torch.linspace(-1.5, 1.5, len(rollout))
-    terms = module.loss_terms(prepared, adv, _norm(rollout))
+    terms = module.loss_terms(prepared.scored(adv), _norm(rollout))
     # TRL's formula, written out on the new policy's log-probs
     rho = torch.exp(naive_logps(tiny_model, rollout).float() - prepared.old_logps).detach()
     a = adv[:, None]
@@ -100,7 +101,7 @@ def test_truncated_completions_leave_the_loss(tiny_model, char_tokenizer):
     grads = []
     for r in (prepared, rollout.take(torch.nonzero(~rollout.truncated).squeeze(1))):
         module.policy.zero_grad(set_to_none=True)
-        module.accumulate(r, adv[~rollout.truncated] if r is not prepared else adv, backward=torch.Tensor.backward)
+        module.accumulate(r.scored(adv[~rollout.truncated] if r is not prepared else adv), backward=torch.Tensor.backward)
         grads.append({n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None})
     for name in grads[1]:  # masked rows contribute nothing: the same as dropping them
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7, msg=name)
@@ -137,7 +138,7 @@ def test_sampler_mismatch_weights_the_policy_gradient(tiny_model, char_tokenizer
     assert metrics["sampling/importance_sampling_ratio/min"] != metrics["sampling/importance_sampling_ratio/max"]
     adv = torch.linspace(-1.5, 1.5, len(rollout))
     module.policy.zero_grad(set_to_none=True)
-    module.accumulate(prepared, adv, backward=torch.Tensor.backward)
+    module.accumulate(prepared.scored(adv), backward=torch.Tensor.backward)
     got = {n: p.grad.clone() for n, p in module.policy.named_parameters()}
     module.policy.zero_grad(set_to_none=True)
     logps = naive_logps(tiny_model, rollout)
@@ -180,7 +181,7 @@ def _fit(module, steps):
 
 def test_training_steps_log_the_sampler_correction(tiny_model, char_tokenizer):
     module, source = _module(tiny_model, char_tokenizer, "grpo.vllm_importance_sampling_mode=token_truncate")
-    module.sampler = _perturbed_sampler(module, source, 0.02)
+    module.sampler.draw = _perturbed_sampler(module, source, 0.02)
     rows = _fit(module, 2)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -192,13 +193,13 @@ def test_training_steps_log_the_sampler_correction(tiny_model, char_tokenizer):
 def test_a_batch_serves_num_iterations_steps(tiny_model, char_tokenizer):
     module, source = _module(tiny_model, char_tokenizer, "grpo.num_iterations=3", "grpo.lr=0.01")
     calls = []
-    plain = module.sampler
+    plain = module.sampler.draw
 
     def counting(step, rank, world):
         calls.append(step)
         return plain(step, rank, world)
 
-    module.sampler = counting
+    module.sampler.draw = counting
     rows = _fit(module, 5)
     assert calls == [0, 1]  # batches for steps 1-3 and 4-5, indexed by batch
     assert [r["iteration"] for r in rows] == [0, 1, 2, 0, 1]
@@ -212,44 +213,44 @@ def test_a_generation_batch_is_sliced_over_steps_per_generation_steps(tiny_model
     initial = copy.deepcopy(tiny_model)
     module, source = _module(tiny_model, char_tokenizer, "grpo.steps_per_generation=2", "grpo.num_iterations=2",
                              "grpo.lr=0.01", "grpo.scale_rewards=batch")
-    calls, plain = [], module.sampler
+    calls, plain = [], module.sampler.draw
 
     def counting(index, rank, world):
         calls.append(index)
         return plain(index, rank, world)
 
-    module.sampler = counting
+    module.sampler.draw = counting
     scores = iter([torch.tensor([[1.0], [0.0], [0.0], [0.0]]).repeat(PROMPTS, 1),
                    torch.tensor([[1.0], [1.0], [1.0], [0.0]]).repeat(PROMPTS, 1)])
-    module._rewards = lambda problems, rollout: next(scores)  # rewards that differ between the slices
+    module.sampler.score = lambda problems, rollout: next(scores)  # rewards that differ between the slices
     rows = _fit(module, 1)
     held = module._held[1]
     assert calls == [0, 1]  # both slices sampled at step 1, by the same (initial) policy
     assert [len(b[1]) for b in held] == [PROMPTS * G] * 2
     # the old policy of BOTH slices is the policy that sampled them (a plain forward of the copy)
-    for _, part, _, _, _ in held:
+    for _, part, _ in held:
         want = naive_logps(initial, part).float()
         torch.testing.assert_close(part.old_logps * part.completion_mask, want * part.completion_mask,
                                    atol=2e-5, rtol=0)
     # advantages over the whole generation batch: the batch std is the std of both slices' rewards
-    rewards = torch.cat([b[2] for b in held])
+    rewards = torch.cat([b[1].rewards for b in held])
     want_adv = losses.group_advantages(rewards, G, "batch")
-    torch.testing.assert_close(torch.cat([b[3] for b in held]), want_adv)
-    assert not torch.allclose(held[0][3], losses.group_advantages(held[0][2], G, "batch"))  # not per slice
+    torch.testing.assert_close(torch.cat([b[1].advantages for b in held]), want_adv)
+    assert not torch.allclose(held[0][1].advantages, losses.group_advantages(held[0][1].rewards, G, "batch"))  # not per slice
     assert rows[0]["generation_slice"] == 0.0 and rows[0]["iteration"] == 0.0
 
 
 def test_steps_per_generation_cycles_the_slices_num_iterations_times(tiny_model, char_tokenizer):
     module, source = _module(tiny_model, char_tokenizer, "grpo.steps_per_generation=2", "grpo.num_iterations=2",
                              "grpo.lr=0.01")
-    calls, plain = [], module.sampler
+    calls, plain = [], module.sampler.draw
 
     def counting(index, rank, world):
         calls.append(index)
         return plain(index, rank, world)
 
-    module.sampler = counting
-    module._rewards = lambda problems, rollout: torch.tensor([[1.0], [0.0], [0.0], [1.0]]).repeat(PROMPTS, 1)
+    module.sampler.draw = counting
+    module.sampler.score = lambda problems, rollout: torch.tensor([[1.0], [0.0], [0.0], [1.0]]).repeat(PROMPTS, 1)
     rows = _fit(module, 5)
     assert calls == [0, 1, 2, 3]  # generation batches at steps 1 and 5
     assert [r["generation_slice"] for r in rows] == [0, 1, 0, 1, 0]
@@ -289,7 +290,7 @@ def test_bupo_loss_is_the_lens_policy_and_trains_only_what_is_below_it(tiny_mode
     assert float(((lens - naive_logps(tiny_model, rollout, temperature=0.7)).abs() * mask).max()) > 0.1
     adv = torch.linspace(-1.5, 1.5, len(rollout))
     module.policy.zero_grad(set_to_none=True)
-    terms = module.loss_terms(prepared, adv, _norm(rollout))
+    terms = module.loss_terms(prepared.scored(adv), _norm(rollout))
     terms["loss/total"].backward()
     grads = {n: p.grad for n, p in module.policy.named_parameters()}
     moved = {n for n, g in grads.items() if g is not None and float(g.abs().max()) > 0}
@@ -298,7 +299,7 @@ def test_bupo_loss_is_the_lens_policy_and_trains_only_what_is_below_it(tiny_mode
     assert moved == below | ({"model.norm.weight"} if final_norm else set())
     module.objective = module.objective_at(10_000)  # after the phase: ordinary GRPO on the final layer
     module.policy.zero_grad(set_to_none=True)
-    module.loss_terms(rollout, adv, _norm(rollout))["loss/total"].backward()
+    module.loss_terms(rollout.scored(adv), _norm(rollout))["loss/total"].backward()
     assert float(module.policy.model.layers[5].mlp.down_proj.weight.grad.abs().max()) > 0
 
 

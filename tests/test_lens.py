@@ -18,7 +18,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from oisd_lab.lens import default_student_layer, find_readout, resolve_layers
+from oisd_lab.lens import default_student_layer, find_readout, resolve_layers, student_layers
 
 TINY = dict(
     vocab_size=97,
@@ -176,3 +176,12 @@ def test_default_student_layer():
     assert default_student_layer(15) == 3  # 2.5 rounds half up, not to even
     with pytest.raises(ValueError, match="no intermediate layer"):
         default_student_layer(1)
+
+
+def test_student_layers_are_method_layers_resolved_or_the_default():
+    assert student_layers([], 36) == student_layers(None, 36) == [default_student_layer(36)] == [6]
+    assert student_layers([0.5, -1, 3, 3], 12) == resolve_layers([0.5, -1, 3, 3], 12) == [3, 6, 11]
+    with pytest.raises(ValueError, match="method.layers"):
+        student_layers([12], 12)  # the final layer is the teacher
+    with pytest.raises(ValueError, match="method.layers"):
+        student_layers(None, 1)

@@ -1,6 +1,6 @@
 """The closed-form backward passes of the vocabulary-sized losses against plain autograd.
 
-`chunked_lens_jsd` (via `_StudentJSD`) and `token_logps` (via `_TokenLogps`) compute their
+`chunked_lens_jsd` (via `StudentJSD`) and `token_logps` (via `_TokenLogps`) compute their
 gradients by formula; here both are checked, value and gradient, against the plain
 implementations (`jsd` and a full log-softmax through autograd), including the edge cases the
 formulas must get right: temperature, beta != 0.5, 16-bit logits, masked (-inf) vocabulary entries,
@@ -49,7 +49,7 @@ def test_lens_jsd_closed_form_gradcheck():
     """Finite differences in float64, on the student logits directly."""
     teacher = torch.randn(4, 7, dtype=torch.float64, generator=gen(4))
     student = torch.randn(4, 7, dtype=torch.float64, generator=gen(5), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q: losses._StudentJSD.apply(teacher, q, 0.3, 1.3), (student,))
+    assert torch.autograd.gradcheck(lambda q: losses.StudentJSD.apply(teacher, q, 0.3, 1.3), (student,))
 
 
 def test_lens_jsd_closed_form_masked_vocabulary_and_equal_rows():
@@ -66,7 +66,7 @@ def test_lens_jsd_closed_form_masked_vocabulary_and_equal_rows():
 
     ref = losses.jsd(teacher, student, beta=0.4)
     (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), student)
-    got = losses._StudentJSD.apply(teacher, student, 0.4, 1.0)
+    got = losses.StudentJSD.apply(teacher, student, 0.4, 1.0)
     (got_grad,) = torch.autograd.grad((got * upstream).sum(), student)
 
     torch.testing.assert_close(got, ref)
@@ -81,7 +81,7 @@ def test_lens_jsd_closed_form_bf16_student():
     upstream = torch.randn(6, generator=gen(10))
     ref = losses.jsd(teacher, student)
     (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), student)
-    got = losses._StudentJSD.apply(teacher, student, 0.5, 1.0)
+    got = losses.StudentJSD.apply(teacher, student, 0.5, 1.0)
     (got_grad,) = torch.autograd.grad((got * upstream).sum(), student)
     assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
     torch.testing.assert_close(got, ref)
@@ -146,7 +146,7 @@ def test_lens_jsd_closed_form_denormal_probabilities_contribute_nothing():
     student = torch.tensor([[0.0, 5.0, -98.0], [1.0, 2.5, 3.0]], requires_grad=True)
     ref = losses.jsd(teacher, student)
     (ref_grad,) = torch.autograd.grad(ref.sum(), student)
-    got = losses._StudentJSD.apply(teacher, student, 0.5, 1.0)
+    got = losses.StudentJSD.apply(teacher, student, 0.5, 1.0)
     (got_grad,) = torch.autograd.grad(got.sum(), student)
     assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
     torch.testing.assert_close(got, ref)

@@ -148,7 +148,7 @@ def test_the_step_does_not_multiply_vespos_sampler_weights_in_twice(tiny_model, 
     is_w = (1.0 + 0.2 * torch.rand(mask.shape, generator=torch.Generator().manual_seed(1))) * mask + (1 - mask)
     part = type(rollout)(**{**rollout.__dict__, "old_logps": old - 0.05 * mask, "is_weights": is_w})
     norm = module.normalisers(part)
-    got = step_lib.loss_terms(module.objective.forward(tiny_model, part), part, adv, norm, module.objective)
+    got = step_lib.loss_terms(module.objective.forward(tiny_model, part), part.scored(adv), norm, module.objective)
     current = step_lib.old_policy_logps(tiny_model, part, module.objective, 8)
     phi = losses.vespo_gamma_weights(adv, current - part.old_logps, mask, is_w)
     want = losses.aggregate(-phi * adv[:, None] * current, mask, "dapo", **norm)

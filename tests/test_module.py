@@ -10,6 +10,7 @@ from oisd_lab import losses
 from oisd_lab.config import compose
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import Rollout, generate
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 
 
@@ -17,7 +18,7 @@ def _module(tiny_model, tok, *overrides):
     cfg = compose(["grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_completion_length=8",
                    *overrides])
     source = load_source(cfg.task)
-    return OISDModule(cfg, tiny_model, tok, source, source.reward), source
+    return OISDModule(cfg, tiny_model, tok, Sampler(cfg, tiny_model, tok, source, source.reward)), source
 
 
 def _rollout(module, source, seed=0):
@@ -30,7 +31,7 @@ def _grads(module, rollout, adv, micro):
     """Gradient of one step's loss, micro-batched as the training step does it."""
     module.policy.zero_grad(set_to_none=True)
     module.cfg.grpo.micro_batch_size = micro
-    module.accumulate(rollout, adv, backward=torch.Tensor.backward)
+    module.accumulate(rollout.scored(adv), backward=torch.Tensor.backward)
     return {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
 
 
@@ -57,13 +58,14 @@ def test_micro_batches_group_rows_of_similar_length(tiny_model, char_tokenizer, 
                       completion_mask=completion_mask, prompt_length=3, texts=[f"row {i}" for i in range(16)],
                       truncated=lengths == 8)
     adv = torch.arange(16.0)
-    parts = module.micro_batches(rollout, adv)
-    rows = torch.cat([a for _, a in parts]).long()  # adv = row number: which rows went where
+    parts = module.micro_batches(rollout.scored(adv))
+    rows = torch.cat([p.advantages for p in parts]).long()  # adv = row number: which rows went where
     assert sorted(rows.tolist()) == list(range(16))
-    for part, part_adv in parts:  # advantages travel with their rows
+    for part in parts:  # advantages travel with their rows
+        part_adv = part.advantages
         assert part.texts == [rollout.texts[i] for i in part_adv.long().tolist()]
         assert torch.equal(part.completion_mask.sum(1), lengths[part_adv.long()])
-    padded = sum(p.completion_mask.numel() for p, _ in parts)
+    padded = sum(p.completion_mask.numel() for p in parts)
     unsorted = sum(rollout.select(slice(lo, lo + 4)).completion_mask.numel() for lo in range(0, 16, 4))
     if loss_type == "bnpo":  # normalised per micro-batch: the grouping is part of the loss, kept
         assert rows.tolist() == list(range(16)) and padded == unsorted
@@ -92,7 +94,7 @@ def test_signed_alignment_gradient_flips_with_the_advantage(tiny_model, char_tok
     grads = []
     for sign in (1.0, -1.0):
         module.policy.zero_grad(set_to_none=True)
-        terms = module.loss_terms(part, sign * adv, norm)
+        terms = module.loss_terms(part.scored(sign * adv), norm)
         (terms["loss/think"] + terms["loss/attn"]).backward()
         grads.append(student.grad.clone())
     assert float(grads[0].abs().max()) > 0
@@ -109,7 +111,7 @@ def test_each_preset_computes_exactly_its_loss_terms(tiny_model, char_tokenizer,
     adv = torch.linspace(-1.0, 1.0, len(rollout))
     norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=len(rollout),
                 max_completion_length=8)
-    terms = module.loss_terms(rollout.select(slice(0, len(rollout))), adv, norm)
+    terms = module.loss_terms(rollout.select(slice(0, len(rollout))).scored(adv), norm)
     assert ("loss/think" in terms) == think and ("loss/attn" in terms) == attn
     m = module.cfg.method
     expected = terms["loss/policy"] + m.logit_weight * terms.get("loss/think", 0) + m.attn_weight * terms.get("loss/attn", 0)

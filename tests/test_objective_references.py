@@ -12,6 +12,7 @@ import torch
 from oisd_lab.config import compose
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import generate
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 
 C = 8  # completion length
@@ -21,7 +22,7 @@ def _module(model, tok, *overrides, ref_model=None):
     cfg = compose(["grpo.prompts_per_step=4", "grpo.num_generations=4", f"grpo.max_completion_length={C}",
                    "grpo.loss_type=dapo", *overrides])
     source = load_source(cfg.task)
-    return OISDModule(cfg, model, tok, source, source.reward, ref_model=ref_model), source
+    return OISDModule(cfg, model, tok, Sampler(cfg, model, tok, source, source.reward), ref_model=ref_model), source
 
 
 def _batch(module, source):
@@ -36,7 +37,7 @@ def _batch(module, source):
 
 def _loss_and_grads(module, part, adv, norm, key):
     module.policy.zero_grad(set_to_none=True)
-    terms = module.loss_terms(part, adv, norm)
+    terms = module.loss_terms(part.scored(adv), norm)
     terms[key].backward()
     grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
     return float(terms[key].detach()), grads, terms

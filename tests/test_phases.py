@@ -14,6 +14,7 @@ from oisd_lab.phases import Phases, StepTimer
 from oisd_lab.plan.model_config import load_model_config
 from oisd_lab.plan.setup import StepShape, autocast_for, build_module, build_policy, micro_batches
 from oisd_lab.plan.trace import training_step
+from oisd_lab.sampler import Sampler
 from oisd_lab.sources import load_source
 
 
@@ -84,7 +85,8 @@ def test_an_observer_sees_the_phases_of_a_training_step_in_order_and_the_timer_r
     cfg = compose(["method=oisd", "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.micro_batch_size=4",
                    "grpo.max_completion_length=8", "log.gradient_view=true", "max_steps=1"])
     source = load_source(cfg.task)
-    module = OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward, on_log_step=lambda *_: {})
+    module = OISDModule(cfg, tiny_model, char_tokenizer, Sampler(cfg, tiny_model, char_tokenizer, source, source.reward),
+                        on_log_step=lambda *_: {})
     recorder = _Recorder()
     module.phases.subscribe(recorder)
     rows = fit_rows(module, 1)

@@ -319,7 +319,8 @@ def test_planned_diagnostics_pass_matches_a_measured_one():
                    "accelerator=cpu"])
     planned = make_plan(cfg, 20).phases["diagnostics"]
     module = build_module(cfg, build_policy(cfg, load_model_config("tiny6m")))
-    (part, adv, _), = micro_batches(step_shape(cfg, 20), module.policy.config.vocab_size, count=1)
+    (part, _), = micro_batches(step_shape(cfg, 20), module.policy.config.vocab_size, count=1)
+    adv = part.advantages
     layers = list(range(module.num_layers + 1))
 
     def run():

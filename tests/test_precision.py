@@ -17,6 +17,7 @@ from oisd_lab.config import ConfigError, compose
 from oisd_lab.module import OISDModule
 from oisd_lab.optim import kahan_available
 from oisd_lab.rollout import Rollout
+from oisd_lab.sampler import Sampler
 
 STEPS = 3
 LR = 1e-6
@@ -54,8 +55,9 @@ def fixed_batch(rows: int = 8, prompt: int = 6, completion: int = 12):
 
 def train_steps(policy, cfg) -> None:
     batch = fixed_batch()
-    module = OISDModule(cfg, policy, tokenizer=None, task=None, reward_fn=lambda text, answer: float(text == answer),
-                        sampler=lambda step, rank, world: batch)
+    module = OISDModule(cfg, policy, tokenizer=None,
+                        sampler=Sampler(cfg, policy, None, reward=lambda text, answer: float(text == answer),
+                                        draw=lambda step, rank, world: batch))
     trainer = L.Trainer(max_steps=STEPS, max_epochs=-1, accelerator="cpu", devices=1, precision=cfg.precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)

@@ -171,8 +171,8 @@ def _poison_step(monkeypatch, bad_step: int):
 
     original = OISDModule.loss_terms
 
-    def poisoned(self, part, adv, norm, **kwargs):
-        terms = original(self, part, adv, norm, **kwargs)
+    def poisoned(self, part, norm, **kwargs):
+        terms = original(self, part, norm, **kwargs)
         if self.global_step + 1 == bad_step:
             terms["loss/total"] = terms["loss/total"] * float("nan")
         return terms
@@ -269,15 +269,15 @@ def test_nonfinite_stop_ends_the_run_with_one_line_and_a_failed_status(cache_dir
 
 def test_a_nan_or_raising_reward_scores_zero(tiny_model, char_tokenizer):
     from oisd_lab.config import compose
-    from oisd_lab.module import OISDModule
+    from oisd_lab.sampler import Sampler
 
     def grader(text, answer):
         if text == "boom":
             raise RuntimeError("grader bug")
         return {"nan": float("nan"), "inf": float("inf")}.get(text, 1.0)
 
-    module = OISDModule(compose([]), tiny_model, char_tokenizer, task=None, reward_fn=grader)
-    assert [module._score(t, "1") for t in ("nan", "inf", "boom", "ok")] == [0.0, 0.0, 0.0, 1.0]
+    sampler = Sampler(compose([]), tiny_model, char_tokenizer, reward=grader)
+    assert [sampler.reward_of(t, "1") for t in ("nan", "inf", "boom", "ok")] == [0.0, 0.0, 0.0, 1.0]
 
 
 # ---------------------------------------------------------------- model output
@@ -398,7 +398,7 @@ def test_hostile_completions_stay_valid_json_lines(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_whose_model_writes_hostile_text_finishes(cache_dir, tmp_path, monkeypatch):
-    import oisd_lab.module as module
+    import oisd_lab.sampler as module
     from oisd_lab.config import compose
     from oisd_lab.train import train
 

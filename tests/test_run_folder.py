@@ -44,3 +44,22 @@ def test_cell_folders_are_the_run_folders_under_cells(tmp_path):
     for cell in ("b-run", "a-run"):
         RunDir(cell_folder(tmp_path, cell)).config.write_text("seed: 0\n")
     assert cell_folders(tmp_path) == [tmp_path / "cells" / "a-run", tmp_path / "cells" / "b-run"]
+
+
+def test_jsonl_rows_append_and_trim_to_a_step_atomically(tmp_path):
+    from oisd_lab.files import append_jsonl, truncate_jsonl
+    from oisd_lab.run.tracking import TableLogger
+
+    path = tmp_path / "metrics.jsonl"
+    append_jsonl(path, [{"step": s, "text": "é\n"} for s in (1, 2, 3)])
+    with open(path, "a") as handle:
+        handle.write('{"step": 4, "tor')  # a writer killed mid-line
+    assert truncate_jsonl(path, 2) == 2
+    assert read_jsonl(path) == [{"step": 1, "text": "é\n"}, {"step": 2, "text": "é\n"}]
+    path.read_bytes().decode("ascii")  # escaped: one line per row whatever the text
+    # the metrics table trims the same way on resume, and appends after it
+    append_jsonl(path, [{"step": 3}])
+    logger = TableLogger(path, resume_step=2)
+    logger.log_metrics({"loss": 0.5}, step=3)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3] and read_jsonl(path)[-1] == {"step": 3, "loss": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left

@@ -60,6 +60,7 @@ def test_smollm2_grpo_oisd_steps_and_lens_by_depth(smollm2, tmp_path):
     from oisd_lab.run.tracking import TableLogger
     from oisd_lab.run.trainer import enable_checkpointing
     from oisd_lab.run_hooks import LogStepHook
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     model, tokenizer = smollm2
@@ -71,9 +72,9 @@ def test_smollm2_grpo_oisd_steps_and_lens_by_depth(smollm2, tmp_path):
     ])
     source = load_source(cfg.task)
     enable_checkpointing(model)
-    module = OISDModule(cfg, model, tokenizer, source, source.reward,
-                        format_prompt=lambda text: source.format_prompt(text, tokenizer, True),
-                        on_log_step=LogStepHook(cfg, RunDir(tmp_path)))
+    sampler = Sampler(cfg, model, tokenizer, source, source.reward,
+                      format_prompt=lambda text: source.format_prompt(text, tokenizer, True))
+    module = OISDModule(cfg, model, tokenizer, sampler, on_log_step=LogStepHook(cfg, RunDir(tmp_path)))
     student = module.student_layers[0]
     watched = model.model.layers[student - 1].self_attn.q_proj.weight
     before = watched.detach().clone()
@@ -110,6 +111,7 @@ def _one_oisd_step(checkpointing: bool, tmp_path) -> dict:
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
     from oisd_lab.module import OISDModule
     from oisd_lab.run.trainer import enable_checkpointing
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     cfg = compose(["method=oisd", "method.weighting=uniform", "max_steps=1", "grpo.prompts_per_step=2",
@@ -121,7 +123,7 @@ def _one_oisd_step(checkpointing: bool, tmp_path) -> dict:
         enable_checkpointing(model)
         assert model.model.gradient_checkpointing
     source = load_source(cfg.task)
-    module = OISDModule(cfg, model, tokenizer, source, source.reward)
+    module = OISDModule(cfg, model, tokenizer, Sampler(cfg, model, tokenizer, source, source.reward))
     trainer = L.Trainer(max_steps=1, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=DataLoader([0], batch_size=None))

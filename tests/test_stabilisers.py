@@ -99,6 +99,7 @@ def test_bias_corrected_kl_is_the_kl_times_the_ratio(tiny_model, char_tokenizer)
 
     from oisd_lab import step as step_lib
     from oisd_lab.module import OISDModule
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     rollout = _rollout([6, 3, 8, 5], [0, 1, 2, 0])
@@ -107,14 +108,15 @@ def test_bias_corrected_kl_is_the_kl_times_the_ratio(tiny_model, char_tokenizer)
         cfg = compose(["grpo.prompts_per_step=1", "grpo.num_generations=4", "grpo.max_completion_length=8",
                        "grpo.beta=0.5", f"grpo.use_bias_correction_kl={str(flag).lower()}", "method=grpo"])
         source = load_source(cfg.task)
-        module = OISDModule(cfg, tiny_model, char_tokenizer, source, source.reward, ref_model=tiny_model)
+        module = OISDModule(cfg, tiny_model, char_tokenizer, Sampler(cfg, tiny_model, char_tokenizer, source, source.reward),
+                            ref_model=tiny_model)
         old = step_lib.old_policy_logps(tiny_model, rollout, module.objective, 4) - 0.05 * rollout.completion_mask
         part = type(rollout)(**{**rollout.__dict__, "old_logps": old})
         out = module.objective.forward(tiny_model, part)
         ref = step_lib.reference_logps(tiny_model, part, cfg.grpo.temperature) - 0.1 * rollout.completion_mask
         norm = dict(num_items_in_batch=rollout.completion_mask.sum(), num_sequences=4, max_completion_length=8)
-        terms[flag] = step_lib.loss_terms(out, part, torch.tensor([1.0, -1.0, 0.5, -0.5]), norm, module.objective,
-                                          ref_logps=ref)
+        terms[flag] = step_lib.loss_terms(out, part.scored(torch.tensor([1.0, -1.0, 0.5, -0.5])), norm,
+                                          module.objective, ref_logps=ref)
     logps = step_lib.old_policy_logps(tiny_model, rollout, module.objective, 4)
     mask = rollout.completion_mask
     kl = losses.kl_k3(logps, ref)
@@ -137,7 +139,7 @@ def test_entropy_bonus_subtracts_coef_times_the_aggregated_entropy(tiny_model, c
         module = _module(tiny_model, char_tokenizer, "method=grpo", "grpo.prompts_per_step=2",
                          "grpo.micro_batch_size=8", "grpo.temperature=0.8", f"grpo.entropy_coef={coef}")
         tiny_model.zero_grad(set_to_none=True)
-        sums = module.accumulate(rollout, adv, backward=torch.Tensor.backward)
+        sums = module.accumulate(rollout.scored(adv), backward=torch.Tensor.backward)
         grads[coef] = (sums, {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None})
     out = module.objective.forward(tiny_model, rollout)
     mask = rollout.completion_mask
@@ -217,7 +219,7 @@ def test_the_step_drops_the_masked_rows_from_the_policy_loss(tiny_model, char_to
                      "grpo.off_policy_mask_threshold=0.1")
     norm = plain.normalisers(part)
     out = plain.objective.forward(tiny_model, part)
-    got = step_lib.loss_terms(out, part, adv, norm, masked.objective)["loss/policy"]
+    got = step_lib.loss_terms(out, part.scored(adv), norm, masked.objective)["loss/policy"]
     current = step_lib.old_policy_logps(tiny_model, part, plain.objective, 8)  # the policy now, no grad
     per_tok, _ = losses.policy_loss(current, part.old_logps, adv, part.completion_mask, "dapo")
     keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1.0])[:, None]
@@ -272,8 +274,9 @@ def test_an_applied_adaptive_coefficient_is_the_static_bonus(tiny_model, char_to
                        "grpo.use_adaptive_entropy=true")
     objective = dataclasses.replace(adaptive.objective, entropy_coef=0.3)
     norm = static.normalisers(rollout)
-    want = step_lib.loss_terms(static.objective.forward(tiny_model, rollout), rollout, adv, norm, static.objective)
-    got = step_lib.loss_terms(objective.forward(tiny_model, rollout), rollout, adv, norm, objective)
+    scored = rollout.scored(adv)
+    want = step_lib.loss_terms(static.objective.forward(tiny_model, rollout), scored, norm, static.objective)
+    got = step_lib.loss_terms(objective.forward(tiny_model, rollout), scored, norm, objective)
     torch.testing.assert_close(got["loss/policy"], want["loss/policy"])
     (g_want,) = torch.autograd.grad(want["loss/total"], tiny_model.model.norm.weight)
     (g_got,) = torch.autograd.grad(got["loss/total"], tiny_model.model.norm.weight)

@@ -181,13 +181,14 @@ def test_after_a_sync_the_sampler_agrees_with_the_trainer_and_a_skipped_one_show
 
 def _module(policy, tokenizer, engine, *overrides):
     from oisd_lab.module import OISDModule
+    from oisd_lab.sampler import Sampler
     from oisd_lab.sources import load_source
 
     cfg = compose(["grpo.rollout_backend=vllm", "grpo.prompts_per_step=4", f"grpo.num_generations={G}",
                    f"grpo.max_completion_length={LENGTH}", "grpo.lr=3e-3", "method=oisd", *overrides])
     source = load_source(cfg.task)
-    module = OISDModule(cfg, policy, tokenizer, source, source.reward)
-    module._vllm, module._vllm_memory = engine, engine.memory()  # one engine for the whole file
+    module = OISDModule(cfg, policy, tokenizer, Sampler(cfg, policy, tokenizer, source, source.reward))
+    module.sampler.engine, module.sampler.memory = engine, engine.memory()  # one engine for the whole file
     engine.synced_version = None
     return module
 

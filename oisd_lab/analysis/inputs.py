@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..collect import collect
 from ..errors import ConfigError
+from ..run.folder import GRID_MANIFEST, RunDir
 from .runs import (
     COLLECTED,
     GridData,
@@ -45,7 +46,7 @@ def _grid_command(root: Path) -> str:
 def _checked_manifest(root: Path) -> dict:
     if not root.is_dir():
         raise MissingInput(f"grid_dir {root}: no such folder; make it with {_grid_command(root)}")
-    path = root / "grid.json"
+    path = root / GRID_MANIFEST
     if not path.is_file():
         raise MissingInput(f"grid_dir {root}: no grid.json, so not a grid folder; make it with {_grid_command(root)}")
     try:
@@ -137,7 +138,7 @@ def _run_command(root: Path, fix: str = "") -> str:
 def load_one_run(run_dir: str | Path) -> GridData:
     """One run folder as a grid of one cell (for the layer-inspection notebook)."""
     root = Path(run_dir)
-    if not (root / "config.yaml").is_file():
+    if not RunDir(root).config.is_file():
         raise MissingInput(f"run_dir {root}: not a run folder (no config.yaml); make one with {_run_command(root)}")
     run = load_run(root)
     info = {"run_id": run.info["run_id"], "cell": root.name, "method": run.info["method"],

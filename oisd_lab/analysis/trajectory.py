@@ -15,7 +15,8 @@ def format_prompt(tokenizer, prompt: str, chat: bool | None = None) -> str:
 
 def lens_trajectory(model, tokenizer, prompt: str, max_new_tokens: int = 16,
                     student_layers: list[int] | None = None, chat: bool | None = None) -> dict:
-    """Greedy-generate up to `max_new_tokens`, then read every layer with the model's own logit lens:
+    """Greedy-generate up to `max_new_tokens`, then read every layer with the model's own logit lens
+    (`student_layers` as `method.layers`; default: the default student layer):
     `top_token[k][i]` / `top_prob[k][i]` are layer k's top-1 prediction for completion token i;
     `attention` holds head-mean maps of the student layers and the final layer."""
     # imported here: the rest of `analysis` reads files and must load without torch
@@ -23,11 +24,12 @@ def lens_trajectory(model, tokenizer, prompt: str, max_new_tokens: int = 16,
 
     # model code on use: the analysis package stays torch-free until a trajectory is asked for
     from ..diagnostics import snapshot
-    from ..lens import default_student_layer, find_readout
+    from ..lens import find_readout
+    from ..lens import student_layers as students_of
     from ..rollout import generate
 
     readout = find_readout(model)
-    layers = student_layers or [default_student_layer(readout.num_layers)]
+    layers = students_of(student_layers, readout.num_layers)
     with torch.no_grad():
         rollout = generate(model, tokenizer, [format_prompt(tokenizer, prompt, chat)], 1, max_new_tokens,
                            do_sample=False)

@@ -48,7 +48,7 @@ from .common import PRESETS, QUICK, SECTIONS, Settings, machine_info, quiet_logs
 from .memory import bench_memory
 from .presets import bench_presets
 from .smollm2 import bench_smollm2
-from .tables import format_tables, targets
+from .tables import markdown, targets
 from .versus_trl import bench_trl
 
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         result[name]["seconds"] = time.perf_counter() - start
         print(f"[bench] {name} done in {result[name]['seconds']:.0f} s", flush=True)
     result["targets"] = targets(result)
-    print(format_tables(result))
+    print(markdown(result, title="oisd-lab bench"))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")

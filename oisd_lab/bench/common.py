@@ -214,11 +214,12 @@ def fit_steps(module, steps: int) -> list[dict]:
 def bench_module(cfg, policy, tokenizer, source, fixed=None, hook=None, format_prompt=None):
     # on use: a section loads training code only when it runs, so importing the bench package stays light
     from ..module import OISDModule
+    from ..sampler import Sampler
 
     # With `fixed`, one rollout batch for every step: the optimisation step alone.
-    sampler = (lambda step, rank, world: fixed) if fixed is not None else None
-    return OISDModule(cfg, policy, tokenizer, source, source.reward, format_prompt=format_prompt,
-                      on_log_step=hook, sampler=sampler)
+    draw = (lambda step, rank, world: fixed) if fixed is not None else None
+    sampler = Sampler(cfg, policy, tokenizer, source, source.reward, format_prompt=format_prompt, draw=draw)
+    return OISDModule(cfg, policy, tokenizer, sampler, on_log_step=hook)
 
 
 def rotated(items: tuple[str, ...], r: int) -> list[str]:

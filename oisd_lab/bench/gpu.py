@@ -223,14 +223,17 @@ def run_method(model, case: Case, method: str, device: torch.device, rollout, wo
     from ..module import OISDModule
     from ..run.folder import RunDir
     from ..run_hooks import LogStepHook
+    from ..sampler import Sampler
 
     cfg = method_config(method, case, device)
     G = case.generations
     problems = [SimpleNamespace(prompt="", answer="right")] * (case.rows // G)
     run = RunDir(workdir / method)  # where the logging hook writes diagnostics, completions, snapshots
     run.root.mkdir(parents=True, exist_ok=True)
-    module = OISDModule(cfg, model, _IdTokenizer(), task=None, reward_fn=lambda text, answer: float(text == answer),
-                        sampler=lambda step, rank, world: (problems, rollout), on_log_step=LogStepHook(cfg, run))
+    tokenizer = _IdTokenizer()
+    sampler = Sampler(cfg, model, tokenizer, reward=lambda text, answer: float(text == answer),
+                      draw=lambda step, rank, world: (problems, rollout))
+    module = OISDModule(cfg, model, tokenizer, sampler, on_log_step=LogStepHook(cfg, run))
     phases = Phases(device)
     module.phases.subscribe(phases.observer({"rollout": "rollout", "diagnostics": "diagnostics",
                                              "policy step": "forward_backward"}))

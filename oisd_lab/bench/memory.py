@@ -64,7 +64,7 @@ def bench_memory(s: Settings) -> dict:
 
         def step(module=module):
             policy.zero_grad(set_to_none=True)
-            terms = module.loss_terms(rollout, adv, norm)
+            terms = module.loss_terms(rollout.scored(adv), norm)
             terms["loss/total"].backward()
             del terms
 

@@ -210,7 +210,7 @@ def _memory(s: Settings, policy, tok, source, fmt) -> dict:
 
         def step(module=module):
             policy.zero_grad(set_to_none=True)
-            module.loss_terms(rollout, adv, norm)["loss/total"].backward()
+            module.loss_terms(rollout.scored(adv), norm)["loss/total"].backward()
 
         out["per_preset"][m] = {"peak_bytes": profiler_peak(step)}
         policy.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""Targets judged on the results, and the printed tables."""
+"""Targets judged on the results, and the results as Markdown tables (one renderer: `oisd-lab
+bench` prints them, `benchmarks/report.py` prints them for saved result files)."""
 
 from __future__ import annotations
 
@@ -49,105 +50,131 @@ def _smol_targets(smol: dict, add) -> None:
             add("smollm2 diagnostics amortised / step", c, stats([diag["amortised_share_of_step"]]), 0.05)
 
 
-def _fmt(st: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+def _fmt(st: dict | None, digits: int = 3, scale: float = 1.0) -> str:
+    """median [min, max] of a `stats` entry, or "-" without one."""
     if not st or st.get("median") is None:
         return "-"
     return f"{st['median'] * scale:.{digits}f} [{st['min'] * scale:.{digits}f}, {st['max'] * scale:.{digits}f}]"
 
 
-def _preset_lines(pre: dict) -> list[str]:
-    lines = []
+def _presets(r: dict) -> list[str]:
+    out = []
     for c in ("cpu", "wall"):
-        lines += ["", f"per-step time (s, {c}), full steps:",
-                  f"{'preset':<14} " + " ".join(f"{k:<22}" for k in
-                                                ("rollout", "scoring", "fwd/bwd", "alignment", "logging", "step"))]
-        for m, v in pre.items():
+        out += [f"\nPer-step time, full steps ({c} seconds), median [min, max] over rounds:\n",
+                "| preset | rollout | scoring | forward/backward | of which alignment | logging | step |",
+                "|---|---|---|---|---|---|---|"]
+        for m, v in r["per_preset"].items():
             b = v[c]["breakdown_s"]
-            lines.append(f"{m:<14} " + " ".join(f"{_fmt(b[k]):<22}" for k in
-                                               ("rollout", "scoring", "forward_backward", "alignment", "logging",
-                                                "step")))
+            out.append(f"| {m} | " + " | ".join(_fmt(b[k]) for k in ("rollout", "scoring", "forward_backward",
+                                                                      "alignment", "logging", "step")) + " |")
+    out += ["\nRatios to grpo (paired per round), rollout throughput:\n",
+            "| preset | opt step / grpo (cpu) | opt step / grpo (wall) | full step / grpo (cpu) | "
+            "full step / grpo (wall) | rollout tokens/s (wall) |", "|---|---|---|---|---|---|"]
+    for m, v in r["per_preset"].items():
+        out.append(f"| {m} | {_fmt(v['cpu']['ratio_opt_vs_grpo'])} | {_fmt(v['wall']['ratio_opt_vs_grpo'])} | "
+                   f"{_fmt(v['cpu']['ratio_full_vs_grpo'])} | {_fmt(v['wall']['ratio_full_vs_grpo'])} | "
+                   f"{_fmt(v['wall']['rollout_tokens_per_s'], 0)} |")
+    if "grpo" not in r["per_preset"]:
+        return out
+    d = r["per_preset"]["grpo"]["cpu"]["diagnostics_per_log_step_s"]
+    out.append(f"\nPer-layer diagnostics on a logging step: {_fmt(d)} s cpu (every "
+               f"{r['log_every_n_steps']} steps; amortised into `logging` above).")
+    return out
+
+
+def _memory(r: dict) -> list[str]:
+    out = [f"\nLoss forward+backward peak (V={r['vocab_size']}, {r['batch']} x {r['completion_length']} = "
+           f"{r['completion_tokens']} completion tokens, prompt {r['prompt_length']}):\n",
+           "| preset | profiler peak MiB | / grpo | RSS peak MiB | / grpo |", "|---|---|---|---|---|"]
+    for m, v in r["per_preset"].items():
+        out.append(f"| {m} | {v['peak_bytes'] / 2**20:.0f} | {v['ratio_vs_grpo']:.3f} | "
+                   f"{v['rss_peak_bytes'] / 2**20:.0f} | {v['rss_ratio_vs_grpo']:.3f} |")
+    return out
+
+
+def _attn(r: dict) -> list[str]:
+    out = [f"\nLong completions ({r['completion_length']} tokens, batch {r['batch']}, micro-batch "
+           f"{r['micro_batch_size']}); generating the batch takes {_fmt(r['generate_s']['cpu'])} s cpu, "
+           f"{_fmt(r['generate_s']['wall'])} s wall:\n",
+           "| preset | opt step s (cpu) | opt / grpo (cpu) | full / grpo (cpu) | opt / grpo (wall) | full / grpo (wall) |",
+           "|---|---|---|---|---|---|"]
+    for m, v in r["per_preset"].items():
+        out.append(f"| {m} | {_fmt(v['cpu']['opt_step_s'])} | {_fmt(v['cpu']['ratio_opt_vs_grpo'])} | "
+                   f"{_fmt(v['cpu']['ratio_full_vs_grpo'])} | {_fmt(v['wall']['ratio_opt_vs_grpo'])} | "
+                   f"{_fmt(v['wall']['ratio_full_vs_grpo'])} |")
+    return out
+
+
+def _trl(r: dict) -> list[str]:
+    out = ["\n| clock | oisd-lab step s | TRL step s | oisd-lab / TRL | oisd-lab generation s | TRL generation s |",
+           "|---|---|---|---|---|---|"]
     for c in ("cpu", "wall"):
-        lines += ["", f"{'preset (' + c + ')':<14} {'opt step / grpo':<24} {'full step / grpo':<24} "
-                      f"{'rollout tok/s':<20}"]
-        for m, v in pre.items():
-            lines.append(f"{m:<14} {_fmt(v[c]['ratio_opt_vs_grpo']):<24} {_fmt(v[c]['ratio_full_vs_grpo']):<24} "
-                         f"{_fmt(v[c]['rollout_tokens_per_s'], digits=0):<20}")
-    return lines
+        t = r[c]
+        out.append(f"| {c} | {_fmt(t['ours_step_s'])} | {_fmt(t['trl_step_s'])} | {_fmt(t['ratio_ours_vs_trl'])} | "
+                   f"{_fmt(t['ours_rollout_s'])} | {_fmt(t['trl_generate_s'])} |")
+    out.append(f"\nMean completion length: oisd-lab {_fmt(r['ours_mean_completion_length'], 1)}, "
+               f"TRL {_fmt(r['trl_mean_completion_length'], 1)}.")
+    return out
 
 
-def _other_lines(result: dict) -> list[str]:
-    lines = []
-    mem = result.get("memory", {}).get("per_preset")
-    if mem:
-        lines += ["", f"loss forward+backward peak memory (V={result['memory']['vocab_size']}, "
-                      f"{result['memory']['completion_tokens']} completion tokens):",
-                  f"{'preset':<14} {'profiler MiB':>14} {'ratio':>8} {'RSS MiB':>10} {'ratio':>8}"]
-        for m, v in mem.items():
-            lines.append(f"{m:<14} {v['peak_bytes'] / 2**20:>14.0f} {v['ratio_vs_grpo']:>8.3f} "
-                         f"{v['rss_peak_bytes'] / 2**20:>10.0f} {v['rss_ratio_vs_grpo']:>8.3f}")
-    a = result.get("attn512", {})
-    if a.get("per_preset"):
-        for c in ("cpu", "wall"):
-            lines += ["", f"long completions ({a['completion_length']} tokens, batch {a['batch']}, {c}), "
-                          f"generation {_fmt(a['generate_s'][c])} s:",
-                      f"{'preset':<14} {'opt step s':<24} {'opt / grpo':<24} {'full / grpo':<24}"]
-            for m, v in a["per_preset"].items():
-                lines.append(f"{m:<14} {_fmt(v[c]['opt_step_s']):<24} {_fmt(v[c]['ratio_opt_vs_grpo']):<24} "
-                             f"{_fmt(v[c]['ratio_full_vs_grpo']):<24}")
-    t = result.get("trl", {})
-    if "cpu" in t:
-        lines += ["", "same GRPO work, per-step time (s):"]
-        for c in ("cpu", "wall"):
-            lines.append(f"  {c:<5} oisd-lab {_fmt(t[c]['ours_step_s'])}  TRL {_fmt(t[c]['trl_step_s'])}  "
-                         f"ratio {_fmt(t[c]['ratio_ours_vs_trl'])}  (generation: ours {_fmt(t[c]['ours_rollout_s'])}"
-                         f", TRL {_fmt(t[c]['trl_generate_s'])})")
-        lines.append(f"  mean completion length: oisd-lab {_fmt(t['ours_mean_completion_length'], digits=1)}  "
-                     f"TRL {_fmt(t['trl_mean_completion_length'], digits=1)}")
-    elif t.get("skipped"):
-        lines += ["", f"trl: skipped ({t['skipped']})"]
-    return lines + _smol_lines(result.get("smollm2"))
-
-
-def _smol_lines(smol: dict | None) -> list[str]:
-    if not smol:
-        return []
-    b, f = smol["batch"], smol["floor"]
-    lines = ["", f"{smol['model']}: {smol['num_layers']} layers, V={smol['vocab_size']}, "
-                 f"{b['prompts']} prompts x {b['generations']} completions x {b['max_completion_length']} tokens; "
-                 f"floor of one extra unembedding: {f['floor_per_token']:.3f} per token, "
-                 f"{f['floor_this_batch']:.3f} for this batch (prompt {f['prompt_len']} tokens)"]
-    pre = smol["presets"]
+def _smollm2(r: dict) -> list[str]:
+    b, f, pre = r["batch"], r["floor"], r["presets"]
+    out = [f"\n{r['model']} ({r['parameters'] / 1e6:.1f}M parameters, {r['num_layers']} layers, V = {r['vocab_size']}), "
+           f"task `{b['task']}` with the chat template, {b['prompts']} prompts x {b['generations']} completions x "
+           f"{b['max_completion_length']} tokens, one micro-batch; prompt {f['prompt_len']} tokens.\n",
+           f"Floor of one extra unembedding: per token (L x {f['layer_macs'] / 1e6:.2f}M + {f['head_macs'] / 1e6:.1f}M) "
+           f"= {f['per_token_macs'] / 1e6:.1f}M multiply-adds, + {f['head_macs'] / 1e6:.1f}M -> "
+           f"{f['floor_per_token']:.3f}x; for this batch (prompt positions have no head) {f['floor_this_batch']:.3f}x.\n",
+           "| preset | fwd/bwd s (cpu) | fwd/bwd / grpo (cpu) | full / grpo (cpu) | fwd/bwd / grpo (wall) | "
+           "full / grpo (wall) |", "|---|---|---|---|---|---|"]
+    for m, v in pre["per_preset"].items():
+        out.append(f"| {m} | {_fmt(v['cpu']['forward_backward_s'])} | {_fmt(v['cpu']['ratio_fb_vs_grpo'])} | "
+                   f"{_fmt(v['cpu']['ratio_full_vs_grpo'])} | {_fmt(v['wall']['ratio_fb_vs_grpo'])} | "
+                   f"{_fmt(v['wall']['ratio_full_vs_grpo'])} |")
+    out += ["\n| decoding (full length) | ours s | `model.generate` s | ours / generate |", "|---|---|---|---|"]
     for c in ("cpu", "wall"):
-        lines.append(f"  decoding ({c}): ours {_fmt(pre['decode_s']['ours'][c])} s, model.generate "
-                     f"{_fmt(pre['decode_s']['hf'][c])} s, ratio {_fmt(pre['decode_ours_vs_hf'][c])}")
-        lines.append(f"  {'preset (' + c + ')':<16} {'fwd/bwd s':<24} {'fwd/bwd / grpo':<24} {'full / grpo':<24}")
-        for m, v in pre["per_preset"].items():
-            lines.append(f"  {m:<16} {_fmt(v[c]['forward_backward_s']):<24} {_fmt(v[c]['ratio_fb_vs_grpo']):<24} "
-                         f"{_fmt(v[c]['ratio_full_vs_grpo']):<24}")
-        d = smol["diagnostics"][c]
-        lines.append(f"  diagnostics ({c}): {d['diagnostics_per_log_step_s']:.2f} s per logging step, full step "
-                     f"{d['full_step_s']:.2f} s, amortised over {smol['diagnostics']['log_every_n_steps']} steps: "
-                     f"{100 * d['amortised_share_of_step']:.1f}% of a step")
-        t = smol["trl"].get(c)
-        if t:
-            lines.append(f"  same GRPO work ({c}): oisd-lab {_fmt(t['ours_step_s'])} s, TRL {_fmt(t['trl_step_s'])} s,"
-                         f" ratio {_fmt(t['ratio_ours_vs_trl'])}")
-    mem = smol["memory"]
-    lines.append(f"  loss peak memory ({mem['rows']} x {mem['completion_length']} completion tokens): " + ", ".join(
-        f"{m} {v['peak_bytes'] / 2**20:.0f} MiB ({v['ratio_vs_grpo']:.3f}x)" for m, v in mem["per_preset"].items()))
-    return lines
+        out.append(f"| {c} | {_fmt(pre['decode_s']['ours'][c])} | {_fmt(pre['decode_s']['hf'][c])} | "
+                   f"{_fmt(pre['decode_ours_vs_hf'][c])} |")
+    d = r["diagnostics"]
+    out += ["\n| diagnostics (one logging step) | s | full step s | amortised over "
+            f"{d['log_every_n_steps']} steps |", "|---|---|---|---|"]
+    for c in ("cpu", "wall"):
+        out.append(f"| {c} | {d[c]['diagnostics_per_log_step_s']:.2f} | {d[c]['full_step_s']:.2f} | "
+                   f"{100 * d[c]['amortised_share_of_step']:.1f}% |")
+    if "cpu" in r["trl"]:
+        out += _trl(r["trl"])
+    m = r["memory"]
+    out += [f"\nLoss forward+backward peak, {m['rows']} x {m['completion_length']} completion tokens "
+            f"(prompt {m['prompt_length']}; one logits tensor is {m['logits_bytes'] / 2**20:.0f} MiB):\n",
+            "| preset | profiler peak MiB | / grpo |", "|---|---|---|"]
+    out += [f"| {k} | {v['peak_bytes'] / 2**20:.0f} | {v['ratio_vs_grpo']:.3f} |" for k, v in m["per_preset"].items()]
+    return out
 
 
-def format_tables(result: dict) -> str:
+SECTIONS = (("presets", _presets), ("memory", _memory), ("attn512", _attn), ("trl", _trl), ("smollm2", _smollm2))
+"""The result's sections in the order they are rendered, each with its renderer."""
+
+
+def markdown(result: dict, title: str = "results") -> str:
+    """The Markdown tables of an `oisd-lab bench` result (the tables in benchmarks/README.md):
+    the machine, each section that ran (with the load average around it) and the targets."""
     meta = result["meta"]
-    lines = [f"machine: {meta['cpu']}, nproc {meta['nproc']}, torch threads {meta['torch_threads']}, "
-             f"load avg at start {tuple(round(x, 2) for x in meta['load_avg'])}",
-             "values: median [min, max] over rounds; cpu = process CPU seconds, wall = elapsed seconds"]
-    if result.get("presets", {}).get("per_preset"):
-        lines += _preset_lines(result["presets"]["per_preset"])
-    lines += _other_lines(result)
+    out = [f"\n### {title}\n\n{meta['date']}, {meta['cpu']}, nproc {meta['nproc']}, torch threads "
+           f"{meta['torch_threads']}, init {meta['settings'].get('init', 'random')}"]
+    for name, render in SECTIONS:
+        section = result.get(name)
+        if not section:
+            continue
+        if "skipped" in section:
+            out.append(f"\n{name}: skipped ({section['skipped']})")
+            continue
+        out.append("\n".join(render(section)))
+        load = section.get("load_avg")
+        if load:
+            out.append(f"\nLoad average (1, 5, 15 min) at start {[round(x, 2) for x in load['start']]}, "
+                       f"at end {[round(x, 2) for x in load['end']]}.")
     if result.get("targets"):
-        lines += ["", "targets (median):"]
-        lines += [f"  {'met ' if x['met'] else 'MISS'} [{x['clock']:<6}] {x['target']}: {x['value']:.3f} "
-                  f"[{x['spread'][0]:.3f}, {x['spread'][1]:.3f}] (<= {x['limit']})" for x in result["targets"]]
-    return "\n".join(lines)
+        out.append("\n| target | clock | median [min, max] | limit | met |\n|---|---|---|---|---|")
+        out += [f"| {t['target']} | {t['clock']} | {t['value']:.3f} [{t['spread'][0]:.3f}, "
+                f"{t['spread'][1]:.3f}] | {t['limit']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
+    return "\n".join(out)

@@ -12,14 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import compose, config_dir, to_dict
+from ..config import EXECUTION_SETTINGS, compose, config_dir, to_dict
 from ..errors import ConfigError
 
 GRID_KEYS = ("name", "base", "axes")
-
-
-EXECUTION_KEYS = ("run_dir", "num_threads", "log", "pretrain.cache_dir")
-"""Config fields that say where and how a run executes, not what it computes: not in run ids."""
 
 
 SET_BY_GRID = ("run_dir",)
@@ -164,7 +160,7 @@ def _cell_name(cfg, axes: dict, run_id: str) -> str:
 def config_hash(config: dict) -> str:
     """12 hex digits of the resolved config, execution settings excluded."""
     data = json.loads(json.dumps(config, default=str))
-    for dotted in EXECUTION_KEYS:
+    for dotted in EXECUTION_SETTINGS:
         *parents, last = dotted.split(".")
         node = data
         for part in parents:

@@ -111,8 +111,9 @@ def trace_diagnostics(cfg, model_config, shape: StepShape) -> Phase:
     rows = min(diagnostics.diag_rows(seq, shape.micro_batch), MAX_DIAG_ROWS, shape.rows)
     with fake_mode():
         module = build_module(cfg, build_policy(cfg, model_config))
-        (part, adv, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
-                                        model_config.vocab_size, count=1)
+        (part, _), = micro_batches(StepShape(shape.prompt_length, shape.completion_length, rows, rows),
+                                   model_config.vocab_size, count=1)
+        adv = part.advantages
         layers = diagnostics.diagnosed_layers(module.num_layers, cfg.log.diag_layers, module.student_layers)
 
         def run():

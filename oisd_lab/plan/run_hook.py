@@ -24,14 +24,14 @@ def plan_run(cfg, run, module, log=print) -> None:
     from . import plan
 
     rank = launched_rank()
-    # on use: the planner builds models and traces the step only when a plan is made
     from .planner import run_prompt_length
     from .report import GIB, format_plan
 
     memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
-    problems = module.task.train_batch(0, 64, cfg.seed)
+    sampler = module.sampler
+    problems = sampler.task.train_batch(0, 64, cfg.seed)
     length, source = run_prompt_length(
-        problems, lambda text: len(module.tokenizer(module.format_prompt(text))["input_ids"]))
+        problems, lambda text: len(sampler.tokenizer(sampler.format_prompt(text))["input_ids"]))
     result = plan(cfg, memory, prompt_length=length, prompt_source=source)
     if rank == 0:
         log(format_plan(result, round(memory * GIB) if memory else None))

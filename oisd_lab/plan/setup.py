@@ -82,7 +82,7 @@ def build_module(cfg, policy, ref=None):
     # on use: the planner builds models and traces the step only when a plan is made
     from ..module import OISDModule
 
-    return OISDModule(cfg, policy, tokenizer=None, task=None, reward_fn=None, ref_model=ref)
+    return OISDModule(cfg, policy, tokenizer=None, ref_model=ref)
 
 
 def at_depth(cfg, layers: int):
@@ -101,7 +101,7 @@ def at_depth(cfg, layers: int):
 
 
 def micro_batches(shape: StepShape, vocab_size: int, count: int | None = None, seed: int = 0) -> list:
-    """(rollout, advantages, normalisers) of the first `count` micro-batches of a step whose
+    """(rollout with its advantages, normalisers) of the first `count` micro-batches of a step whose
     completions all run to full length (the bench's synthetic rollout, one prompt left-padded)."""
     # on use: the planner builds models and traces the step only when a plan is made
     from ..synthetic import VocabOnly, synthetic_rollout
@@ -114,7 +114,7 @@ def micro_batches(shape: StepShape, vocab_size: int, count: int | None = None, s
         rollout = synthetic_rollout(VocabOnly(vocab_size), mb, shape.prompt_length, shape.completion_length,
                                      seed + i)
         rollout.attention_mask[-1, 0] = 0  # prompts of different lengths: left padding, so a 4-D mask is built
-        parts.append((rollout, torch.linspace(-1.5, 1.5, mb), norm))
+        parts.append((rollout.scored(torch.linspace(-1.5, 1.5, mb)), norm))
     return parts
 
 

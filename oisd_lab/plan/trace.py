@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .. import losses, step
+from .. import step
+from ..losses import divergence
 from ..registry import ALIGNMENT_CHANNELS
 from .tracker import MemoryTrace
 
 LABELS = {  # (module, function) -> the part of the step its allocations belong to
-    ("losses", "_chunked_logps"): "log-probs and entropy", ("losses", "entropy_from_logits"): "log-probs and entropy",
-    ("losses", "_lens_jsd_rows"): "think loss (lens JSD)", ("step", "reference_logps"): "reference model",
+    ("losses.divergence", "chunked_logps"): "log-probs and entropy",
+    ("losses.divergence", "entropy_from_logits"): "log-probs and entropy",
+    ("losses.divergence", "_lens_jsd_rows"): "think loss (lens JSD)", ("step", "reference_logps"): "reference model",
 }
 """A renamed function loses its label (its bytes count under "loss terms"); tests check the labels."""
 CHANNEL_LABELS = {"think": "think loss (lens JSD)", "attn": "attention loss"}
@@ -113,7 +115,7 @@ def labelled(trace: MemoryTrace | None, policy):
     for p in policy.parameters():
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(lambda q: trace.relabel(q.grad, "gradients")))
-    modules = {"losses": losses, "step": step}
+    modules = {"losses.divergence": divergence, "step": step}
     for (module, fn), name in LABELS.items():
         if hasattr(modules[module], fn):
             saved[module, fn] = getattr(modules[module], fn)
@@ -145,7 +147,7 @@ def training_step(module, optimizer, parts, autocast, trace: MemoryTrace | None 
     """What `OISDModule.optimise` does to memory, by the module's own code: the micro-batches'
     loss terms and backward (`accumulate_micro_batches`), the gradient view's derived policy term
     (`finish_gradient_view`), clipping and the optimizer step (`clip_and_step`), with `trace`'s
-    labels from the module's phases. `parts`: (rollout, advantages, normalisers) per micro-batch,
+    labels from the module's phases. `parts`: (rollout with its advantages, normalisers) per micro-batch,
     all with the whole step's normalisers. `view`: a logging step's gradient view
     (`module.gradient_view()`), which collects each term's gradient before the backward and
     derives the policy's after the last one, and is held through the optimizer step, as
@@ -154,8 +156,8 @@ def training_step(module, optimizer, parts, autocast, trace: MemoryTrace | None 
     phase_labels = module.phases.subscribed(lambda name: trace.label(name) if name in PHASE_LABELS else None) \
         if trace is not None else contextlib.nullcontext()
     with autocast(), labelled(trace, module.policy), phase_labels:
-        micro = [(part, adv, None) for part, adv, _ in parts]
-        module.accumulate_micro_batches(micro, parts[0][2], backward=torch.Tensor.backward, view=view)
+        module.accumulate_micro_batches([part for part, _ in parts], parts[0][1], backward=torch.Tensor.backward,
+                                        view=view)
         module.finish_gradient_view(view)
         module.clip_and_step(optimizer)
 

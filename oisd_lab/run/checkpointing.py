@@ -13,9 +13,7 @@ parameters, warning with the name of every newer one it had to pass over.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from ..errors import NonFiniteError, first_line
+from ..files import TEMP_NAME, atomic_write_bytes, replace_durably, temp_path, truncate_jsonl
 
 DIGEST_SUFFIX = ".sha256"
 
@@ -63,43 +62,6 @@ class _HashingWriter:
         self.handle.flush()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_durably(tmp: Path, target: Path) -> None:
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-
-
-_TEMP_NAME = re.compile(r"\..+\.tmp(\d+)")
-"""Name of a writer's temporary file: `.<target>.tmp<writer pid>` (see `_temp_path`)."""
-
-
-def _temp_path(path: Path) -> Path:
-    """Where this process writes `path` before the rename (matches `_TEMP_NAME`)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary file and a rename."""
-    tmp = _temp_path(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    _replace_durably(tmp, path)
-
-
 def save_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save through a temporary file, fsync and rename; the digest lands before the file."""
     path = Path(path)
@@ -108,7 +70,7 @@ def save_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
         step = checkpoint.get("global_step", "?")
         raise NonFiniteError(f"checkpoint {path.name} not written: parameter {bad} is not finite at step {step}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as handle:
             writer = _HashingWriter(handle)
@@ -118,7 +80,7 @@ def save_atomic(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
         # A kill between the two renames leaves a digest that does not match the old file: the
         # checkpoint is then passed over, never trusted while unverified.
         atomic_write_bytes(_digest_path(path), writer.digest.hexdigest().encode())
-        _replace_durably(tmp, path)
+        replace_durably(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -185,7 +147,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     killed while saving); a live process's file is left alone. Returns the files removed."""
     removed = []
     for path in Path(folder).glob(".*.tmp*"):
-        match = _TEMP_NAME.fullmatch(path.name)
+        match = TEMP_NAME.fullmatch(path.name)
         if not match or not path.is_file() or _alive(int(match.group(1))):
             continue
         path.unlink(missing_ok=True)
@@ -230,30 +192,6 @@ def find_resumable(folder: Path, warn: Callable[[str], None] | None = None) -> R
             return Resumable(path, step)
         warn(f"checkpoint {path} is damaged and is skipped: {why}")
     return None
-
-
-def truncate_jsonl(path: Path, last_step: int) -> int:
-    """Keep the rows of a per-step JSONL file with step <= last_step (torn lines are dropped).
-
-    Returns the number of rows removed. The file is rewritten atomically.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    keep, dropped = [], 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            try:
-                step = int(json.loads(line).get("step") or 0)
-            except (ValueError, AttributeError, TypeError):
-                step = None
-            if step is not None and step <= last_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-            elif line.strip():
-                dropped += 1
-    if dropped:
-        atomic_write_bytes(path, "".join(keep).encode("utf-8"))
-    return dropped
 
 
 __all__ = ["AtomicCheckpointIO", "NonFiniteError", "CheckpointWarning", "Resumable", "find_resumable",

@@ -3,7 +3,6 @@ here), environment info."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -17,6 +16,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..config import to_dict
+from ..files import append_jsonl, truncate_jsonl
 from ..provenance import git_commit
 from .folder import RunDir
 from .wandb_history import last_logged_step
@@ -33,10 +33,8 @@ class TableLogger(Logger):
     def __init__(self, path: Path, resume_step: int = 0):
         super().__init__()
         self.path = Path(path)
-        if resume_step and self.path.is_file():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _row_step(line) <= resume_step]
-            self.path.write_text("".join(f"{line}\n" for line in keep))
+        if resume_step:
+            truncate_jsonl(self.path, resume_step)
         elif not resume_step and self.path.exists():
             self.path.unlink()
 
@@ -54,16 +52,7 @@ class TableLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step") or 0)
-    except ValueError:
-        return 1 << 62  # a torn last line (killed mid-write) is dropped
+        append_jsonl(self.path, [{"step": step, **{k: _plain(v) for k, v in metrics.items()}}])
 
 
 def _plain(value):
@@ -158,7 +147,7 @@ def _wandb_logger(cfg, root: Path, run_id: str, mode: str, table: Path | None = 
                            group=cfg.log.wandb_group, tags=tags, mode=mode, resume="allow",
                            config=to_dict(cfg), log_model=False,
                            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT),
-                           logged_through=last_logged_step(root / "wandb", run_id), table=table)
+                           logged_through=last_logged_step(RunDir(root).wandb, run_id), table=table)
 
 
 def close_loggers(loggers: list, before: dict, after: dict) -> None:
