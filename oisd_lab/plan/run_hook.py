@@ -22,11 +22,10 @@ def plan_run(cfg, run, module, log=print) -> None:
     # on use: the planner builds models and traces the step only when a plan is made
     from ..run.trainer import launched_rank
     from . import plan
-
-    rank = launched_rank()
     from .planner import run_prompt_length
     from .report import GIB, format_plan
 
+    rank = launched_rank()
     memory = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else None
     sampler = module.sampler
     problems = sampler.task.train_batch(0, 64, cfg.seed)
