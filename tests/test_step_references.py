@@ -1,9 +1,11 @@
 """Parts of the step against independent references: the attention channel over several row blocks
 of a long completion with left-padded prompts (against the attention weights transformers' own
-eager attention returns, in value and gradient), and the log-probs of the sampling policy that the
-importance ratio divides by (by hand)."""
+eager attention returns, in value and gradient), the log-probs of the sampling policy that the
+importance ratio divides by, and the sampler-mismatch weights and their metrics (by hand)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -105,3 +107,42 @@ def test_the_sampling_policys_log_probs_by_hand():
                        torch.tensor([[-0.5, -2.0, -0.7]]))
     mixed = step.sampling_logps(rollout(sampler_logps=sampler, old_logps=old), current)
     assert torch.equal(mixed, torch.tensor([[-0.5, -2.5, -0.7]]))
+
+
+def _vllm_rollout(mask: torch.Tensor, old: torch.Tensor, sampler: torch.Tensor) -> Rollout:
+    B, T = mask.shape
+    return Rollout(torch.zeros(B, 1 + T, dtype=torch.long), torch.ones(B, 1 + T), mask, 1, [""] * B,
+                   torch.zeros(B, dtype=torch.bool), sampler_logps=sampler, old_logps=old)
+
+
+def test_sampler_correction_weights_and_metrics_by_hand():
+    """TRL's token_mask mode with clip [0.5, 2]: w = exp(old - sampler) per completion token, 0
+    outside the clip; a token the sampler gave no log-prob (NaN) counts as matching (w = 1). The
+    `sampling/*` metrics are over completion tokens only."""
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -9.0]])
+    sampler = torch.tensor([[-1.5, float("nan"), -2.0], [-0.2, -1.1, 0.0]])
+    grpo = compose(["grpo.vllm_importance_sampling_mode=token_mask", "grpo.vllm_importance_sampling_clip_min=0.5",
+                    "grpo.vllm_importance_sampling_clip_max=2.0"]).grpo
+    weights, stats = step.sampler_correction(_vllm_rollout(mask, old, sampler), grpo)
+    # old - sampler on the mask: 0.5, 0 (NaN), -1.0 | -0.8, 0.1 (the padded token is not a token)
+    w = [math.exp(0.5), 1.0, 0.0, 0.0, math.exp(0.1)]  # exp(-1) = 0.37 and exp(-0.8) = 0.45 are below 0.5
+    assert weights[mask.bool()].tolist() == pytest.approx(w, rel=1e-6)
+    assert stats["sampling/sampling_logp_difference/max"] == pytest.approx(1.0)
+    assert stats["sampling/sampling_logp_difference/mean"] == pytest.approx((0.5 + 0 + 1.0 + 0.8 + 0.1) / 5)
+    assert stats["sampling/importance_sampling_ratio/mean"] == pytest.approx(sum(w) / 5, rel=1e-6)
+    assert stats["sampling/importance_sampling_ratio/min"] == 0.0
+    assert stats["sampling/importance_sampling_ratio/max"] == pytest.approx(math.exp(0.5), rel=1e-6)
+
+    # sequence level: one weight per completion, exp of the summed difference (0.5 + 0 - 1; -0.8 + 0.1)
+    seq = compose(["grpo.vllm_importance_sampling_mode=sequence_truncate",
+                   "grpo.vllm_importance_sampling_clip_max=3.0"]).grpo
+    weights, stats = step.sampler_correction(_vllm_rollout(mask, old, sampler), seq)
+    assert weights.shape == (2, 1)
+    assert weights.flatten().tolist() == pytest.approx([math.exp(-0.5), math.exp(-0.7)], rel=1e-6)
+    assert stats["sampling/importance_sampling_ratio/mean"] == pytest.approx((math.exp(-0.5) + math.exp(-0.7)) / 2)
+
+    # no completion token at all: the metrics are NaN, not an error
+    empty = torch.zeros(2, 3)
+    _, stats = step.sampler_correction(_vllm_rollout(empty, old, sampler), grpo)
+    assert all(math.isnan(v) for v in stats.values()) and len(stats) == 6
