@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pattern", nargs="*", default=[], help="mutant name patterns (default: all)")
+    parser.add_argument("--out", type=Path, default=OUT / "README.md", help="the report file")
     args = parser.parse_args()
     status = {k: v for k, v in results().items() if not args.pattern or any(
         re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), k) for p in args.pattern)}
@@ -68,9 +69,9 @@ def main() -> None:
     for name, state in sorted(status.items()):
         if state == "survived" and not notes.get(name, "").startswith("killed since"):
             lines += [f"### {name}", "", f"{notes.get(name, 'not yet explained')}", "", "```diff", diff(name), "```", ""]
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "README.md").write_text("\n".join(lines))
-    print(f"wrote {OUT / 'README.md'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
