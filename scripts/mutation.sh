@@ -4,7 +4,8 @@
 #   bash scripts/mutation.sh ["oisd_lab.losses* oisd_lab.step*"] [workers]
 # The first argument selects mutants by name, one or more patterns separated by spaces (default:
 # all of them); the score and every surviving
-# mutant's diff go to reports/mutation/README.md. Needs the mutation extra (mutmut).
+# mutant's diff go to reports/mutation/latest.md (the runs so far: reports/mutation/README.md). Needs
+# the mutation extra (mutmut).
 set -u
 pattern=${1:-}
 workers=${2:-2}

@@ -1,4 +1,4 @@
-"""Write reports/mutation/README.md from mutmut's results: the score per module and the diff of
+"""Write a mutation report (default reports/mutation/latest.md) from mutmut's results: the score per module and the diff of
 every surviving mutant, with the explanations kept in reports/mutation/explained.md (a line
 `- <mutant name>: equivalent | kept: <reason>` per mutant that a human has looked at)."""
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pattern", nargs="*", default=[], help="mutant name patterns (default: all)")
-    parser.add_argument("--out", type=Path, default=OUT / "README.md", help="the report file")
+    parser.add_argument("--out", type=Path, default=OUT / "latest.md", help="the report file")
     args = parser.parse_args()
     status = {k: v for k, v in results().items() if not args.pattern or any(
         re.fullmatch(p.replace(".", r"\.").replace("*", ".*"), k) for p in args.pattern)}
