@@ -381,7 +381,7 @@ def _phases(cfg, mc, shape: StepShape, traced: Traced, state: dict, fsdp: bool, 
         # the rollout gathers the root (embedding, final norm, unembedding) first: while it is copied
         # out of the all-gather buffer, the unsharded root, that buffer and the cast shard are live,
         # nothing else of the rollout yet. A narrow model with a large vocabulary peaks there.
-        root = n_params - mc.num_hidden_layers * (traced.layer_params // param_dtype.itemsize)
+        root = formulas.fsdp_gathered_bytes(*per_layer, 0, 1)  # the root's parameter count
         buffers = formulas.fsdp_gather_buffer_bytes(root, world_size(cfg), act,
                                                     cast=low is not None and low != param_dtype)
         at_gather = {"FSDP gathered parameters": root * act, "FSDP all-gather buffers": buffers}
