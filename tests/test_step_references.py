@@ -34,6 +34,13 @@ def _rollout(vocab: int) -> Rollout:
     return Rollout(ids, attention, completion, P, [""] * len(PADS), torch.zeros(len(PADS), dtype=torch.bool))
 
 
+def _small_rollout(mask: torch.Tensor, **extra) -> Rollout:
+    """A rollout of one prompt token and the completion `mask` [B, T]; `extra`: its log-prob fields."""
+    B, T = mask.shape
+    return Rollout(torch.zeros(B, 1 + T, dtype=torch.long), torch.ones(B, 1 + T), mask, 1, [""] * B,
+                   torch.zeros(B, dtype=torch.bool), **extra)
+
+
 def _eager_rows(model, part: Rollout, layer: int) -> torch.Tensor:
     """[b, H, C, S] attention weights of decoder layer `layer` (0-based) for the completion's query
     rows (outputs are read one position early: rows P-1 .. P+C-2), from transformers' eager
@@ -94,11 +101,9 @@ def test_the_sampling_policys_log_probs_by_hand():
     current = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
     old = torch.tensor([[-1.5, -2.5, -3.5]])
     sampler = torch.tensor([[-0.5, float("nan"), -0.7]])
-    base = Rollout(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4), torch.ones(1, 3), 1, [""],
-                   torch.zeros(1, dtype=torch.bool))
 
     def rollout(**extra) -> Rollout:
-        return Rollout(base.input_ids, base.attention_mask, base.completion_mask, 1, [""], base.truncated, **extra)
+        return _small_rollout(torch.ones(1, 3), **extra)
 
     plain = step.sampling_logps(rollout(), current)
     assert plain.tolist() == [[-1.0, -2.0, -3.0]] and not plain.requires_grad
@@ -110,9 +115,7 @@ def test_the_sampling_policys_log_probs_by_hand():
 
 
 def _vllm_rollout(mask: torch.Tensor, old: torch.Tensor, sampler: torch.Tensor) -> Rollout:
-    B, T = mask.shape
-    return Rollout(torch.zeros(B, 1 + T, dtype=torch.long), torch.ones(B, 1 + T), mask, 1, [""] * B,
-                   torch.zeros(B, dtype=torch.bool), sampler_logps=sampler, old_logps=old)
+    return _small_rollout(mask, sampler_logps=sampler, old_logps=old)
 
 
 def test_sampler_correction_weights_and_metrics_by_hand():
