@@ -2,7 +2,7 @@
 
 The OISD student distribution is ``p_l = softmax(W_U · Norm(h_l))``: the model's own final norm and
 unembedding applied to an intermediate hidden state (no new heads). `anatomy.py` finds those two
-modules (plus the final logit soft-capping of Gemma 2/3, the logit scaling of Granite and Cohere)
+modules (plus the final logit soft-capping of Gemma 2/3, the logit scaling of Granite, Cohere, MiniCPM3 and HyperCLOVA X)
 and applies them to any entry of ``output_hidden_states``.
 
 Indexing (transformers 5.x): ``hidden_states`` has ``num_layers + 1`` entries. Entry 0 is the
@@ -56,8 +56,8 @@ class Readout:
         unembed: the output embedding (``model.get_output_embeddings()``, i.e. ``lm_head``).
         num_layers: number of decoder layers L; valid lens indices are 0..L.
         final_logit_softcapping: Gemma 2/3 ``cap * tanh(logits / cap)``, or None.
-        logit_scale: Cohere multiplies the logits by this, or None.
-        logits_scaling: Granite divides the logits by this, or None.
+        logit_scale: Cohere and HyperCLOVA X multiply the logits by this, or None.
+        logits_scaling: Granite and MiniCPM3 divide the logits by this, or None.
     """
 
     norm: nn.Module
@@ -133,10 +133,23 @@ def find_readout(model: nn.Module) -> Readout:
         unembed=unembed,
         num_layers=int(depth),
         final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None),
-        # Only the families whose CausalLM forward applies them (Cohere multiplies, Granite divides).
-        logit_scale=getattr(cfg, "logit_scale", None) if "Cohere" in name else None,
-        logits_scaling=getattr(cfg, "logits_scaling", None) if "Granite" in name else None,
+        **_logit_scales(name, cfg),
     )
+
+
+def _logit_scales(name: str, cfg) -> dict[str, float | None]:
+    """The logit scale factors of the families whose CausalLM forward applies one, as `Readout`'s
+    `logit_scale` (multiplies) and `logits_scaling` (divides). Cohere multiplies by
+    `logit_scale`; Granite divides by `logits_scaling`, MiniCPM3 divides the final hidden state by
+    it (the same, the head being linear), HyperCLOVA X multiplies by it. Other families carry
+    such a field without applying it (MPT's `logit_scale`)."""
+    if "Cohere" in name:
+        return {"logit_scale": cfg.logit_scale}
+    if "HyperCLOVAX" in name:
+        return {"logit_scale": cfg.logits_scaling}
+    if "Granite" in name or "MiniCPM3" in name:
+        return {"logits_scaling": cfg.logits_scaling}
+    return {}
 
 
 def _round_half_up(x: float) -> int:

@@ -12,7 +12,10 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     GraniteConfig,
+    HyperCLOVAXConfig,
     LlamaConfig,
+    MiniCPM3Config,
+    MptConfig,
     Qwen2Config,
     Qwen2Model,
     Qwen3Config,
@@ -43,12 +46,23 @@ CONFIGS = {
     ),
     "granite": lambda: GraniteConfig(**TINY, logits_scaling=4.0),
     "cohere": lambda: CohereConfig(**TINY, logit_scale=0.5, bos_token_id=1, eos_token_id=2),
+    # MiniCPM3 divides the final hidden state by hidden_size / dim_model_base (here 4).
+    "minicpm3": lambda: MiniCPM3Config(
+        **{**TINY, "num_key_value_heads": 4}, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=4, v_head_dim=8, dim_model_base=8,
+    ),
+    "hyperclovax": lambda: HyperCLOVAXConfig(**TINY, logits_scaling=0.25),  # multiplies
+    # MPT's config carries a logit_scale that its CausalLM forward does not apply.
+    "mpt": lambda: MptConfig(
+        vocab_size=97, d_model=32, n_heads=4, n_layers=3, logit_scale=2.0, initializer_range=0.2
+    ),
 }
 
 
 def build(name: str, attn: str = "sdpa"):
     torch.manual_seed(0)
-    attn = "eager" if name == "gemma2" else attn  # gemma2's attention softcap is refused by sdpa
+    # gemma2's attention softcap is refused by sdpa; MPT has no sdpa attention
+    attn = "eager" if name in ("gemma2", "mpt") else attn
     model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=attn).eval()
     with torch.no_grad():  # norms start at 1 (or 0 for Gemma): make them matter
         for param_name, param in model.named_parameters():
@@ -124,6 +138,20 @@ def test_for_layer_works_on_token_chunks():
         torch.testing.assert_close(fn(chunk), readout.logits(h, 2).reshape(-1, 97)[:5])
 
 
+def test_for_layer_spans_every_hidden_state():
+    """`for_layer` takes every entry of hidden_states, 0 (the embeddings) to L, as `logits` does."""
+    model = build("qwen3")
+    readout = find_readout(model)
+    with torch.no_grad():
+        hidden = forward(model).hidden_states
+        for layer in (0, 1, 3):
+            torch.testing.assert_close(readout.for_layer(layer)(hidden[layer]),
+                                       readout.logits(hidden[layer], layer))
+    for layer in (-1, 4):
+        with pytest.raises(ValueError, match="0..3"):
+            readout.for_layer(layer)
+
+
 def test_readout_errors():
     readout = find_readout(build("qwen3"))
     h = torch.zeros(1, 32)
@@ -161,14 +189,22 @@ def test_resolve_layers(spec, expected):
         (0, "layer 0 is out of range"),  # the embeddings
         (-30, "layer -30 is out of range"),
         (1.0, "fraction 1.0 is out of range"),
+        (0.0, "fraction 0.0 is out of range"),
         ([], "empty"),
         (True, "not an int"),
         (["6"], "not an int"),
     ],
 )
 def test_resolve_layers_errors(spec, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         resolve_layers(spec, 30)
+    assert str(err.value).startswith("method.layers"), "the message names the field first"
+
+
+def test_two_layer_model_has_one_student_layer():
+    assert resolve_layers([1, -1, 0.5], 2) == [1]
+    with pytest.raises(ValueError, match="^method.layers: a 1-layer model has no intermediate"):
+        resolve_layers([1], 1)
 
 
 def test_default_student_layer():
