@@ -231,12 +231,14 @@ def peaks():
     return {4: _peaks(4), 24: _peaks(24), 40: _peaks(40, plain=False)}
 
 
+@pytest.mark.slow
 def test_diagnostics_peak_within_the_stated_bound(peaks):
     for depth, p in peaks.items():
         assert p["fixed"] <= p["fixed_bound"] and p["default"] <= p["default_bound"], (depth, p)
     assert peaks[24]["default_layers"] == 25 and 12 <= peaks[40]["default_layers"] <= 14
 
 
+@pytest.mark.slow
 def test_diagnostics_peak_does_not_grow_with_depth(peaks):
     """6x and 10x the layers, the same diagnosed layers: the same peak; beyond 32 layers the default
     set stays small. The plain implementation, run on every layer as logging steps did, grows by

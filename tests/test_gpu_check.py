@@ -39,6 +39,7 @@ def _check_result(result: dict, cases) -> None:
             - res["methods"]["grpo"]["phases"]["forward_backward"]["seconds"])
 
 
+@pytest.mark.slow
 def test_cpu_mode_of_the_one_command(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

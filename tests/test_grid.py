@@ -36,6 +36,7 @@ def tiny_base(*extra: str) -> list[str]:
 # ---------------------------------------------------------------------------- files and expansion
 
 
+@pytest.mark.slow
 def test_every_grid_file_loads_and_validates():
     files = sorted((config_dir() / "grids").glob("*.yaml"))
     expected = {"components": 5 * 4 * 3, "layers": 5 * 3, "weights": 3 * 3 * 3, "smoke": 2 * 2}

@@ -149,6 +149,7 @@ def test_empty_selection():
     assert out.logps.shape == (0,) and out.entropy.shape == (0,) and out.lens_jsd[0].shape == (0,)
 
 
+@pytest.mark.slow
 def test_real_vocabulary_recomputes_chunks_and_matches_the_plain_head():
     """V = 151,936 with 480 tokens: above the recomputation threshold, chunks of 110 rows as the step uses."""
     v, n = 151_936, 480

@@ -76,6 +76,7 @@ def _case_overrides(case, tmp_path) -> list[str]:
                                "grpo.max_completion_length=32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [*CASES, "qwen3 vocabulary 151,936"])
 def test_planned_step_peak_is_within_5_percent_of_a_measured_cpu_step(case, tmp_path):
     over = _case_overrides(case, tmp_path)
@@ -91,6 +92,7 @@ def test_planned_step_peak_is_within_5_percent_of_a_measured_cpu_step(case, tmp_
     assert planned.state["optimizer state"] == measured["optimizer"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [*CASES, "qwen3 vocabulary 151,936"])
 def test_a_logging_steps_gradient_view_is_planned_as_measured(case, tmp_path):
     """With the gradient view on (the default), the planned step is a logging step's: each term's
@@ -130,6 +132,7 @@ def test_depth_extrapolation_matches_the_full_trace(checkpointing):
         assert cut.phases[phase]["total"] == pytest.approx(parts["total"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_precisions_set_parameter_optimizer_and_activation_dtypes():
     assert formulas.precision_dtypes("bf16-true", "float32") == (torch.bfloat16, None)
     assert formulas.precision_dtypes("bf16-mixed", "float32") == (torch.float32, torch.bfloat16)
@@ -161,6 +164,7 @@ def test_kv_cache_formula_by_hand():
     assert formulas.fsdp_gather_buffer_bytes(100, 8, 2, cast=False) == 104 * 2
 
 
+@pytest.mark.slow
 def test_a_narrow_model_with_a_large_vocabulary_peaks_in_the_rollout_while_the_root_is_gathered(tmp_path):
     """Under FSDP the rollout gathers the root (embedding and unembedding) first; while it is copied
     out of the all-gather buffer, three copies of it are live. With 64-wide layers and V = 151,936 that
@@ -178,6 +182,7 @@ def test_a_narrow_model_with_a_large_vocabulary_peaks_in_the_rollout_while_the_r
     assert "FSDP all-gather buffers" not in wide and wide["KV cache"] > 0
 
 
+@pytest.mark.slow
 def test_strategies_share_the_trace_and_move_the_state():
     cache: dict = {}
     # a step that is not a logging step (with the gradient view FSDP gathers the whole model, below)
@@ -230,6 +235,7 @@ def test_an_unknown_model_is_a_one_line_error(monkeypatch):
         load_model_config("someone/unknown-7b")
 
 
+@pytest.mark.slow
 def test_settings_found_to_fit_do_fit_when_planned_again():
     from oisd_lab.plan.suggest import with_overrides
 
@@ -362,6 +368,7 @@ def test_fsdp_mixed_precision_computes_on_bf16_copies_of_fp32_masters():
     assert fsdp.phases["rollout"]["FSDP gathered parameters"] == 2 * n
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_the_whole_model_for_the_rollout_and_one_layer_at_a_time_for_the_step():
     """Per-layer FSDP2: the rollout holds every parameter gathered; the step the root (embedding,
     final norm, unembedding) and two decoder layers (the one computing and the one prefetched in
@@ -393,6 +400,7 @@ def test_fsdp_gathers_the_whole_model_for_the_rollout_and_one_layer_at_a_time_fo
     assert "backward" not in traced.step.during and "policy forward (activations)" in traced.step.during
 
 
+@pytest.mark.slow
 def test_the_vllm_engine_is_in_every_phase_instead_of_our_decoding():
     from oisd_lab.models import build_char_tokenizer, build_tiny_model
 
