@@ -146,6 +146,24 @@ def test_snapshot_equals_the_plain_implementation(tiny_model, char_tokenizer):
             assert torch.allclose(torch.tensor(g["attention"][key]), torch.tensor(value), atol=1e-6)
 
 
+def test_snapshot_of_long_completions_equals_the_plain_implementation(tiny_model, char_tokenizer):
+    """More completion positions than one attention row block (64) and more lens rows than the
+    hidden width: the blocks and the chunks are put together in order."""
+    tiny_model.eval()
+    readout = find_readout(tiny_model)
+    torch.manual_seed(4)
+    part = generate(tiny_model, char_tokenizer, ["Q: 1+2\nA: ", "Q: 7\nA: "], 1, max_new_tokens=80,
+                    temperature=1.5)
+    assert part.completion_mask.shape[1] > 64 and 2 * part.completion_mask.shape[1] > tiny_model.config.hidden_size
+    got = diagnostics.snapshot(tiny_model, readout, part, [0, 1], [2], char_tokenizer, chunk=7)
+    want = reference_snapshot(tiny_model, readout, part, [0, 1], [2])
+    for g, w in zip(got, want, strict=True):
+        assert g["top_token"] == [char_tokenizer.convert_ids_to_tokens(t) for t in w["top_token"]]
+        assert torch.allclose(torch.tensor(sum(g["top_prob"], [])), torch.tensor(sum(w["top_prob"], [])), atol=1e-6)
+        for key, value in w["attention"].items():
+            assert torch.allclose(torch.tensor(g["attention"][key]), torch.tensor(value), atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny_llama"])
 def test_hidden_capture_equals_output_hidden_states(preset, char_tokenizer):
     from oisd_lab.models import build_tiny_model

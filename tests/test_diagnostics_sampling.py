@@ -19,6 +19,51 @@ from oisd_lab.rollout import generate
 from oisd_lab.run_hooks import LogStepHook, PolicyView
 
 
+def test_combined_rows_are_token_means_with_the_ratio_estimators_error_by_hand():
+    """Two micro-batches of per-rollout sums, 3 of 6 rollouts diagnosed: token means, the number
+    of diagnosed rollouts, and se = sqrt((1 - m/M) * sum (y - r n)^2 / (m (m - 1) nbar^2)), with
+    m/M the all split's share for every split (the positive split has 2 of the 3 rollouts)."""
+    first = [{"layer": 2, "split": "all", "tokens": 5, "jsd": 3.0, "rollouts": {"tokens": [2, 3], "jsd": [1.0, 2.0]}},
+             {"layer": 2, "split": "pos", "tokens": 2, "jsd": 1.0, "rollouts": {"tokens": [2], "jsd": [1.0]}}]
+    second = [{"layer": 2, "split": "all", "tokens": 4, "jsd": 6.0, "rollouts": {"tokens": [4], "jsd": [6.0]}},
+              {"layer": 2, "split": "pos", "tokens": 4, "jsd": 6.0, "rollouts": {"tokens": [4], "jsd": [6.0]}}]
+
+    def se(ys, ns, fraction):
+        m, r = len(ys), sum(ys) / sum(ns)
+        spread = sum((y - r * n) ** 2 for y, n in zip(ys, ns, strict=True))
+        return math.sqrt((1 - fraction) * spread / (m * (m - 1) * (sum(ns) / m) ** 2))
+
+    rows = diagnostics.combine([first, second], population=6)
+    assert rows == [
+        {"layer": 2, "split": "all", "tokens": 9, "jsd": pytest.approx(1.0), "rollouts": 3,
+         "se_jsd": pytest.approx(se([1.0, 2.0, 6.0], [2, 3, 4], 0.5), rel=1e-12)},
+        {"layer": 2, "split": "pos", "tokens": 6, "jsd": pytest.approx(7 / 6), "rollouts": 2,
+         "se_jsd": pytest.approx(se([1.0, 6.0], [2, 4], 0.5), rel=1e-12)},
+    ]
+    # every rollout diagnosed: means only
+    assert diagnostics.combine([first, second]) == [
+        {"layer": 2, "split": "all", "tokens": 9, "jsd": pytest.approx(1.0)},
+        {"layer": 2, "split": "pos", "tokens": 6, "jsd": pytest.approx(7 / 6)}]
+
+
+def test_scalars_are_the_rows_with_tokens_of_the_chosen_layers_and_splits():
+    rows = [{"layer": 1, "split": "all", "tokens": 1, "jsd": 0.5, "se_jsd": 0.1},
+            {"layer": 1, "split": "neg", "tokens": 0, "jsd": None},  # an empty split has no value
+            {"layer": 3, "split": "all", "tokens": 4, "jsd": 0.25},
+            {"layer": 1, "split": "correct", "tokens": 2, "jsd": 0.75}]
+    assert diagnostics.scalar_metrics(rows, [1]) == {"diag/jsd/all/L01": 0.5, "diag_se/jsd/all/L01": 0.1}
+
+
+def test_default_diagnosed_layers_are_evenly_spaced_with_the_last():
+    assert diagnostics.default_diag_layers(12) == list(range(1, 13))
+    for depth in (13, 36, 64):
+        layers = diagnostics.default_diag_layers(depth)
+        # 11 evenly spaced from 0 (clamped to 1) plus the last; at 13 layers the first two round to 1
+        assert len(layers) == (11 if depth == 13 else 12) and layers[0] == 1 and layers[-1] == depth, layers
+        gaps = [b - a for a, b in zip(layers[:-1], layers[1:], strict=True)]
+        assert max(gaps) - min(gaps) <= depth / 11 + 1, layers
+
+
 def test_sample_is_uniform_without_replacement_and_seeded():
     assert diagnostics.sample_rollouts(10, 0, seed=1) == list(range(10))
     assert diagnostics.sample_rollouts(10, 12, seed=1) == list(range(10))

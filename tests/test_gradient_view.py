@@ -113,6 +113,18 @@ def test_adam_view_matches_a_hand_computation_from_adamw_state(eps):
     assert abs(_cos(plain["think"], plain["policy"]) - cos) > 0.2
 
 
+def test_a_term_without_a_gradient_has_zero_figures_beside_the_others():
+    """A term that reached no parameter (None everywhere) or gave zeros: ratio 0 and cosine 0
+    (undefined, reported as 0), while the other term's figures are the hand computation's."""
+    params, opt, history, grads = _params_and_history(2)
+    grads = {**grads, "attn": [None, None], "zero": [torch.zeros(3, 4), None]}
+    got = adam_view(grads, adam_state(opt, params))
+    for name in ("attn", "zero"):
+        assert got[f"grad/{name}/adam_norm_ratio"] == 0.0 and got[f"grad/{name}/adam_cos_policy"] == 0.0
+    u = _adam_by_hand(history, {k: grads[k] for k in ("policy", "think")}, params)
+    assert got["grad/think/adam_cos_policy"] == pytest.approx(_cos(u["think"], u["policy"]), rel=1e-5)
+
+
 def test_figures_of_parameters_larger_than_a_chunk_equal_the_whole_tensor_formulas_in_bounded_memory(monkeypatch):
     """A real-vocabulary unembedding is far larger than a chunk: the inner products and the AdamW
     view, taken a chunk at a time, equal the one-pass float64 formulas, and their temporaries stay

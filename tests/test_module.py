@@ -3,6 +3,8 @@ groups, signed weighting, and each preset's loss terms."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -125,3 +127,27 @@ def test_default_student_layer_is_a_sixth_of_depth(tiny_model, char_tokenizer):
     assert module.num_layers == 6 and module.student_layers == [1]
     module, _ = _module(tiny_model, char_tokenizer, "method=oisd", "method.layers=[-1,0.5]")
     assert module.student_layers == [3, 5]
+
+
+def test_checkpoint_keeps_the_run_counters_and_an_older_checkpoint_starts_them_at_zero(tiny_model, char_tokenizer):
+    module, _ = _module(tiny_model, char_tokenizer, "grpo.entropy_coef=0.01")
+    module.num_tokens, module.skipped_steps = 1234, 3
+    module.entropy_control.update(coef=0.02, last_entropy=1.5)
+    module.previous_gradients.last = {"think": torch.ones(2)}
+    saved: dict = {}
+    module.on_save_checkpoint(saved)
+    fresh, _ = _module(tiny_model, char_tokenizer, "grpo.entropy_coef=0.01")
+    fresh.on_load_checkpoint(saved)
+    assert (fresh.num_tokens, fresh.skipped_steps) == (1234, 3)
+    assert fresh.entropy_control == {"coef": 0.02, "last_entropy": 1.5}
+    assert fresh.previous_gradients.last.keys() == {"think"}
+    # a checkpoint without these entries (written before they existed): counters from zero, the
+    # entropy control as configured, no previous gradients; one without skipped_steps counts it from 0
+    older, _ = _module(tiny_model, char_tokenizer, "grpo.entropy_coef=0.01")
+    older.num_tokens, older.skipped_steps = 99, 9
+    older.on_load_checkpoint({})
+    assert (older.num_tokens, older.skipped_steps) == (0, 0)
+    assert older.entropy_control == {"coef": 0.01, "last_entropy": math.inf}
+    assert older.previous_gradients.last == {}
+    older.on_load_checkpoint({"oisd_counters": {"num_tokens": 7}})
+    assert (older.num_tokens, older.skipped_steps) == (7, 0)

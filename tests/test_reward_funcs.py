@@ -48,6 +48,8 @@ def test_normalize_then_sum_matches_trl():
     got = losses.normalize_then_sum_advantages(per_func, weights, 4)
     torch.testing.assert_close(got, _trl_normalize_then_sum(per_func, weights, 4))
     assert abs(float(got.mean())) < 1e-6
+    # groups of one completion: each reward is its group's mean, so every advantage is 0
+    assert losses.normalize_then_sum_advantages(per_func, weights, 1).tolist() == [0.0] * 12
 
 
 def test_bad_reward_settings_are_one_line_errors():

@@ -4,9 +4,10 @@ and scored; and the rollout that carries its rewards and advantages through the 
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
-from oisd_lab import losses
+from oisd_lab import losses, rewards
 from oisd_lab.config import compose
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import Rollout, generate
@@ -44,6 +45,22 @@ def test_score_is_the_graders_reward_of_each_completion(tiny_model, char_tokeniz
     problems, rollout = sampler(0, 0, 1)
     want = [[source.reward(text, problems[i // G].answer)] for i, text in enumerate(rollout.texts)]
     assert sampler.score(problems, rollout).tolist() == want
+
+
+def test_each_reward_function_scores_a_completion_by_its_text_and_token_count(tiny_model, char_tokenizer):
+    """DAPO's overlong penalty by hand from each completion's token count (L_max 8, L_cache 6:
+    0 up to 2 tokens, then -1/6 per token), beside the grader and the format reward."""
+    cfg, source, sampler = _setup(tiny_model, char_tokenizer, "grpo.reward_funcs=[correct,format,overlong]",
+                                  "grpo.overlong_buffer=6")
+    torch.manual_seed(0)
+    problems, rollout = sampler(0, 0, 1)
+    got = sampler.score(problems, rollout)
+    lengths = [int(n) for n in rollout.completion_mask.sum(1)]
+    penalty = [0.0 if n <= 2 else -1.0 if n > 8 else (2 - n) / 6 for n in lengths]
+    assert any(p < 0 for p in penalty), lengths  # the penalty is read on this rollout
+    assert got[:, 2].tolist() == pytest.approx(penalty, abs=1e-6)
+    assert got[:, 0].tolist() == [source.reward(t, problems[i // G].answer) for i, t in enumerate(rollout.texts)]
+    assert got[:, 1].tolist() == [float(rewards.format_reward(t, "")) for t in rollout.texts]
 
 
 def test_a_draw_replaces_the_sampling_and_keeps_the_scoring(tiny_model, char_tokenizer):

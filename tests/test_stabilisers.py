@@ -192,6 +192,9 @@ def test_off_policy_mask_keeps_positive_and_low_kl_negative_rows():
     sampling_padded = sampling.clone()
     sampling_padded[0, 1] = 50.0
     assert losses.off_policy_mask(adv, logps, sampling_padded, padded, 0.5).tolist() == [[1.0], [1.0], [0.0]]
+    # only a negative advantage is masked: a zero one is kept at any log-ratio
+    assert losses.off_policy_mask(torch.tensor([0.0, 0.0, -1.0]), logps, sampling, mask, 0.5).tolist() == [
+        [1.0], [1.0], [0.0]]
 
 
 @pytest.mark.slow
