@@ -113,6 +113,14 @@ def test_adam_view_matches_a_hand_computation_from_adamw_state(eps):
     assert abs(_cos(plain["think"], plain["policy"]) - cos) > 0.2
 
 
+def test_divergence_means_per_advantage_sign_by_hand():
+    stats = {"stat/think/div_pos": torch.tensor(3.0), "stat/think/tokens_pos": torch.tensor(1.0),
+             "stat/think/div_neg": torch.tensor(6.0), "stat/think/tokens_neg": torch.tensor(4.0),
+             "stat/think/div_zero": torch.tensor(0.0), "stat/think/tokens_zero": torch.tensor(0.0)}
+    # one token is a mean; a sign without tokens has none
+    assert divergence_means(stats) == {"grad/think/div_pos": 3.0, "grad/think/div_neg": 1.5}
+
+
 def test_a_term_without_a_gradient_has_zero_figures_beside_the_others():
     """A term that reached no parameter (None everywhere) or gave zeros: ratio 0 and cosine 0
     (undefined, reported as 0), while the other term's figures are the hand computation's."""

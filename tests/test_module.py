@@ -151,3 +151,14 @@ def test_checkpoint_keeps_the_run_counters_and_an_older_checkpoint_starts_them_a
     assert older.previous_gradients.last == {}
     older.on_load_checkpoint({"oisd_counters": {"num_tokens": 7}})
     assert (older.num_tokens, older.skipped_steps) == (7, 0)
+
+
+@pytest.mark.parametrize("rows, size, count", [(5, 2, 3), (4, 2, 2), (3, 4, 1)])
+def test_micro_batch_count_rounds_up(tiny_model, char_tokenizer, rows, size, count):
+    """bnpo divides by the number of micro-batches: ceil(rows / micro_batch_size)."""
+    module, _ = _module(tiny_model, char_tokenizer, f"grpo.micro_batch_size={size}")
+    torch.manual_seed(0)
+    rollout = generate(tiny_model, char_tokenizer, ["a"] * rows, 1, max_new_tokens=3)
+    got = module.normalisers(rollout)
+    assert got["num_micro_batches"] == count and isinstance(got["num_micro_batches"], int)
+    assert got["num_sequences"] == rows and float(got["num_items_in_batch"]) == float(rollout.completion_mask.sum())

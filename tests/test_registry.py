@@ -89,6 +89,14 @@ def test_grpo_estimator_is_group_advantages():
     assert torch.equal(got, losses.group_advantages(REWARDS, G, "batch", cfg.grpo.adv_eps, 0))
 
 
+def test_rewards_that_do_not_fill_whole_groups_are_refused():
+    cfg = compose([])
+    with pytest.raises(ValueError, match="not divisible by num_generations=4"):
+        losses.advantages_of(torch.zeros(6), torch.ones(6), 4, cfg.grpo)
+    with pytest.raises(ValueError, match="num_generations=0"):
+        losses.advantages_of(torch.zeros(6), torch.ones(6), 0, cfg.grpo)
+
+
 def test_registry_names_are_the_config_choices():
     assert set(POLICY_LOSSES.names()) == {"dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"}
     assert set(ADVANTAGE_ESTIMATORS.names()) >= {"grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"}
