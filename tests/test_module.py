@@ -162,3 +162,22 @@ def test_micro_batch_count_rounds_up(tiny_model, char_tokenizer, rows, size, cou
     got = module.normalisers(rollout)
     assert got["num_micro_batches"] == count and isinstance(got["num_micro_batches"], int)
     assert got["num_sequences"] == rows and float(got["num_items_in_batch"]) == float(rollout.completion_mask.sum())
+
+
+def test_logging_steps_are_the_first_every_nth_and_the_last(tiny_model, char_tokenizer):
+    module, _ = _module(tiny_model, char_tokenizer, "log.every_n_steps=3", "max_steps=7")
+    assert [s for s in range(1, 8) if module._is_log_step(s)] == [1, 3, 6, 7]
+
+
+def test_rollout_metrics_by_hand(tiny_model, char_tokenizer):
+    """Reward mean, the groups' mean standard deviation, completion lengths."""
+    torch.manual_seed(0)
+    rollout = generate(tiny_model, char_tokenizer, ["a", "b"], 2, max_new_tokens=5)
+    rollout.completion_mask[0, 2:] = 0
+    lengths = rollout.completion_mask.sum(1)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    module, _ = _module(tiny_model, char_tokenizer, "grpo.num_generations=2")
+    got = module._rollout_metrics(rollout, rewards, rewards[:, None])
+    assert got["reward"] == pytest.approx(0.5) and got["frac_reward_zero_std"] == 0.5
+    assert got["reward_std"] == pytest.approx((2 ** 0.5 / 2 + 0.0) / 2)  # Bessel sd of {1, 0}, of {0.5, 0.5}
+    assert got["completions/max_length"] == float(lengths.max()) and got["completions/mean_length"] == float(lengths.mean())
