@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -181,3 +182,14 @@ def test_rollout_metrics_by_hand(tiny_model, char_tokenizer):
     assert got["reward"] == pytest.approx(0.5) and got["frac_reward_zero_std"] == 0.5
     assert got["reward_std"] == pytest.approx((2 ** 0.5 / 2 + 0.0) / 2)  # Bessel sd of {1, 0}, of {0.5, 0.5}
     assert got["completions/max_length"] == float(lengths.max()) and got["completions/mean_length"] == float(lengths.mean())
+
+
+def test_the_learning_rate_warms_up_one_step_per_optimizer_step(tiny_model, char_tokenizer):
+    """LambdaLR with grpo.warmup_steps=4: lr x min(1, (s + 1) / 5) after s optimizer steps."""
+    module, _ = _module(tiny_model, char_tokenizer, "grpo.warmup_steps=4", "grpo.lr=0.01",
+                        "grpo.prompts_per_step=1", "grpo.num_generations=2", "log.every_n_steps=100")
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([0, 1, 2], batch_size=None))
+    assert trainer.global_step == 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 4 / 5)
