@@ -53,7 +53,10 @@ def reference_layer_metrics(model, readout, part, adv, rewards, layers, chunk=10
             per_tok["attn_cos"] = losses.attention_cosine(teacher, student, sel, keys)[sel]
             heads = [losses.attention_row_jsd(teacher[:, i : i + 1], student[:, i : i + 1], sel, keys)[sel]
                      for i in range(teacher.shape[1])]
-        for split, row_sel in diagnostics._splits(adv, rewards).items():
+        # the splits as documented: every rollout, the advantage's sign (0 in neither), correct or not
+        splits = {"all": torch.ones_like(adv, dtype=torch.bool), "pos": adv > 0, "neg": adv < 0,
+                  "correct": rewards > 0.5, "wrong": rewards <= 0.5}
+        for split, row_sel in splits.items():
             tok_sel = row_sel[rows_of_tok]
             row = {"layer": k, "split": split, "tokens": int(tok_sel.sum())}
             row.update({name: float(v[tok_sel].sum()) for name, v in per_tok.items()})
@@ -185,6 +188,9 @@ def test_hidden_capture_equals_output_hidden_states(preset, char_tokenizer):
 def test_diagnosed_layers_and_rows():
     assert diagnostics.diagnosed_layers(6) == list(range(7))
     assert diagnostics.diagnosed_layers(30) == list(range(31))  # SmolLM2: every layer
+    limit = diagnostics.ALL_LAYERS_UP_TO
+    assert diagnostics.diagnosed_layers(limit) == list(range(limit + 1))
+    assert len(diagnostics.diagnosed_layers(limit + 1)) < limit + 2
     deep = diagnostics.diagnosed_layers(36, None, [6])
     assert deep[0] == 0 and deep[-1] == 36 and 6 in deep and len(deep) <= 14
     assert diagnostics.diagnosed_layers(36, [3, 1, 3]) == [1, 3]
