@@ -4,8 +4,8 @@
 #   bash scripts/mutation.sh ["oisd_lab.losses* oisd_lab.step*"] [workers] [fraction]
 # The first argument selects mutants by name, one or more patterns separated by spaces (default:
 # all of them). With a fraction in (0, 1], the run checks a seeded sample of that share of each
-# module's mutants (at least one) and the report gives each score's 95% interval: every module at
-# 0.2 takes about an hour on 2 cores. The score and every surviving mutant's diff go to
+# module's mutants (at least one) and the report gives each score's 95% interval (every module at
+# 0.12: about 90 minutes on 2 cores, a third of it mutmut's set-up). The score and every surviving mutant's diff go to
 # reports/mutation/latest.md (the runs so far: reports/mutation/README.md). Needs the mutation
 # extra (mutmut).
 set -u

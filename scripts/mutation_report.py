@@ -105,6 +105,17 @@ def main() -> None:
             now += f" [{100 * low:.1f}, {100 * high:.1f}]"
         lines.append(f"| {module} | {sum(c.values())} | {c['killed']} | {c['survived']} | {c['equivalent']} | "
                      f"{c['killed since']} | {c['not checked']} | {run} | {now} |")
+    total = sum(by_module.values(), collections.Counter())
+    judged = total["killed"] + total["survived"] + total["killed since"]
+    if judged:
+        now = total["killed"] + total["killed since"]
+        interval = ""
+        if only is not None:
+            low, high = wilson(now, judged)
+            interval = f" [{100 * low:.1f}, {100 * high:.1f}]"
+        lines.append(f"| all | {sum(total.values())} | {total['killed']} | {total['survived']} | {total['equivalent']} | "
+                     f"{total['killed since']} | {total['not checked']} | {100 * total['killed'] / judged:.1f}% | "
+                     f"{100 * now / judged:.1f}%{interval} |")
     lines += ["", "## Surviving mutants", ""]
     for name, state in sorted(status.items()):
         if state == "survived" and not notes.get(name, "").startswith("killed since"):
