@@ -35,11 +35,16 @@ def explained() -> dict[str, str]:
     return dict(re.findall(r"^- (\S+): (.+)$", path.read_text(), flags=re.M))
 
 
+def module_of(name: str) -> str:
+    """The module of a mutant's name (`oisd_lab.losses.policy.x_kl_estimate__mutmut_13`)."""
+    return name.split(".x")[0]
+
+
 def sample(names: list[str], fraction: float, seed: int) -> list[str]:
     """A seeded sample of each module's mutants: ceil(fraction x its count), at least one."""
     by_module: dict[str, list[str]] = collections.defaultdict(list)
     for name in sorted(names):
-        by_module[name.split(".x")[0]].append(name)
+        by_module[module_of(name)].append(name)
     rng = random.Random(seed)
     return sorted(n for group in by_module.values()
                   for n in rng.sample(group, max(1, math.ceil(fraction * len(group)))))
@@ -79,7 +84,7 @@ def main() -> None:
     notes = explained()
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for name, state in status.items():
-        module = name.split(".x")[0]
+        module = module_of(name)
         note = notes.get(name, "") if state == "survived" else ""
         kind = ("killed" if state in KILLED else "equivalent" if note.startswith("equivalent")
                 else "killed since" if note.startswith("killed since") else state)
@@ -96,26 +101,20 @@ def main() -> None:
                 "module's mutants.", ""] if only is not None else []),
              "| module | mutants | killed | survived | equivalent | killed since | not checked | score (run) | "
              "score (now) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for module, c in sorted(by_module.items()):
+    def row(label: str, c: collections.Counter) -> str:
         judged = c["killed"] + c["survived"] + c["killed since"]
         run = f"{100 * c['killed'] / judged:.1f}%" if judged else "-"
         now = f"{100 * (c['killed'] + c['killed since']) / judged:.1f}%" if judged else "-"
         if only is not None and judged:
             low, high = wilson(c["killed"] + c["killed since"], judged)
             now += f" [{100 * low:.1f}, {100 * high:.1f}]"
-        lines.append(f"| {module} | {sum(c.values())} | {c['killed']} | {c['survived']} | {c['equivalent']} | "
-                     f"{c['killed since']} | {c['not checked']} | {run} | {now} |")
+        return (f"| {label} | {sum(c.values())} | {c['killed']} | {c['survived']} | {c['equivalent']} | "
+                f"{c['killed since']} | {c['not checked']} | {run} | {now} |")
+
+    lines += [row(module, c) for module, c in sorted(by_module.items())]
     total = sum(by_module.values(), collections.Counter())
-    judged = total["killed"] + total["survived"] + total["killed since"]
-    if judged:
-        now = total["killed"] + total["killed since"]
-        interval = ""
-        if only is not None:
-            low, high = wilson(now, judged)
-            interval = f" [{100 * low:.1f}, {100 * high:.1f}]"
-        lines.append(f"| all | {sum(total.values())} | {total['killed']} | {total['survived']} | {total['equivalent']} | "
-                     f"{total['killed since']} | {total['not checked']} | {100 * total['killed'] / judged:.1f}% | "
-                     f"{100 * now / judged:.1f}%{interval} |")
+    if total["killed"] + total["survived"] + total["killed since"]:
+        lines.append(row("all", total))
     lines += ["", "## Surviving mutants", ""]
     for name, state in sorted(status.items()):
         if state == "survived" and not notes.get(name, "").startswith("killed since"):

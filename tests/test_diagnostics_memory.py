@@ -140,9 +140,12 @@ def test_snapshot_equals_the_plain_implementation(tiny_model, char_tokenizer):
     part = _rollout(tiny_model, char_tokenizer)
     rows, students = [0, 4, 7], [2]
     got = diagnostics.snapshot(tiny_model, readout, part, rows, students, char_tokenizer, chunk=5)
-    want = reference_snapshot(tiny_model, readout, part, rows, students)
+    _assert_snapshots_equal(got, reference_snapshot(tiny_model, readout, part, rows, students), char_tokenizer)
+
+
+def _assert_snapshots_equal(got, want, tokenizer):
     for g, w in zip(got, want, strict=True):
-        assert g["top_token"] == [char_tokenizer.convert_ids_to_tokens(t) for t in w["top_token"]]
+        assert g["top_token"] == [tokenizer.convert_ids_to_tokens(t) for t in w["top_token"]]
         assert torch.allclose(torch.tensor(sum(g["top_prob"], [])), torch.tensor(sum(w["top_prob"], [])), atol=1e-6)
         assert g["attention"].keys() == w["attention"].keys()
         for key, value in w["attention"].items():
@@ -159,12 +162,7 @@ def test_snapshot_of_long_completions_equals_the_plain_implementation(tiny_model
                     temperature=1.5)
     assert part.completion_mask.shape[1] > 64 and 2 * part.completion_mask.shape[1] > tiny_model.config.hidden_size
     got = diagnostics.snapshot(tiny_model, readout, part, [0, 1], [2], char_tokenizer, chunk=7)
-    want = reference_snapshot(tiny_model, readout, part, [0, 1], [2])
-    for g, w in zip(got, want, strict=True):
-        assert g["top_token"] == [char_tokenizer.convert_ids_to_tokens(t) for t in w["top_token"]]
-        assert torch.allclose(torch.tensor(sum(g["top_prob"], [])), torch.tensor(sum(w["top_prob"], [])), atol=1e-6)
-        for key, value in w["attention"].items():
-            assert torch.allclose(torch.tensor(g["attention"][key]), torch.tensor(value), atol=1e-6)
+    _assert_snapshots_equal(got, reference_snapshot(tiny_model, readout, part, [0, 1], [2]), char_tokenizer)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_llama"])

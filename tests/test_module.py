@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
+from conftest import fit_rows
 
 from oisd_lab import losses
 from oisd_lab.config import compose
@@ -188,8 +188,9 @@ def test_the_learning_rate_warms_up_one_step_per_optimizer_step(tiny_model, char
     """LambdaLR with grpo.warmup_steps=4: lr x min(1, (s + 1) / 5) after s optimizer steps."""
     module, _ = _module(tiny_model, char_tokenizer, "grpo.warmup_steps=4", "grpo.lr=0.01",
                         "grpo.prompts_per_step=1", "grpo.num_generations=2", "log.every_n_steps=100")
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([0, 1, 2], batch_size=None))
-    assert trainer.global_step == 3
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 4 / 5)
+    rows = fit_rows(module, 3)
+    # each step logs the rate its scheduler step leaves for the next: (s + 1) / 5 after s steps
+    logged = [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]
+    assert logged == [(1, pytest.approx(0.004)), (2, pytest.approx(0.006)), (3, pytest.approx(0.008))]
+    assert module.trainer.global_step == 3
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 4 / 5)
