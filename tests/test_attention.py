@@ -1,5 +1,6 @@
 """Attention capture: probabilities equal eager's, logits equal sdpa's, gradients flow."""
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,8 +57,9 @@ def build(name: str, attn: str = "sdpa"):
 
 
 def twin(model, attn: str = "eager"):
-    """The same weights under another attention implementation."""
-    other = AutoModelForCausalLM.from_config(model.config, attn_implementation=attn).eval()
+    """The same weights under another attention implementation (on a copy of the config:
+    `from_config` sets the implementation on the config it is given, which would switch `model`)."""
+    other = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation=attn).eval()
     other.load_state_dict(model.state_dict())
     return other
 
@@ -168,10 +170,15 @@ def test_gradient_checkpointing_gives_same_gradients(backward_inside):
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_no_grad_capture_and_kv_cache_decode():
+@pytest.mark.parametrize("padded", [True, False])
+def test_no_grad_capture_and_kv_cache_decode(padded):
+    """One decoding step (one query row against the cached keys) equals eager's row; unpadded,
+    sdpa is handed no mask at all and the single row attends to every cached key."""
     model = build("qwen3")
     eager = twin(model)
     ids, mask = left_padded_batch()
+    if not padded:
+        mask = torch.ones_like(mask)
     step = torch.randint(1, 97, (3, 1), generator=torch.Generator().manual_seed(2))
     full_mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
     with torch.no_grad():
@@ -188,6 +195,24 @@ def test_no_grad_capture_and_kv_cache_decode():
     probs = cap.probs[2]
     assert probs.shape == (3, 4, 1, 9) and not probs.requires_grad
     torch.testing.assert_close(probs, ref.attentions[2], atol=1e-6, rtol=0)
+
+
+def test_a_second_forward_in_one_context_replaces_the_probabilities_read_before():
+    """Reading a layer caches its probabilities; the next forward's record must replace that
+    entry (for every captured layer), so each read equals eager's rows of the latest input."""
+    model = build("llama")
+    eager = twin(model)
+    ids, mask = left_padded_batch()
+    other = torch.randint(1, 97, ids.shape, generator=torch.Generator().manual_seed(5))
+    with AttentionCapture(model, layers=[0, 2]) as cap:
+        for batch in (ids, other):
+            model(batch, attention_mask=mask)
+            with torch.no_grad():
+                ref = eager(batch, attention_mask=mask, output_attentions=True).attentions
+            for layer in (0, 2):
+                assert cap.probs[layer].requires_grad
+                torch.testing.assert_close(real_rows(cap.probs[layer], mask), real_rows(ref[layer], mask),
+                                           atol=1e-6, rtol=0)
 
 
 def test_capture_on_an_eager_model_keeps_output_attentions():

@@ -122,16 +122,38 @@ def test_layer_metrics_equal_the_plain_implementation(preset, char_tokenizer):
     for layers in (list(range(L + 1)), [0], [3, L]):
         got = diagnostics.layer_metrics(model, readout, part, adv, rewards, layers, chunk=7)
         want = reference_layer_metrics(model, readout, part, adv, rewards, layers)
-        assert [(r["layer"], r["split"], sorted(r)) for r in got] == [(r["layer"], r["split"], sorted(r)) for r in want]
-        for g, w in zip(got, want, strict=True):
-            assert g["tokens"] == w["tokens"] and (g["tokens"] > 0 or w["split"] != "all")
-            for name in diagnostics.METRICS:
-                if name in w:
-                    assert _close(g[name], w[name]), (g["layer"], g["split"], name, g[name], w[name])
-            assert len(g["attn_jsd_head"] if "attn_jsd_head" in g else []) == len(w.get("attn_jsd_head", []))
-            assert all(_close(a, b) for a, b in zip(g.get("attn_jsd_head", []), w.get("attn_jsd_head", []), strict=True))
+        _assert_rows_equal(got, want)
+        assert all(w["tokens"] > 0 for w in want if w["split"] == "all")
     full = diagnostics.layer_metrics(model, readout, part, adv, rewards, list(range(L + 1)))
     assert any(r["attn_jsd"] > 1e-3 for r in full if r["layer"] not in (0, L) and r["split"] == "all")
+
+
+def _assert_rows_equal(got, want):
+    assert [(r["layer"], r["split"], sorted(r)) for r in got] == [(r["layer"], r["split"], sorted(r)) for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        for name in diagnostics.METRICS:
+            if name in w:
+                assert _close(g[name], w[name]), (g["layer"], g["split"], name, g[name], w[name])
+        assert len(g.get("attn_jsd_head", [])) == len(w.get("attn_jsd_head", []))
+        assert all(_close(a, b) for a, b in zip(g.get("attn_jsd_head", []), w.get("attn_jsd_head", []), strict=True))
+
+
+def test_layer_metrics_of_long_completions_equal_the_plain_implementation(tiny_model, char_tokenizer):
+    """More completion positions than one attention row block (64): the blocks' per-token values,
+    the per-head ones included, are put together in row order."""
+    tiny_model.eval()
+    readout = find_readout(tiny_model)
+    torch.manual_seed(4)
+    part = generate(tiny_model, char_tokenizer, ["Q: 1+2\nA: ", "Q: 7\nA: "], 2, max_new_tokens=80,
+                    temperature=1.5)
+    part.completion_mask[1, 70:] = 0  # one completion ends in the second block
+    part.attention_mask[1, part.prompt_length + 70:] = 0
+    assert part.completion_mask.shape[1] > 64
+    adv, rewards = _adv_rewards(len(part))
+    layers = [1, 3, readout.num_layers]
+    got = diagnostics.layer_metrics(tiny_model, readout, part, adv, rewards, layers, chunk=7)
+    _assert_rows_equal(got, reference_layer_metrics(tiny_model, readout, part, adv, rewards, layers))
 
 
 def test_snapshot_equals_the_plain_implementation(tiny_model, char_tokenizer):

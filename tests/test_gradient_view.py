@@ -8,8 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import assert_alignment_in_view, assert_gradients_flowed, fit_rows
 from test_alignment_options import _module, _rollout
 
+from oisd_lab.config import compose
 from oisd_lab.gradient_view import (
     GradientView,
     PreviousGradients,
@@ -24,7 +26,10 @@ from oisd_lab.gradient_view import (
     grad_norm,
     reach_fraction,
 )
+from oisd_lab.module import OISDModule
 from oisd_lab.optim import build_optimizer
+from oisd_lab.sampler import Sampler
+from oisd_lab.sources import load_source
 
 
 def test_gradient_math_by_hand():
@@ -160,6 +165,60 @@ def test_figures_of_parameters_larger_than_a_chunk_equal_the_whole_tensor_formul
     chunk_f64 = 8 * gv.CHUNK
     assert profiler_peak(lambda: grad_dot(a, b)) <= 4 * chunk_f64
     assert profiler_peak(lambda: adam_view({"policy": a, "think": b}, state)) <= 8 * 4 * gv.CHUNK  # whole: 1.5 MB
+
+
+def test_derived_policy_gradient_and_the_figures_of_each_term_by_hand():
+    """derive_policy: policy = total - think - attn per parameter; a parameter no term reached
+    (BuPO: the layers above its internal policy) stays None. The figures by hand, and only the
+    documented keys: the policy term gets its norm and reach, each other term its figures
+    against the policy."""
+    params = [torch.zeros(2), torch.zeros(3), torch.zeros(1)]
+    view = GradientView(params, {"policy": 1.0, "think": 1.0, "attn": 1.0}, derive_policy=True)
+    view.grads = {"think": [torch.tensor([1.0, 0.0]), None, None],
+                  "attn": [None, torch.tensor([0.0, 2.0, 0.0]), None]}
+    view.finish([torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0, 2.0]), None])
+    policy = view.grads["policy"]
+    assert policy[0].tolist() == [2.0, 4.0] and policy[1].tolist() == [1.0, 0.0, 2.0] and policy[2] is None
+    got = view.metrics({}, torch.tensor([1.0, -1.0, 0.0, 0.0]), torch.tensor([3.0, 1.0, 2.0, 2.0]), 2)
+    # |policy| = sqrt(4 + 16 + 1 + 4) = 5; <think, policy> = 2; <attn, policy> = 0
+    assert got == {
+        "grad/policy/norm": pytest.approx(5.0), "grad/policy/reach": pytest.approx(5 / 6),
+        "grad/think/norm": pytest.approx(1.0), "grad/think/reach": pytest.approx(2 / 6),
+        "grad/think/norm_ratio": pytest.approx(0.2), "grad/think/norm_ratio_reach": pytest.approx(1 / 20 ** 0.5),
+        "grad/think/cos_policy": pytest.approx(0.4),
+        "grad/attn/norm": pytest.approx(2.0), "grad/attn/reach": pytest.approx(3 / 6),
+        "grad/attn/norm_ratio": pytest.approx(0.4), "grad/attn/norm_ratio_reach": pytest.approx(2 / 5 ** 0.5),
+        "grad/attn/cos_policy": 0.0,
+        # population covariance of A (1, -1, 0, 0) and lengths (3, 1, 2, 2): (1 + 1 + 0 + 0) / 4
+        "grad/cov_adv_length": pytest.approx(0.5), "grad/frac_zero_adv_groups": 0.5,
+        "time/gradient_view": got["time/gradient_view"],
+    }
+
+
+def test_a_logging_step_logs_the_documented_gradient_view_keys(tmp_path):
+    """One OISD step with the view from the shipped warm start (rewards that differ within
+    groups): each channel's figures against the policy and its mean divergence per advantage sign
+    under `grad/<channel>/div_<sign>`; the step's raw per-sign sums (`stat/...`) are not logged."""
+    from oisd_lab import pretrain
+    from oisd_lab.models import load_pretrained
+
+    cfg = compose([f"pretrain.cache_dir={tmp_path}", "method=oisd", "log.gradient_view=true", "max_steps=1",
+                   "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_completion_length=16"])
+    model, tok = load_pretrained(pretrain.warm_start(cfg, log=lambda line: None))
+    source = load_source(cfg.task)
+    torch.manual_seed(0)
+    rows = fit_rows(OISDModule(cfg, model, tok, Sampler(cfg, model, tok, source, source.reward)), 1)
+    assert_gradients_flowed(rows)
+    assert_alignment_in_view(rows)
+    (row,) = rows
+    assert not [k for k in row if k.startswith("stat/")]
+    assert {k for k in row if k.startswith("grad/policy/")} == {"grad/policy/norm", "grad/policy/reach"}
+    for channel in ("think", "attn"):
+        figures = {k.rsplit("/", 1)[1] for k in row if k.startswith(f"grad/{channel}/")}
+        assert {"norm", "reach", "norm_ratio", "norm_ratio_reach", "cos_policy"} <= figures
+        signs = {f[4:] for f in figures if f.startswith("div_")}
+        assert {"pos", "neg"} <= signs <= {"pos", "neg", "zero"}
+        assert all(row[f"grad/{channel}/div_{sign}"] > 0 for sign in signs)
 
 
 def test_adam_view_of_torch_optimi_and_amsgrad():

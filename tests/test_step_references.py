@@ -95,6 +95,47 @@ def test_attention_channel_over_row_blocks_equals_the_eager_attention_reference(
     assert moved > 5 and got.keys() == {n for n, p in tiny_model.named_parameters() if p.grad is not None}
 
 
+def test_logit_channel_on_its_own_equals_the_lens_jsd_formula(tiny_model, char_tokenizer):
+    """The `think` channel called without the step's shared vocabulary pass (as a channel of one's
+    own would call it): per completion token, JSD(sg[p_L] || lens p_k) with the lens
+    lm_head(norm(h_k)) from transformers' hidden states, by formula in float64, in value and
+    gradient; and equal to what the step's shared pass hands the channel."""
+    cfg = compose(["method=oisd", "method.layers=[2]"])
+    objective = OISDModule(cfg, tiny_model, char_tokenizer, None, None).objective_at(1)
+    part = _rollout(tiny_model.config.vocab_size)
+    weights = torch.linspace(-1.0, 2.0, C)
+
+    tiny_model.zero_grad(set_to_none=True)
+    out = objective.forward(tiny_model, part)
+    ours = step.think_divergence(out, part, objective)[2]
+    shared = objective.head(out, part, students=True, entropy=False)[2][2]
+    (ours * weights).sum().backward()
+    got = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+    tiny_model.zero_grad(set_to_none=True)
+    hidden = tiny_model(input_ids=part.input_ids, attention_mask=part.attention_mask,
+                        output_hidden_states=True).hidden_states
+    rows = slice(P - 1, P - 1 + C)  # the logits that predict the completion tokens
+    teacher = tiny_model.lm_head(tiny_model.model.norm(hidden[-1][:, rows])).double().detach().softmax(-1)
+    student = tiny_model.lm_head(tiny_model.model.norm(hidden[2][:, rows])).double().softmax(-1)
+    mid = (teacher + student) / 2
+    jsd = 0.5 * (teacher * (teacher / mid).log()).sum(-1) + 0.5 * (student * (student / mid).log()).sum(-1)
+    want = jsd * part.completion_mask
+    (want * weights).sum().backward()
+
+    assert float(want.detach().max()) > 1e-4 and float(want.detach().min()) == 0.0
+    torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ours, shared, rtol=0, atol=0)
+    moved = 0
+    for name, p in tiny_model.named_parameters():
+        if p.grad is not None:
+            scale = float(p.grad.abs().max())
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-3, atol=1e-3 * scale,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+            moved += scale > 1e-7
+    assert moved > 5 and got.keys() == {n for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+
 def test_the_sampling_policys_log_probs_by_hand():
     """The sampler's own log-probs where it gave them (vLLM), else the old policy's, else the
     current policy's, detached."""
