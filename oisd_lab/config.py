@@ -123,6 +123,10 @@ class GRPOConfig:
     micro_batch_size: int = 64
     """Completions per forward/backward pass; must divide prompts_per_step * num_generations
     (a value >= that batch means one pass)."""
+    shared_prompt: bool = True
+    """Compute a prompt once per micro-batch in which several completions share it, instead of once
+    per completion: the policy, old-policy and reference forwards (`shared_prompt.py`; exact up
+    to float rounding). Models with sliding-window or non-attention layers run whole rows."""
     max_completion_length: int = 32
     """Tokens generated per completion at most (a longer one is cut and counted as truncated)."""
     temperature: float = 1.0

@@ -499,7 +499,7 @@ class OISDModule(L.LightningModule):
         """The loss terms of one micro-batch (with its advantages) on the current policy
         (`step.loss_terms`)."""
         out = self.objective.forward(self.policy, part)
-        ref = step_lib.reference_logps(self._ref[0], part, self.cfg.grpo.temperature) \
+        ref = step_lib.reference_logps(self._ref[0], part, self.cfg.grpo.temperature, self.cfg.grpo.shared_prompt) \
             if self.cfg.grpo.beta > 0 else None
         return step_lib.loss_terms(out, part, norm, self.objective, ref_logps=ref)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import losses
+from . import shared_prompt as shared
 from .attention import AttentionCapture, attention_layer_of
 from .lens import Readout, find_readout
 from .options import JSD_TEMPERATURE_SAMPLING
@@ -92,22 +93,32 @@ class PolicyOutputs:
 
 
 def policy_forward(model, part: Rollout, hidden_layers: Sequence[int] = (),
-                   attn_layers: Sequence[int] = (), readout: Readout | None = None) -> PolicyOutputs:
+                   attn_layers: Sequence[int] = (), readout: Readout | None = None,
+                   shared_prompt: bool = False) -> PolicyOutputs:
     """Run the policy once on `part` (a Rollout on the model's device).
 
     hidden_layers / attn_layers: hidden-state indices k whose hidden states / attention rows the
     caller will read. No position reaches the model's own unembedding (`logits_to_keep` is
     empty): the loss reads the vocabulary chunk by chunk from the final hidden states
     (`PolicyOutputs.head`), so no [b, C, V] tensor is made. readout: the model's
-    (`lens.find_readout`, looked up when not given). Gradient mode is the caller's.
+    (`lens.find_readout`, looked up when not given). shared_prompt: compute a prompt that several
+    rows share once (`shared_prompt.shared_prompt_forward`; the whole rows where it does not
+    apply). Gradient mode is the caller's.
     """
     pos = completion_positions(part)
     capture = sorted({attention_layer_of(k) for k in attn_layers})
     ctx = AttentionCapture(model, capture) if capture else contextlib.nullcontext()
     keep = torch.empty(0, dtype=torch.long, device=part.input_ids.device)
+    groups = shared.groups_of(part.input_ids, part.attention_mask, pos.start) \
+        if shared_prompt and shared.applies(model) else None
     with ctx as cap:
-        out = model(input_ids=part.input_ids, attention_mask=part.attention_mask,
-                    output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+        if groups is None:
+            out = model(input_ids=part.input_ids, attention_mask=part.attention_mask,
+                        output_hidden_states=True, logits_to_keep=keep, use_cache=False)
+        else:  # its outputs start at position P-1: the completion positions are 0 .. C-1
+            out = shared.shared_prompt_forward(model, part.input_ids, part.attention_mask, pos.start, groups,
+                                               pos.stop - pos.start, output_hidden_states=True, logits_to_keep=keep)
+            pos = slice(0, pos.stop - pos.start)
     hidden = {k: out.hidden_states[k][:, pos] for k in hidden_layers}
     readout = readout if readout is not None else find_readout(model)
     return PolicyOutputs(out.hidden_states[-1][:, pos], hidden, cap, pos, readout)
@@ -193,7 +204,8 @@ class Objective:
         return [*self.student_layers, self.num_layers] if self.channels("attention") else []
 
     def forward(self, model, part: Rollout) -> PolicyOutputs:
-        return policy_forward(model, part, self.hidden_layers, self.attn_layers, self.readout)
+        return policy_forward(model, part, self.hidden_layers, self.attn_layers, self.readout,
+                              shared_prompt=self.grpo.shared_prompt)
 
     def head_chunk(self, vocab: int) -> int:
         """Rows per chunk of vocabulary work: `method.chunk_size` tokens, and at most
@@ -382,9 +394,9 @@ def attention_divergence(out: PolicyOutputs, part: Rollout, objective: Objective
 
 
 @torch.no_grad()
-def reference_logps(ref_model, part: Rollout, temperature: float) -> torch.Tensor:
+def reference_logps(ref_model, part: Rollout, temperature: float, shared_prompt: bool = False) -> torch.Tensor:
     """Per-token log-probs [b, C] of the completion under a frozen reference model (for beta > 0)."""
-    out = policy_forward(ref_model, part)
+    out = policy_forward(ref_model, part, shared_prompt=shared_prompt)
     return head_logps(out, part, temperature)
 
 
@@ -411,7 +423,8 @@ def old_policy_logps(model, rollout: Rollout, objective: Objective, micro_batch_
     pieces = []
     for lo in range(0, len(rollout), micro_batch_size):
         part = rollout.select(slice(lo, lo + micro_batch_size))
-        out = policy_forward(model, part, hidden_layers=hidden, readout=objective.readout)
+        out = policy_forward(model, part, hidden_layers=hidden, readout=objective.readout,
+                             shared_prompt=objective.grpo.shared_prompt)
         logps = objective.head(out, part, students=False, entropy=False)[0]
         pieces.append(torch.nn.functional.pad(logps, (0, C - logps.shape[1])))  # back to the full width
     return torch.cat(pieces)

@@ -48,6 +48,8 @@ def test_bench_quick_smollm2_section_on_a_tiny_llama(tmp_path, char_tokenizer):
         assert smol["diagnostics"][c]["diagnostics_per_log_step_s"] > 0
         assert 0 < smol["diagnostics"][c]["amortised_share_of_step"]
         assert smol["trl"][c]["ratio_ours_vs_trl"]["median"] > 0
+        assert smol["trl"][c]["ratio_whole_rows_vs_trl"]["median"] > 0
+        assert smol["trl"][c]["ratio_ours_vs_whole_rows"]["median"] > 0
     assert smol["presets"]["per_preset"]["grpo"]["cpu"]["ratio_fb_vs_grpo"]["median"] == 1.0
     assert {"grpo", "oisd_logit", "oisd"} == set(smol["memory"]["per_preset"])
     assert all(v["peak_bytes"] > 0 for v in smol["memory"]["per_preset"].values())

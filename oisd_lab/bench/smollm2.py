@@ -169,25 +169,38 @@ def _diagnosed(cfg, module) -> list[int]:
 
 
 def _versus_trl(sm, cfg, policy, tok, source, fmt) -> dict:
+    """Ours (the shared prompt once, the default) and ours with whole rows (`grpo.shared_prompt=false`)
+    against TRL's GRPOTrainer on the same work, the three in a rotated order each round."""
     try:
         import trl  # noqa: F401
     except ImportError:
         return {"skipped": "trl is not installed (pip install -e '.[bench]')"}
-    ours, theirs = [], []
+    whole = copy.deepcopy(cfg)
+    whole.grpo.shared_prompt = False
+    arms = {"ours": lambda r, d: ours_fit(sm, cfg, source, d, r, fmt),
+            "whole_rows": lambda r, d: ours_fit(sm, whole, source, d, r, fmt),
+            "trl": lambda r, d: trl_fit(sm, cfg, source, d, r, fmt)}
+    fits: dict[str, list] = {name: [] for name in arms}
     with tempfile.TemporaryDirectory(prefix="oisd_bench_smol_trl_") as tmp:
         model_dir = Path(tmp) / "model"
         policy.save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         for r in range(sm.repeats):
-            for fn in ([ours_fit, trl_fit] if r % 2 == 0 else [trl_fit, ours_fit]):
-                rows = fn(sm, cfg, source, model_dir, r, fmt)
-                (ours if fn is ours_fit else theirs).append(rows[1:])
-    out = {"ours_mean_completion_length": stats([median_of(x, "completions/mean_length") for x in ours]),
-           "trl_mean_completion_length": stats([median_of(x, "completions/mean_length") for x in theirs])}
+            for name in rotated(tuple(arms), r):
+                fits[name].append(arms[name](r, model_dir)[1:])
+    ours, theirs, whole_rows = fits["ours"], fits["trl"], fits["whole_rows"]
+    out = {f"{name}_mean_completion_length": stats([median_of(x, "completions/mean_length") for x in fits[name]])
+           for name in arms}
     for c in ("cpu", "wall"):
+        ratio = lambda a, b, c=c: median_of(a, c) / median_of(b, c)  # noqa: E731
         out[c] = {"ours_step_s": stats([median_of(x, c) for x in ours]),
+                  "whole_rows_step_s": stats([median_of(x, c) for x in whole_rows]),
                   "trl_step_s": stats([median_of(x, c) for x in theirs]),
-                  "ratio_ours_vs_trl": per_round(ours, theirs, lambda a, b, c=c: median_of(a, c) / median_of(b, c)),
+                  "ratio_ours_vs_trl": per_round(ours, theirs, ratio),
+                  "ratio_whole_rows_vs_trl": per_round(whole_rows, theirs, ratio),
+                  "ratio_ours_vs_whole_rows": per_round(ours, whole_rows, ratio),
+                  "ours_optimise_s": stats([median_of(x, f"optimise_{c}") for x in ours]),
+                  "whole_rows_optimise_s": stats([median_of(x, f"optimise_{c}") for x in whole_rows]),
                   "ours_rollout_s": stats([median_of(x, f"rollout_{c}") for x in ours]),
                   "trl_generate_s": stats([median_of(x, f"generate_{c}") for x in theirs])}
     return out

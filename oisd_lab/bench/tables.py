@@ -143,6 +143,14 @@ def _smollm2(r: dict) -> list[str]:
                    f"{100 * d[c]['amortised_share_of_step']:.1f}% |")
     if "cpu" in r["trl"]:
         out += _trl(r["trl"])
+        if "ratio_whole_rows_vs_trl" in r["trl"]["cpu"]:
+            out += ["\n| clock | whole rows step s | whole rows / TRL | shared prompt / whole rows | "
+                    "optimisation s: shared prompt | whole rows |", "|---|---|---|---|---|---|"]
+            for c in ("cpu", "wall"):
+                t = r["trl"][c]
+                out.append(f"| {c} | {_fmt(t['whole_rows_step_s'])} | {_fmt(t['ratio_whole_rows_vs_trl'])} | "
+                           f"{_fmt(t['ratio_ours_vs_whole_rows'])} | {_fmt(t['ours_optimise_s'])} | "
+                           f"{_fmt(t['whole_rows_optimise_s'])} |")
     m = r["memory"]
     out += [f"\nLoss forward+backward peak, {m['rows']} x {m['completion_length']} completion tokens "
             f"(prompt {m['prompt_length']}; one logits tensor is {m['logits_bytes'] / 2**20:.0f} MiB):\n",
