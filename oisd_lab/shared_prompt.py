@@ -25,7 +25,9 @@ step reads (positions P-1 .. P-2+C) comes from the second forward.
 
 Where it does not apply, the caller runs the whole rows (`applies`): no prompt repeated in the
 micro-batch, a one-token prompt, sliding-window or other non-full attention layers, a model whose
-decoder layers cannot keep a cache under checkpointing.
+decoder layers cannot keep a cache under checkpointing, a model sharded by FSDP (`strategy=fsdp`),
+and the memory planner's trace on fake tensors (so a plan counts whole rows: an upper bound of
+the policy forward's activations when prompts are shared).
 """
 
 from __future__ import annotations
@@ -82,7 +84,13 @@ def groups_of(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int
 
 
 def applies(model: nn.Module) -> bool:
-    """Whether the model's layers are all full attention (no sliding window, no linear attention)."""
+    """Whether the model's layers are all full attention (no sliding window, no linear attention)
+    and not sharded by FSDP: FSDP2 gathers a layer's weights for its backward on the path of the
+    layer's outputs, and the prefix's keys and values reach the backward around them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in (model, *decoder_layers(model))):
+        return False
     config = model.config.get_text_config()
     types = getattr(config, "layer_types", None) or ["full_attention"]
     if any(t != "full_attention" for t in types):

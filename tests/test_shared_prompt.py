@@ -151,3 +151,71 @@ def test_sliding_window_models_run_whole_rows(char_tokenizer):
         got = step_lib.policy_forward(model, part, shared_prompt=True).final
         want = step_lib.policy_forward(model, part, shared_prompt=False).final
     assert torch.equal(got, want) and runs[0] == runs[1] == part.input_ids.numel()
+
+
+def _forward_grads(model, part, shared, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = step_lib.policy_forward(model, part, hidden_layers=[2], shared_prompt=shared)
+        loss = (out.final.float() ** 2 * torch.linspace(-1, 1, out.final.shape[1])[None, :, None]).sum() \
+            + out.hidden[2].float().sum()
+    loss.backward()
+    return out.final.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_under_bf16_autocast_the_error_against_float32_is_the_whole_rows_own(char_tokenizer):
+    """bf16 compute rounds differently in the two forwards' matmuls: both are compared with the
+    float32 whole-row result, and the shared prompt's error is of the whole rows' size."""
+    model = build_tiny_model("tiny", vocab_size=len(char_tokenizer), seed=0)
+    part = grouped_rollout()
+    exact, exact_grads = _forward_grads(model, part, shared=False)
+    errors = {}
+    for shared in (False, True):
+        final, grads = _forward_grads(model, part, shared, autocast=True)
+        final = final.float()
+        assert grads.keys() == exact_grads.keys()
+        errors[shared] = (float((final - exact).norm() / exact.norm()),
+                          max(float((grads[n] - g).norm() / g.norm()) for n, g in exact_grads.items()))
+    assert 0 < errors[False][1] < 0.1
+    for whole, ours in zip(errors[False], errors[True], strict=True):
+        assert ours <= 1.5 * whole + 1e-3, errors
+
+
+def test_a_peft_wrapped_policy_shares_its_prompts_too(char_tokenizer):
+    """In float64 (the RMS norms still compute in float32), so that the two forwards' different
+    summation orders leave little to tolerate."""
+    from oisd_lab import lora
+
+    model = lora.attach(build_tiny_model("tiny", vocab_size=len(char_tokenizer), seed=0).double(), 4, 8.0, 0.0,
+                        ["q_proj", "v_proj"])
+    with torch.no_grad():  # adapters that act: peft starts B at zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    part = grouped_rollout()
+    runs = _positions_run(model)
+    (want, want_grads), (got, grads) = (_forward_grads(model, part, shared) for shared in (False, True))
+    assert runs[1] == 4 * (part.prompt_length - 1)  # the prefix ran once per group
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == want_grads.keys() and all("lora_" in n for n in grads) and len(grads) == 24
+    for name, g in want_grads.items():
+        assert float(g.abs().max()) > 0, name
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7 * float(g.abs().max()), msg=name)
+
+
+def test_an_fsdp_sharded_model_runs_whole_rows(char_tokenizer, tmp_path):
+    """FSDP2 gathers a layer's weights for its backward on the path of the layer's outputs, which
+    the prefix's keys and values bypass: a sharded model is left to the whole-row forward."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_tiny_model("tiny", vocab_size=len(char_tokenizer), seed=0)
+    assert shared_prompt.applies(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        assert not shared_prompt.applies(model)
+    finally:
+        dist.destroy_process_group()
