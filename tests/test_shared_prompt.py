@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from test_alignment_options import _rollout
+from test_head import _grads
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from oisd_lab import shared_prompt
@@ -89,13 +90,6 @@ def test_policy_outputs_and_their_gradients_equal_the_whole_rows(char_tokenizer,
         torch.testing.assert_close(ours_grads[name], want, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
-def _step(module, rollout, micro):
-    module.policy.zero_grad(set_to_none=True)
-    module.cfg.grpo.micro_batch_size = micro
-    sums = module.accumulate(rollout.scored(ADV), backward=torch.Tensor.backward)
-    return sums, {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("overrides", [
     ("method=oisd", "grpo.beta=0.04"),
     ("method=oisd", "grpo.num_iterations=2", "grpo.temperature=0.8", "method.attn_weight=10"),
@@ -123,7 +117,7 @@ def test_training_step_equals_the_whole_rows(tiny_model, char_tokenizer, overrid
         module.objective = module.objective_at(1)
         if module.cfg.grpo.num_iterations > 1:
             rollout.old_logps = step_lib.old_policy_logps(module.policy, rollout, module.objective, micro)
-        results[shared] = _step(module, rollout, micro), rollout.old_logps
+        results[shared] = _grads(module, rollout, ADV, micro), rollout.old_logps
     ((sums, grads), old), ((want_sums, want_grads), want_old) = results[True], results[False]
     if want_old is not None:
         torch.testing.assert_close(old, want_old, rtol=1e-5, atol=1e-6)
