@@ -23,6 +23,7 @@ once as this module gathers them (`plan/formulas.py`, `fsdp_gathered_bytes`).
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -51,6 +52,62 @@ def shard(policy, mesh, bf16: bool) -> None:
     # the root (embedding, final norm, unembedding) stays gathered from its forward to its backward:
     # the logit lens and the closed-form lens gradient call norm and lm_head outside the root forward
     fully_shard(policy, reshard_after_forward=False, **kwargs)
+    if mesh.device_type == "cpu":
+        reduce_scatter = InPlaceReduceScatter()
+        for unit in fsdp_units(policy):
+            unit.set_custom_reduce_scatter(reduce_scatter)
+
+
+def _reduce_scatter_base():
+    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+
+    return ReduceScatter
+
+
+def _released(fn, *tensors, timeout_s: float = 1.0) -> None:
+    """`fn` on flat views of `tensors`, returning once gloo's worker thread has let go of them.
+
+    A gloo collective's work (run by a worker thread) holds its tensors and is dropped by that
+    thread after it has woken the caller. When the caller drops the last other reference first (FSDP
+    frees its communication buffers right after the call), the tensor is freed on the worker
+    thread. The memory profiler's accounting is per thread (`log.plan`'s measured peaks on CPU):
+    it records the allocation and not that free, and counts the buffer as live for the rest of the
+    phase, on some runs and not others. The views handed to gloo count on their storages while gloo
+    holds them, so waiting for the counts to fall back leaves every free to the calling thread."""
+    storages = [t.untyped_storage() for t in tensors]
+    held = [torch._C._storage_Use_Count(s._cdata) for s in storages]
+    views = [t.view(-1) for t in tensors]
+    fn(*views)
+    del views
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(
+            torch._C._storage_Use_Count(s._cdata) > n for s, n in zip(storages, held, strict=True)):
+        time.sleep(1e-5)  # the worker is past the collective: it drops its work next
+
+
+class InPlaceReduceScatter(_reduce_scatter_base()):
+    """FSDP2's gradient reduce-scatter on CPU ranks (gloo), as gloo computes it, without gloo's copy.
+
+    Gloo has no reduce-scatter: it clones the input (a float32 copy of the unit's unsharded
+    gradients) on the calling thread, all-reduces the clone on its worker thread and copies this
+    rank's chunk out; the clone's last reference is often the worker's, so it is freed there,
+    unseen by the memory profiler (`_released`; the root's clone is 4 x vocabulary x width bytes).
+    Here the input, FSDP's own reduce-scatter buffer, which it only keeps alive after the call, is
+    all-reduced in place and this rank's chunk copied out: the same all-reduce with the same op as
+    gloo's, so the same sum, with one buffer fewer."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        import torch.distributed as dist
+
+        def reduce(flat):
+            dist.all_reduce(flat, op=op, group=group)
+            output_tensor.copy_(flat.view(group.size(), -1)[group.rank()].view_as(output_tensor))
+
+        _released(reduce, input_tensor)
+        return None
 
 
 def fsdp_units(policy) -> list:

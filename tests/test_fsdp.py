@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "ddp_worker.py"
 ARGS = ["devices=2", "accelerator=cpu", "max_steps=4", "checkpoint_every=2", "method=oisd", "grpo.prompts_per_step=2",
         "grpo.num_generations=4", "grpo.micro_batch_size=4", "grpo.max_completion_length=12",
-        "grpo.num_iterations=2", "log.every_n_steps=1", "log.gradient_view=true"]
+        "grpo.num_iterations=2", "log.every_n_steps=1", "log.gradient_view=true",
+        # FSDP runs whole rows (shared_prompt.applies): so does the replicated run, to compare sharding alone
+        "grpo.shared_prompt=false"]
 
 
 @pytest.fixture(scope="module")
