@@ -33,6 +33,7 @@ the policy forward's activations when prompts are shared).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -126,9 +127,11 @@ def shared_prompt_forward(model: nn.Module, input_ids: torch.Tensor, attention_m
     first, inverse = groups
     n_layers = len(decoder_layers(model))
     record = Cache(layers=[_RecordLayer() for _ in range(n_layers)])
+    backbone = backbone_of(model)
+    name = _cache_argument(backbone)
     with _cache_under_checkpointing(model):
-        backbone_of(model)(input_ids=input_ids[first, :prefix], attention_mask=attention_mask[first, :prefix],
-                           cache=record, use_cache=False)
+        backbone(input_ids=input_ids[first, :prefix], attention_mask=attention_mask[first, :prefix],
+                 use_cache=False, **{name: record})
         missing = [i for i, layer in enumerate(record.layers) if not layer.is_initialized]
         if missing:
             raise RuntimeError(f"shared prompt: decoder layers {missing} passed no keys through the cache")
@@ -136,4 +139,9 @@ def shared_prompt_forward(model: nn.Module, input_ids: torch.Tensor, attention_m
                               for layer in record.layers])
         del record
         return model(input_ids=input_ids[:, prefix:prefix + length],
-                     attention_mask=attention_mask[:, :prefix + length], cache=cache, use_cache=False, **kwargs)
+                     attention_mask=attention_mask[:, :prefix + length], use_cache=False, **{name: cache}, **kwargs)
+
+
+def _cache_argument(backbone: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` (transformers >= 5.24) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
