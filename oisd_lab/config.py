@@ -126,7 +126,8 @@ class GRPOConfig:
     shared_prompt: bool = True
     """Compute a prompt once per micro-batch in which several completions share it, instead of once
     per completion: the policy, old-policy and reference forwards (`shared_prompt.py`; exact up
-    to float rounding). Models with sliding-window or non-attention layers run whole rows."""
+    to float rounding). Whole rows run for models with sliding-window or non-attention layers and
+    under `strategy=fsdp`."""
     max_completion_length: int = 32
     """Tokens generated per completion at most (a longer one is cut and counted as truncated)."""
     temperature: float = 1.0

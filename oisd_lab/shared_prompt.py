@@ -90,7 +90,8 @@ def applies(model: nn.Module) -> bool:
     layer's outputs, and the prefix's keys and values reach the backward around them."""
     from torch.distributed.fsdp import FSDPModule
 
-    if any(isinstance(m, FSDPModule) for m in (model, *decoder_layers(model))):
+    layers = list(decoder_layers(model))
+    if any(isinstance(m, FSDPModule) for m in (model, *layers)):
         return False
     config = model.config.get_text_config()
     types = getattr(config, "layer_types", None) or ["full_attention"]
@@ -98,7 +99,7 @@ def applies(model: nn.Module) -> bool:
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return False
-    return all(hasattr(layer, _CKPT_FLAG) for layer in decoder_layers(model))
+    return all(hasattr(layer, _CKPT_FLAG) for layer in layers)
 
 
 @contextlib.contextmanager

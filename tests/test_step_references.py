@@ -53,6 +53,20 @@ def _eager_rows(model, part: Rollout, layer: int) -> torch.Tensor:
     return out.attentions[layer][:, :, P - 1:P - 1 + C]
 
 
+def _assert_grads_equal(model, got: dict) -> None:
+    """`got` equals the reference's gradients now in `model`'s .grad, parameter by parameter (float32
+    rounding relative to each parameter's largest entry), and more than 5 parameters moved."""
+    moved = 0
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-3, atol=1e-3 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        moved += scale > 1e-7
+    assert moved > 5 and got.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("heads", ["mean", "per_head"])
 def test_attention_channel_over_row_blocks_equals_the_eager_attention_reference(tiny_model, char_tokenizer,
@@ -84,15 +98,7 @@ def test_attention_channel_over_row_blocks_equals_the_eager_attention_reference(
     # float32: the two paths' probabilities differ by rounding, which the JSD of close rows shows
     # as up to ~1e-7 absolute (measured 8e-8)
     torch.testing.assert_close(ours, want, rtol=1e-3, atol=2e-7)
-    moved = 0
-    for name, p in tiny_model.named_parameters():
-        if p.grad is None:
-            continue
-        scale = float(p.grad.abs().max())  # rounding as above, relative to each parameter's largest entry
-        torch.testing.assert_close(got[name], p.grad, rtol=1e-3, atol=1e-3 * scale,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-        moved += float(p.grad.abs().max()) > 1e-7
-    assert moved > 5 and got.keys() == {n for n, p in tiny_model.named_parameters() if p.grad is not None}
+    _assert_grads_equal(tiny_model, got)
 
 
 def test_logit_channel_on_its_own_equals_the_lens_jsd_formula(tiny_model, char_tokenizer):
@@ -126,14 +132,7 @@ def test_logit_channel_on_its_own_equals_the_lens_jsd_formula(tiny_model, char_t
     assert float(want.detach().max()) > 1e-4 and float(want.detach().min()) == 0.0
     torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(ours, shared, rtol=0, atol=0)
-    moved = 0
-    for name, p in tiny_model.named_parameters():
-        if p.grad is not None:
-            scale = float(p.grad.abs().max())
-            torch.testing.assert_close(got[name], p.grad, rtol=1e-3, atol=1e-3 * scale,
-                                       msg=lambda m, name=name: f"{name}: {m}")
-            moved += scale > 1e-7
-    assert moved > 5 and got.keys() == {n for n, p in tiny_model.named_parameters() if p.grad is not None}
+    _assert_grads_equal(tiny_model, got)
 
 
 def test_the_sampling_policys_log_probs_by_hand():
