@@ -3,6 +3,7 @@
     oisd-lab train [key=value ...]      GRPO / OISD run (no arguments: the main job)
     oisd-lab pretrain [key=value ...]   build (or reuse) the cached warm start
     oisd-lab eval PATH [key=value ...]  held-out greedy accuracy and Avg@K of a run or checkpoint
+    oisd-lab launch --nodes N [...]     one multi-node training run on SLURM (sbatch script, --dry-run)
     oisd-lab grid FILE [key=value ...]  run an ablation grid (skips finished cells, resumes the rest)
     oisd-lab collect GRID_DIR           one tidy results table (+ aggregates) for a grid
     oisd-lab report GRID_DIR --out DIR  figures and tables of a grid
@@ -75,6 +76,7 @@ def cmd_eval(args) -> int:
 
 
 LAZY = {
+    "launch": ("oisd_lab.launch", "one training run over several SLURM nodes: an sbatch script of one srun"),
     "grid": ("oisd_lab.grid", "run an ablation grid file from experiments/grids/"),
     "collect": ("oisd_lab.collect", "collect a grid's runs into results tables"),
     "report": ("oisd_lab.analysis.report", "write a grid's figures and tables"),

@@ -156,3 +156,54 @@ def test_logging_steps_without_the_gradient_view_train_as_with_it(reference, cac
     got = load_file(run / "final_model" / "model.safetensors")
     # measured: equal to 1e-8 after two Adam steps of lr 3e-5
     assert max((got[k] - ref[k]).abs().max().item() for k in got) < 1e-6
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun of a simulated allocation on this machine: SLURM_NNODES nodes x SLURM_NTASKS_PER_NODE tasks, each
+# task started with the variables a real srun sets for it
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  for ((local = 0; local < SLURM_NTASKS_PER_NODE; local++)); do
+    SLURM_PROCID=$((node * SLURM_NTASKS_PER_NODE + local)) SLURM_LOCALID=$local SLURM_NODEID=$node "$@" &
+    pids+=($!)
+  done
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_the_launch_script_under_a_simulated_two_node_allocation_ends_where_one_node_ends(reference, cache_dir,
+                                                                                         tmp_path):
+    """`oisd-lab launch --nodes 2` (one CPU rank per node) writes the sbatch script; the script runs
+    under a stand-in `srun` that starts its two tasks as SLURM would on two nodes (SLURM_PROCID,
+    SLURM_NODEID, ...; the rendezvous from SLURM_NODELIST and the job id). Each task takes its rank
+    from SLURM (without it, num_nodes=2 with one device would wait for a second node forever), and
+    the run ends bit for bit where the one-node, two-rank reference ends."""
+    import random
+
+    run, tools = tmp_path / "run", tmp_path / "bin"
+    tools.mkdir()
+    (tools / "sbatch").write_text('#!/bin/bash\necho 1\n')
+    (tools / "srun").write_text(FAKE_SRUN)
+    for tool in ("sbatch", "srun"):
+        (tools / tool).chmod(0o755)
+    overrides = [o for o in command(run)[4:] if o not in ("devices=2", "num_threads=1")]
+    env = {**environment(cache_dir), "PATH": f"{tools}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "oisd_lab", "launch", "--nodes", "2", "--cpus-per-task", "1",
+                           *overrides], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = run / "slurm" / "launch-1.sbatch"
+    assert "num_nodes=2 devices=1 num_threads=1" in script.read_text()
+    job = str(random.randrange(10_000, 99_999))  # its last 4 digits set the rendezvous port
+    allocation = {"SLURM_JOB_ID": job, "SLURM_JOB_NAME": f"oisd-{run.name}", "SLURM_NNODES": "2",
+                  "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "localhost"}
+    ran = subprocess.run(["bash", str(script)], env={**env, **allocation}, capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+    metrics, want = rows(run / "metrics.jsonl"), rows(reference / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == list(range(1, STEPS + 1))
+    assert [stable(r) for r in metrics] == [stable(r) for r in want]
+    got, ref = load_file(run / "final_model" / "model.safetensors"), load_file(reference / "final_model" / "model.safetensors")
+    assert got.keys() == ref.keys() and [k for k in ref if not torch.equal(got[k], ref[k])] == []
