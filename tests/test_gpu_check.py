@@ -44,12 +44,33 @@ def test_cpu_mode_of_the_one_command(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", "benchmarks/gpu/run.sh", "--cpu", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["mode"] == "cpu" and result["pytest_gpu"] is None
     _check_result(result, gpu.CPU_CASES)
+    _check_sharded(result["sharded"], ranks=2)
+    assert result["sharded"]["backend"] == "gloo"
     assert "results in" in done.stdout
+
+
+def _check_sharded(sharded: dict, ranks: int) -> None:
+    """The sharded part: the tiny OISD run trained (gradients in both channels on every step, the
+    exported model loads), and the paper recipe ran its 2 steps with each rank's peak within 10% of the plan."""
+    assert sharded["ranks"] == ranks
+    tiny = sharded["tiny"]
+    assert tiny["exit_status"] == 0, tiny.get("log_tail")
+    assert tiny["steps_logged"] == [1, 2, 3] and "strategy=fsdp" in tiny["command"]
+    assert all(g > 0 for g in tiny["grad_norm"]) and all(g > 0 for g in tiny["grad/think/norm"])
+    assert any(f < 1 for f in tiny["frac_reward_zero_std"])
+    assert tiny["final_model_parameters"] > 0
+    recipe = sharded["recipe"]
+    assert recipe["exit_status"] == 0, recipe.get("log_tail")
+    assert recipe["steps_logged"] == [1, 2]
+    assert recipe["model"]["vocab_size"] == 151936 and recipe["model"]["num_layers"] == 8
+    assert sorted(recipe["planned_vs_measured"]) == [f"rank{r}" for r in range(ranks)]
+    for rank, row in recipe["planned_vs_measured"].items():
+        assert abs(row["ratio"] - 1) < 0.10, (rank, row)
 
 
 @pytest.mark.parametrize(("config", "non_embedding", "total"),
@@ -71,6 +92,13 @@ def test_gpu_cases_keep_the_real_width():
         real = case.config
         assert case.layers <= real["num_hidden_layers"] and real["vocab_size"] == 151936
         assert 1024 <= case.completion_len <= 2048
+    shape = gpu.recipe_shape(cpu=False)
+    assert (shape.hidden_size, shape.intermediate_size, shape.vocab_size) == (2560, 9728, 151936)
+    assert (shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim) == (32, 8, 128)
+    from oisd_lab.config import compose
+
+    student = compose(["accelerator=cpu"], config_name="paper/qwen3-4b-oisd").method.layers
+    assert max(student) < shape.num_layers - 1  # the recipe's student layer exists at the cut depth
 
 
 def test_phases_time_each_call_and_skip_the_warm_up():
@@ -85,7 +113,7 @@ def test_phases_time_each_call_and_skip_the_warm_up():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_case_on_cuda(tmp_path):
-    result = gpu.main(["--tiny", "--no-pytest", "--out", str(tmp_path / "check.json")])
+    result = gpu.main(["--tiny", "--no-pytest", "--no-sharded", "--out", str(tmp_path / "check.json")])
     _check_result(result, gpu.CPU_CASES)
     phases = result["models"][gpu.CPU_CASES[0].name]["methods"]["oisd"]["phases"]
     assert all(p["peak_bytes"] > 0 for p in phases.values())

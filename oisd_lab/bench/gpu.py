@@ -15,6 +15,17 @@ with gradient checkpointing. Per model:
   seconds after a device synchronise, and peak device memory; the fraction of weights changed;
 - OISD/GRPO ratios of the optimisation step, of its peak memory, and the alignment's added time.
 
+Then the sharded path (`strategy=fsdp`, FSDP2 over every visible GPU; `--cpu`: 2 CPU ranks over
+gloo), each as a user runs it, through `python -m oisd_lab train` in a subprocess:
+
+- `tiny`: `debug=quick method=oisd strategy=fsdp` for 3 steps (under `bf16-mixed` on GPUs), whose
+  rewards differ within groups: every step's gradient norm and the alignment channel's, and that
+  the exported final model loads with `from_pretrained`;
+- `recipe`: the paper recipe's own file (`--config paper/qwen3-4b-oisd`) with Qwen3-4B's real width,
+  heads and vocabulary at 8 of its 36 layers, the first 8 (the recipe's student is layer 6; `--cpu`:
+  width 64, 8 layers), random weights, 2 steps
+  with `log.plan=true`: that step 1 runs, and each rank's measured peak against the plan.
+
 Then `pytest -m gpu` runs, and everything goes to one JSON file. `--cpu` runs the same code on a
 tiny Qwen3 on CPU in seconds (the test suite does), so the check cannot rot between GPU visits.
 """
@@ -300,6 +311,66 @@ def check_case(case: Case, device: torch.device, workdir: Path, log=print) -> di
     return out
 
 
+SHARDED_TINY = ["debug=quick", "method=oisd", "strategy=fsdp", "max_steps=3", "checkpoint_every=3", "task.num_test=4",
+                "eval.k=1", "grpo.max_completion_length=16", "num_threads=1", "log.wandb_mode=disabled"]
+RECIPE_SIZE = ["max_steps=2", "checkpoint_every=2", "grpo.prompts_per_step=2", "grpo.num_generations=4",
+               "grpo.micro_batch_size=4", "task.num_test=2", "eval.k=1", "eval.batch_size=2", "num_threads=1"]
+
+
+def recipe_shape(cpu: bool):
+    """Qwen3-4B's width, heads and vocabulary at 8 layers (the recipe's student, layer 6, is among
+    them); on CPU the recipe's vocabulary at width 64, 8 layers."""
+    # on use: the recipe module writes models and tokenizers only when the sharded part runs
+    from .recipe import Shape
+
+    if cpu:
+        return Shape(64, 8, 4, 2, 16, 128)
+    c = QWEN3_4B
+    return Shape(c["hidden_size"], 8, c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
+                 c["intermediate_size"], c["vocab_size"])
+
+
+def check_sharded(device: torch.device, workdir: Path, left, small: bool = False, log=print) -> dict:
+    """The `tiny` and `recipe` sharded runs (module docstring) on every visible GPU, or 2 CPU ranks;
+    `small`: the recipe at the CPU shape on GPUs too (`--tiny`)."""
+    from .recipe import metrics_summary, recipe_run, run_command, train_env
+
+    cpu = device.type == "cpu"
+    ranks = 2 if cpu else torch.cuda.device_count()
+    where = ["accelerator=cpu" if cpu else "accelerator=gpu", f"devices={ranks}"]
+    out = {"ranks": ranks, "backend": "gloo" if cpu else "nccl"}
+    if left() < 60:
+        return {**out, "tiny": "skipped: time budget", "recipe": "skipped: time budget"}
+    run = workdir / "sharded_tiny"
+    tiny = [*SHARDED_TINY, *where, *([] if cpu else ["precision=bf16-mixed"]), f"run_dir={run}"]
+    rc, wall, _ = run_command([sys.executable, "-m", "oisd_lab", "train", *tiny], train_env(workdir / "cache"),
+                              workdir / "sharded_tiny.log", timeout=max(left() - 30, 30))
+    res = {"command": "oisd-lab train " + " ".join(tiny[:-1]), "exit_status": rc, "wall_seconds": round(wall, 1),
+           **metrics_summary(run)}
+    if rc != 0:
+        res["log_tail"] = (workdir / "sharded_tiny.log").read_text().splitlines()[-30:]
+    if (run / "final_model").is_dir():
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(run / "final_model")
+        res["final_model_parameters"] = sum(p.numel() for p in loaded.parameters())
+    out["tiny"] = res
+    log(f"[gpu-check] sharded tiny on {ranks} rank(s): exit {rc}, {wall:.0f} s, grad_norm {res.get('grad_norm')}")
+    if left() < 90:
+        out["recipe"] = "skipped: time budget"
+        return out
+    size = [*RECIPE_SIZE, *where, f"grpo.max_completion_length={8 if cpu else 256}",
+            f"eval.max_new_tokens={8 if cpu else 64}"]
+    recipe = recipe_run(workdir / "recipe", recipe_shape(cpu or small), size, ranks, timeout=max(left() - 30, 30))
+    recipe.pop("plan", None)  # the per-rank comparison below keeps the plan's figures that matter here
+    recipe.pop("eval", None)
+    out["recipe"] = recipe
+    ratios = {r: round(v["ratio"], 3) for r, v in recipe["planned_vs_measured"].items()}
+    log(f"[gpu-check] sharded paper recipe on {ranks} rank(s): exit {recipe['exit_status']}, "
+        f"{recipe['wall_seconds']:.0f} s, measured/planned peak {ratios}")
+    return out
+
+
 def run_gpu_tests(timeout: int = 300) -> dict:
     """`pytest -m gpu` on the test suite: exit code and its closing line."""
     root = Path(__file__).resolve().parents[2]
@@ -334,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default benchmarks/results/gpu_check.json, or gpu_check_cpu.json)")
     parser.add_argument("--no-pytest", action="store_true", help="skip `pytest -m gpu`")
+    parser.add_argument("--no-sharded", action="store_true", help="skip the sharded runs (strategy=fsdp)")
     parser.add_argument("--budget", type=float, default=450.0,
                         help="seconds: a part that would start later is skipped and marked so (default 450)")
     args = parser.parse_args(argv)
@@ -345,7 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         "gpu_check_cpu.json" if args.cpu else "gpu_check.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = {"mode": "cpu" if args.cpu else "gpu", "machine": machine(device), "models": {}, "pytest_gpu": None}
+    result = {"mode": "cpu" if args.cpu else "gpu", "machine": machine(device), "models": {}, "sharded": None,
+              "pytest_gpu": None}
 
     def save() -> None:  # after every part: a run cut short by a time limit keeps what it measured
         result["total_seconds"] = time.perf_counter() - started
@@ -355,9 +428,12 @@ def main(argv: list[str] | None = None) -> dict:
         return args.budget - (time.perf_counter() - started)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for case in cases:
+        for i, case in enumerate(cases):
             result["models"][case.name] = check_case(case, device, Path(tmp)) if left() > 0 else "skipped: time budget"
             save()
+            if i == 0 and not args.no_sharded:  # before the larger models: the sharded path is checked first
+                result["sharded"] = check_sharded(device, Path(tmp), left, small=args.tiny)
+                save()
     if not (args.no_pytest or args.cpu):
         result["pytest_gpu"] = run_gpu_tests(int(left())) if left() > 30 else "skipped: time budget"
     save()
