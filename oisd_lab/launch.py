@@ -65,6 +65,7 @@ def _ranks_per_node(args) -> int:
 def train_overrides(args) -> tuple[list[str], object]:
     """The train command's overrides with the allocation's num_nodes, devices, num_threads and a
     fixed absolute run_dir, and the TrainConfig they compose to (checked here, before submitting)."""
+    # on use: Hydra composition loads only when the command runs, so `oisd-lab --help` starts fast
     from .config import compose
     from .run.folder import default_run_dir
 

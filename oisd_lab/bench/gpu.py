@@ -333,6 +333,7 @@ def recipe_shape(cpu: bool):
 def check_sharded(device: torch.device, workdir: Path, left, small: bool = False, log=print) -> dict:
     """The `tiny` and `recipe` sharded runs (module docstring) on every visible GPU, or 2 CPU ranks;
     `small`: the recipe at the CPU shape on GPUs too (`--tiny`)."""
+    # on use: the recipe module writes models and tokenizers only when the sharded part runs
     from .recipe import metrics_summary, recipe_run, run_command, train_env
 
     cpu = device.type == "cpu"
@@ -350,6 +351,7 @@ def check_sharded(device: torch.device, workdir: Path, left, small: bool = False
     if rc != 0:
         res["log_tail"] = (workdir / "sharded_tiny.log").read_text().splitlines()[-30:]
     if (run / "final_model").is_dir():
+        # on use: transformers loads only when a final model was exported
         from transformers import AutoModelForCausalLM
 
         loaded = AutoModelForCausalLM.from_pretrained(run / "final_model")

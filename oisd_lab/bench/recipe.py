@@ -54,6 +54,7 @@ def write_qwen3(folder: Path, shape: Shape) -> dict:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+    # on use: the package's tokenizer alphabet, loaded with the model-writing code
     from ..models import BOS, CHARS, EOS, PAD
 
     names = [PAD, BOS, EOS, *CHARS]
