@@ -6,20 +6,27 @@ forward and backward) and the peak of tensor memory (torch profiler), with the f
 OISD's extra work.
 
     OMP_NUM_THREADS=1 python benchmarks/real_vocab_step.py --rounds 2 --out benchmarks/results/real_vocab_step.json
+
+`--first-forward-arm` adds `oisd_first_forward`: `oisd` with the recomputed chunks run by plain
+non-reentrant checkpointing, so the first (discarded) forward of each chunk also forms the lens's
+closed-form gradient, as the code did before it stopped doing so; paired with `oisd` in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from oisd_lab.config import compose
+from oisd_lab.losses import divergence
 from oisd_lab.models import build_char_tokenizer
 from oisd_lab.module import OISDModule
 from oisd_lab.rollout import Rollout
@@ -55,30 +62,37 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--presets", default="grpo,oisd")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--first-forward-arm", action="store_true", help="add oisd_first_forward (module docstring)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tok, policy, data = build_char_tokenizer(), build(), rollout()
     adv = torch.linspace(-1.2, 1.2, len(data))
-    modules = {}
-    for name in args.presets.split(","):
-        cfg = compose([f"method={name}", f"grpo.prompts_per_step={PROMPTS}", f"grpo.num_generations={GENERATIONS}",
+    modules, arms = {}, {}
+    names = args.presets.split(",") + (["oisd_first_forward"] if args.first_forward_arm else [])
+    for name in names:
+        preset = "oisd" if name == "oisd_first_forward" else name
+        arms[name] = (mock.patch.object(divergence, "_checkpointed", lambda fn, *a: divergence.checkpoint(
+            fn, *a, use_reentrant=False)) if name == "oisd_first_forward" else contextlib.nullcontext())
+        cfg = compose([f"method={preset}", f"grpo.prompts_per_step={PROMPTS}", f"grpo.num_generations={GENERATIONS}",
                        f"grpo.max_completion_length={COMPLETION}", "grpo.micro_batch_size=4"])
         source = load_source(cfg.task)
         modules[name] = OISDModule(cfg, policy, tok, Sampler(cfg, policy, tok, source, source.reward))
 
-    def step(module):
+    def step(name):
+        module = modules[name]
         policy.zero_grad(set_to_none=True)
-        module.accumulate(data.scored(adv), backward=torch.Tensor.backward)
+        with arms[name]:
+            module.accumulate(data.scored(adv), backward=torch.Tensor.backward)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
     cpu = {name: [] for name in modules}
     for _ in range(args.rounds):
-        for name, module in modules.items():
+        for name in modules:
             t0 = time.process_time()
-            step(module)
+            step(name)
             cpu[name].append(time.process_time() - t0)
             print(f"{name}: {cpu[name][-1]:.1f} CPU s", flush=True)
-    peaks = {name: profiler_peak(lambda m=module: step(m)) for name, module in modules.items()}
+    peaks = {name: profiler_peak(lambda n=name: step(n)) for name in modules}
     tokens = int(data.completion_mask.sum())
     result = {"shape": {"vocab": V, "width": WIDTH, "layers": LAYERS, "rows": len(data), "completion_tokens": tokens,
                         "micro_batch": 4},

@@ -96,6 +96,31 @@ def test_chunked_head_matches_the_plain_head(checkpointed, temperature, beta, js
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
+def test_the_closed_form_lens_gradient_is_formed_once_per_chunk_and_student(checkpointed, monkeypatch):
+    """Under recomputation the first forward's saved tensors are discarded, so the closed-form
+    gradient is formed only when backward recomputes a chunk: once per chunk and student, as
+    without recomputation; a forward without backward forms none. Values and gradients as plain."""
+    from oisd_lab.losses import divergence
+
+    monkeypatch.setattr(losses, "LENS_CHECKPOINT_MIN_ELEMENTS", 0 if checkpointed else 1 << 40)
+    formed = []
+    real = divergence._closed_form_grad
+    monkeypatch.setattr(divergence, "_closed_form_grad", lambda *a: formed.append(a[0].shape) or real(*a))
+    unembed, norm, final, students, tokens = _parts()
+    lens = torch.nn.Sequential(norm, unembed)
+    kwargs = dict(final_hidden=final, tokens=tokens, head=unembed, vocab=29, chunk_size=4,
+                  students=tuple((h, lens) for h in students))
+    out = losses.chunked_head(**kwargs)
+    assert len(formed) == (0 if checkpointed else 2 * 4)  # 13 rows: chunks of 4, 4, 4, 1
+    _scalar(out).backward()
+    assert sorted(formed) == sorted([torch.Size([4, 29])] * 6 + [torch.Size([1, 29])] * 2)
+    formed.clear()
+    for x in (final, *students):
+        x.grad = None
+    _compare(kwargs, [final, *students, unembed.weight, norm.weight, norm.bias])
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
 def test_internal_policy_reads_its_own_readout_and_the_final_layer_stays_the_teacher(checkpointed, monkeypatch):
     monkeypatch.setattr(losses, "LENS_CHECKPOINT_MIN_ELEMENTS", 0 if checkpointed else 1 << 40)
     unembed, norm, final, students, tokens = _parts(seed=3)

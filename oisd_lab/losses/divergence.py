@@ -7,6 +7,8 @@ in docs/oisd-method.md."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -123,6 +125,27 @@ def lens_divergences(teacher_logp: Tensor, student_logits: Tensor, teacher_p: Te
     # Rounding leaves ~1e-7 of either sign when P == Q; JSD >= 0 (as `jsd` clamps).
     return kl, div.clamp_(min=0.0), entropy
 
+_FIRST_FORWARD = contextvars.ContextVar("checkpointed_first_forward", default=False)
+"""True inside the first forward of a chunk run under activation checkpointing: whatever that
+forward saves for backward is discarded and formed again when backward recomputes the chunk."""
+
+
+@contextlib.contextmanager
+def _first_forward():
+    token = _FIRST_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _FIRST_FORWARD.reset(token)
+
+
+def _checkpointed(fn: Callable, *args: Tensor):
+    """`fn(*args)` under non-reentrant activation checkpointing, its first forward marked (see
+    `StudentJSD`); backward's recomputation runs unmarked."""
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (_first_forward(), contextlib.nullcontext()))
+
+
 class StudentJSD(torch.autograd.Function):
     """JSD_beta(P || Q) per row (as `jsd`), whose gradient w.r.t. the student logits is formed in
     the forward pass, in closed form, instead of by autograd through a dozen [n, V] ops.
@@ -131,7 +154,10 @@ class StudentJSD(torch.autograd.Function):
     (the log terms of P and Q through M cancel against the +1), so through the softmax
         d JSD / d q_v = (1 - beta) / T * Q_v * (log(Q_v / M_v) - KL(Q || M)).
     It is zeroed where `jsd` clamps a rounding negative to 0 (clamp passes gradient at >= 0).
-    Saves that one [n, V] gradient; backward scales it by the upstream gradient.
+    Saves that one [n, V] gradient; backward scales it by the upstream gradient. In the first
+    forward of a checkpointed chunk (`_checkpointed`) the gradient is not formed: checkpointing
+    discards what that forward saves, and backward's recomputation forms it. A tensor of the
+    gradient's shape and dtype is saved in its place, so the recomputation saves the same.
     """
 
     @staticmethod
@@ -146,8 +172,7 @@ class StudentJSD(torch.autograd.Function):
         kl_q = _zero_nonfinite(q * q_ratio).sum(-1)
         raw = beta * kl_p + (1.0 - beta) * kl_q
         if ctx.needs_input_grad[1]:
-            scale = ((1.0 - beta) / temperature) * (raw >= 0).to(q.dtype)  # [n]
-            grad = _zero_nonfinite(q.mul_(q_ratio.sub_(kl_q[:, None]))).mul_(scale[:, None])
+            grad = q if _FIRST_FORWARD.get() else _closed_form_grad(q, q_ratio, kl_q, raw, beta, temperature)
             ctx.save_for_backward(grad)
             ctx.student_dtype = student.dtype
         return raw.clamp(min=0.0)
@@ -157,6 +182,13 @@ class StudentJSD(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         (grad,) = ctx.saved_tensors
         return None, (grad * grad_out[:, None]).to(ctx.student_dtype), None, None
+
+
+def _closed_form_grad(q: Tensor, q_ratio: Tensor, kl_q: Tensor, raw: Tensor, beta: float, temperature: float
+                      ) -> Tensor:
+    """d JSD / d student logits (`StudentJSD`), formed in place in q's buffer (q_ratio's too)."""
+    scale = ((1.0 - beta) / temperature) * (raw >= 0).to(q.dtype)  # [n]
+    return _zero_nonfinite(q.mul_(q_ratio.sub_(kl_q[:, None]))).mul_(scale[:, None])
 
 
 def _log_softmax_at(logits: Tensor, temperature: float) -> Tensor:
@@ -215,7 +247,7 @@ def chunked_lens_jsd(
     use_ckpt = torch.is_grad_enabled() and student_hidden.shape[0] * teacher_logits.shape[-1] > \
         _checkpoint_threshold()
     pieces = [
-        checkpoint(lens_chunk, h, *index, use_reentrant=False)
+        _checkpointed(lens_chunk, h, *index)
         if use_ckpt
         else lens_chunk(h, *index)
         for h, *index in zip(
@@ -302,7 +334,7 @@ def chunked_head(
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     use_ckpt = grad and final_hidden.shape[0] * vocab > _checkpoint_threshold()
     splits = [x.split(chunk_size) for x in (final_hidden, tokens, *student_h, *extra)]
-    pieces = [checkpoint(run, i, *chunk, use_reentrant=False) if use_ckpt else run(i, *chunk)
+    pieces = [_checkpointed(run, i, *chunk) if use_ckpt else run(i, *chunk)
               for i, chunk in enumerate(zip(*splits, strict=True))]
     if not pieces:
         empty = upcast(final_hidden).new_zeros(0)
