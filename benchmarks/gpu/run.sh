@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one command (oisd_lab/bench/gpu.py; benchmarks/README.md, section "GPU check").
-#   bash benchmarks/gpu/run.sh                # Qwen3-0.6B and Qwen3-4B shapes, then pytest -m gpu
+#   bash benchmarks/gpu/run.sh                # Qwen3-0.6B, the sharded runs on every GPU, Qwen3-4B, then pytest -m gpu
 #   bash benchmarks/gpu/run.sh --cpu          # the same code on a tiny Qwen3 on CPU, in seconds
 # Needs no network. Python packages the machine lacks are installed from the wheels in
 # benchmarks/gpu/wheels/ when that folder exists (see the README for how to fill it).
