@@ -168,11 +168,11 @@ class StudentJSD(torch.autograd.Function):
         # (-inf logits, or M underflowing next to a denormal) come out as NaN or inf and are 0.
         log_m = torch.add(p, q, alpha=(1.0 - beta) / beta).mul_(beta).log_()
         kl_p = _zero_nonfinite(logp.sub_(log_m).mul_(p)).sum(-1)
-        q_ratio = logq.sub_(log_m)  # log(Q / M)
-        kl_q = _zero_nonfinite(q * q_ratio).sum(-1)
+        q_terms = _zero_nonfinite(logq.sub_(log_m).mul_(q))  # Q log(Q / M), in logq's buffer
+        kl_q = q_terms.sum(-1)
         raw = beta * kl_p + (1.0 - beta) * kl_q
         if ctx.needs_input_grad[1]:
-            grad = q if _FIRST_FORWARD.get() else _closed_form_grad(q, q_ratio, kl_q, raw, beta, temperature)
+            grad = q if _FIRST_FORWARD.get() else _closed_form_grad(q, q_terms, kl_q, raw, beta, temperature)
             ctx.save_for_backward(grad)
             ctx.student_dtype = student.dtype
         return raw.clamp(min=0.0)
@@ -184,11 +184,12 @@ class StudentJSD(torch.autograd.Function):
         return None, (grad * grad_out[:, None]).to(ctx.student_dtype), None, None
 
 
-def _closed_form_grad(q: Tensor, q_ratio: Tensor, kl_q: Tensor, raw: Tensor, beta: float, temperature: float
+def _closed_form_grad(q: Tensor, q_terms: Tensor, kl_q: Tensor, raw: Tensor, beta: float, temperature: float
                       ) -> Tensor:
-    """d JSD / d student logits (`StudentJSD`), formed in place in q's buffer (q_ratio's too)."""
+    """d JSD / d student logits (`StudentJSD`): scale * (Q log(Q / M) - Q KL(Q || M)), formed in
+    place in the buffer of `q_terms` (Q log(Q / M), its 0-probability terms already 0; Q is finite)."""
     scale = ((1.0 - beta) / temperature) * (raw >= 0).to(q.dtype)  # [n]
-    return _zero_nonfinite(q.mul_(q_ratio.sub_(kl_q[:, None]))).mul_(scale[:, None])
+    return q_terms.addcmul_(q, kl_q[:, None], value=-1.0).mul_(scale[:, None])
 
 
 def _log_softmax_at(logits: Tensor, temperature: float) -> Tensor:
