@@ -31,14 +31,6 @@ from oisd_lab.sources import load_source
 PROMPTS, GENERATIONS, LENGTH = 4, 4, 64
 
 
-def shared_floor(config, prompt_len: int, completion_len: int, generations: int) -> float:
-    """`floor_arithmetic`'s batch floor with the prompt's positions run once per group of `generations`."""
-    f = floor_arithmetic(config, prompt_len, completion_len)
-    layers = config.num_hidden_layers * f["layer_macs"]
-    seq = (prompt_len / generations + completion_len) * layers + completion_len * f["head_macs"]
-    return (seq + completion_len * f["head_macs"]) / seq
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -73,7 +65,7 @@ def main() -> None:
             cpu[m].append(step(m))
         print(f"round {r + 1}: " + ", ".join(f"{m} {cpu[m][-1]:.2f} s" for m in presets), flush=True)
     ratios = {m: [a / b for a, b in zip(cpu[m], cpu["grpo"], strict=True)] for m in presets}
-    floors = floor_arithmetic(policy.config, data.prompt_length, LENGTH)
+    floors = floor_arithmetic(policy.config, data.prompt_length, LENGTH, GENERATIONS)
     result = {"model": "smollm2", "batch": {"prompts": PROMPTS, "generations": GENERATIONS, "completion": LENGTH,
                                             "prompt_length": data.prompt_length, "micro_batch": PROMPTS * GENERATIONS},
               "shared_prompt": cfgs["grpo"].grpo.shared_prompt, "rounds": args.rounds, "cpu_s": cpu,
@@ -81,7 +73,7 @@ def main() -> None:
               "median_ratio_vs_grpo": {m: statistics.median(v) for m, v in ratios.items()},
               "range_ratio_vs_grpo": {m: [min(v), max(v)] for m, v in ratios.items()},
               "floor_per_token": floors["floor_per_token"], "floor_this_batch_whole_rows": floors["floor_this_batch"],
-              "floor_this_batch_shared_prompt": shared_floor(policy.config, data.prompt_length, LENGTH, GENERATIONS)}
+              "floor_this_batch_shared_prompt": floors["floor_this_batch_shared_prompt"]}
     for m in presets:
         print(f"{m}: median {statistics.median(cpu[m]):.2f} CPU s, {result['median_ratio_vs_grpo'][m]:.3f}x grpo "
               f"[{min(ratios[m]):.3f}, {max(ratios[m]):.3f}]", flush=True)

@@ -67,11 +67,12 @@ def train_overrides(args) -> tuple[list[str], object]:
     fixed absolute run_dir, and the TrainConfig they compose to (checked here, before submitting)."""
     # on use: Hydra composition loads only when the command runs, so `oisd-lab --help` starts fast
     from .config import compose
+    from .grid.spec import override_key
     from .run.folder import default_run_dir
 
     ranks = _ranks_per_node(args)
     for item in args.overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
+        key = override_key(item)
         if key in SET_BY_LAUNCH:
             raise ConfigError(f"{key}: set by `oisd-lab launch` from {SET_BY_LAUNCH[key]}; drop {item}")
     overrides = [*args.overrides, f"num_nodes={args.nodes}", f"devices={ranks}", f"num_threads={args.cpus_per_task}"]
@@ -83,7 +84,7 @@ def train_overrides(args) -> tuple[list[str], object]:
         raise ConfigError("accelerator: 'gpu' but --gpus-per-node is 0; pass --gpus-per-node N (GPUs per node)")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.task.name, cfg.method.name, cfg.seed)
     run_dir = run_dir if run_dir.is_absolute() else Path.cwd() / run_dir
-    overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "run_dir"] + [f"run_dir={run_dir}"]
+    overrides = [o for o in overrides if override_key(o) != "run_dir"] + [f"run_dir={run_dir}"]
     cfg.run_dir = str(run_dir)
     return overrides, cfg
 
@@ -92,7 +93,7 @@ def sbatch_script(args, overrides: list[str], cfg) -> str:
     """The job: directives for nodes x ranks tasks, the setup lines, and one `srun` of the train command."""
     run_dir = Path(cfg.run_dir)
     directives = {"job-name": f"oisd-{run_dir.name}", "nodes": args.nodes,
-                  "ntasks-per-node": _ranks_per_node(args), "cpus-per-task": args.cpus_per_task,
+                  "ntasks-per-node": cfg.devices, "cpus-per-task": args.cpus_per_task,
                   "time": args.time, "chdir": Path.cwd(), "output": run_dir / "slurm" / "%j.out"}
     optional = {"gpus-per-node": args.gpus_per_node or None, "partition": args.partition, "account": args.account,
                 "qos": args.qos, "constraint": args.constraint, "mem": f"{args.mem}G" if args.mem else None}
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"# --dry-run: not submitted; run folder {cfg.run_dir}", file=sys.stderr)
         return 0
     job_id = submit(script, Path(cfg.run_dir))
-    print(f"submitted job {job_id}: {args.nodes} node(s) x {_ranks_per_node(args)} rank(s); "
+    print(f"submitted job {job_id}: {cfg.num_nodes} node(s) x {cfg.devices} rank(s); "
           f"log {Path(cfg.run_dir) / 'slurm' / f'{job_id}.out'}")
     print(cfg.run_dir)
     return 0

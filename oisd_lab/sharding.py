@@ -27,6 +27,7 @@ import time
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from . import anatomy
 
@@ -58,12 +59,6 @@ def shard(policy, mesh, bf16: bool) -> None:
             unit.set_custom_reduce_scatter(reduce_scatter)
 
 
-def _reduce_scatter_base():
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-
-    return ReduceScatter
-
-
 def _released(fn, *tensors, timeout_s: float = 1.0) -> None:
     """`fn` on flat views of `tensors`, returning once gloo's worker thread has let go of them.
 
@@ -85,7 +80,7 @@ def _released(fn, *tensors, timeout_s: float = 1.0) -> None:
         time.sleep(1e-5)  # the worker is past the collective: it drops its work next
 
 
-class InPlaceReduceScatter(_reduce_scatter_base()):
+class InPlaceReduceScatter(ReduceScatter):
     """FSDP2's gradient reduce-scatter on CPU ranks (gloo), as gloo computes it, without gloo's copy.
 
     Gloo has no reduce-scatter: it clones the input (a float32 copy of the unit's unsharded

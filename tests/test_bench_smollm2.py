@@ -26,6 +26,13 @@ def test_floor_arithmetic_of_smollm2_by_hand():
     assert f["floor_this_batch"] == pytest.approx(f["floor_per_token"])
     longer = floor_arithmetic(cfg, prompt_len=40, completion_len=64)
     assert 1.0 < longer["floor_this_batch"] < f["floor_per_token"]  # prompt positions have no head
+    assert longer["floor_this_batch_shared_prompt"] == longer["floor_this_batch"]  # groups of one row
+    # the smollm2 bench batch: a 49-token prompt run once per group of 4 rows, 64 completion tokens
+    shared = floor_arithmetic(cfg, prompt_len=49, completion_len=64, generations=4)
+    seq = (49 / 4 + 64) * 30 * 3_538_944 + 64 * 28_311_552
+    assert shared["floor_this_batch_shared_prompt"] == pytest.approx((seq + 64 * 28_311_552) / seq)
+    assert shared["floor_this_batch_shared_prompt"] == pytest.approx(1.183, abs=5e-4)  # the figure reported
+    assert shared["floor_this_batch"] == pytest.approx(1.131, abs=5e-4)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs the bench extra (trl)")

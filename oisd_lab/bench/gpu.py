@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -321,10 +321,10 @@ def recipe_shape(cpu: bool):
     """Qwen3-4B's width, heads and vocabulary at 8 layers (the recipe's student, layer 6, is among
     them); on CPU the recipe's vocabulary at width 64, 8 layers."""
     # on use: the recipe module writes models and tokenizers only when the sharded part runs
-    from .recipe import Shape
+    from .recipe import CPU_SHAPE, Shape
 
     if cpu:
-        return Shape(64, 8, 4, 2, 16, 128)
+        return replace(CPU_SHAPE, num_layers=8)
     c = QWEN3_4B
     return Shape(c["hidden_size"], 8, c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
                  c["intermediate_size"], c["vocab_size"])
@@ -334,7 +334,7 @@ def check_sharded(device: torch.device, workdir: Path, left, small: bool = False
     """The `tiny` and `recipe` sharded runs (module docstring) on every visible GPU, or 2 CPU ranks;
     `small`: the recipe at the CPU shape on GPUs too (`--tiny`)."""
     # on use: the recipe module writes models and tokenizers only when the sharded part runs
-    from .recipe import metrics_summary, recipe_run, run_command, train_env
+    from .recipe import metrics_summary, recipe_run, train_run
 
     cpu = device.type == "cpu"
     ranks = 2 if cpu else torch.cuda.device_count()
@@ -344,12 +344,8 @@ def check_sharded(device: torch.device, workdir: Path, left, small: bool = False
         return {**out, "tiny": "skipped: time budget", "recipe": "skipped: time budget"}
     run = workdir / "sharded_tiny"
     tiny = [*SHARDED_TINY, *where, *([] if cpu else ["precision=bf16-mixed"]), f"run_dir={run}"]
-    rc, wall, _ = run_command([sys.executable, "-m", "oisd_lab", "train", *tiny], train_env(workdir / "cache"),
-                              workdir / "sharded_tiny.log", timeout=max(left() - 30, 30))
-    res = {"command": "oisd-lab train " + " ".join(tiny[:-1]), "exit_status": rc, "wall_seconds": round(wall, 1),
+    res = {**train_run(tiny, " ".join(tiny[:-1]), workdir, "sharded_tiny", timeout=max(left() - 30, 30)),
            **metrics_summary(run)}
-    if rc != 0:
-        res["log_tail"] = (workdir / "sharded_tiny.log").read_text().splitlines()[-30:]
     if (run / "final_model").is_dir():
         # on use: transformers loads only when a final model was exported
         from transformers import AutoModelForCausalLM
@@ -357,7 +353,8 @@ def check_sharded(device: torch.device, workdir: Path, left, small: bool = False
         loaded = AutoModelForCausalLM.from_pretrained(run / "final_model")
         res["final_model_parameters"] = sum(p.numel() for p in loaded.parameters())
     out["tiny"] = res
-    log(f"[gpu-check] sharded tiny on {ranks} rank(s): exit {rc}, {wall:.0f} s, grad_norm {res.get('grad_norm')}")
+    log(f"[gpu-check] sharded tiny on {ranks} rank(s): exit {res['exit_status']}, {res['wall_seconds']:.0f} s, "
+        f"grad_norm {res.get('grad_norm')}")
     if left() < 90:
         out["recipe"] = "skipped: time budget"
         return out

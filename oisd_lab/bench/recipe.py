@@ -16,13 +16,14 @@ the GPU check's sharded part (`oisd_lab/bench/gpu.py`).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..run.folder import RunDir, read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -135,31 +136,41 @@ def train_env(cache: Path) -> dict:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
+def train_run(train_args: list[str], shown: str, work: Path, name: str, timeout: float | None = None) -> dict:
+    """`python -m oisd_lab train TRAIN_ARGS` in `train_env`, its output in work/<name>.log: the
+    command as shown (`shown`), exit status, wall seconds, each rank's peak RSS, and the log's tail
+    when it failed."""
+    log = work / f"{name}.log"
+    rc, wall, peaks = run_command([sys.executable, "-m", "oisd_lab", "train", *train_args],
+                                  train_env(work / "cache"), log, timeout)
+    out = {"command": f"oisd-lab train {shown}", "exit_status": rc, "wall_seconds": round(wall, 1),
+           "peak_rss_bytes_per_rank": dict(sorted(peaks.items()))}
+    if rc != 0:
+        out["log_tail"] = log.read_text().splitlines()[-30:]
+    return out
+
+
 def metrics_summary(run_dir: Path) -> dict:
     """The logged steps and the figures that say whether the step ran and gradients flowed."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    rows = read_jsonl(RunDir(run_dir).metrics)
+    if not rows:
         return {}
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     out = {"steps_logged": [r["step"] for r in rows]}
     for key in ("reward", "frac_reward_zero_std", "grad_norm", "grad/policy/norm", "grad/think/norm", "step_time"):
         out[key] = [r.get(key) for r in rows]
     return out
 
 
-def planned_vs_measured(run_dir: Path, ranks: int) -> dict:
-    """Per rank: the plan's peak, the measured peak over the measured phases, and each phase's ratio."""
-    plan_file = run_dir / "plan.json"
-    if not plan_file.is_file():
+def planned_vs_measured(plan: dict, memories: dict[str, dict]) -> dict:
+    """Per rank (memories: the run's memory files by name, `memory` for rank 0, `memory.rank<r>`):
+    the plan's peak, the measured peak over the measured phases, and each phase's ratio."""
+    if not plan:
         return {}
-    plan = json.loads(plan_file.read_text())
     out = {}
-    for rank in range(ranks):
-        path = run_dir / ("memory.json" if rank == 0 else f"memory.rank{rank}.json")
-        if not path.is_file():
-            continue
-        phases = json.loads(path.read_text())["phases"]
+    for name, memory in memories.items():
+        phases = memory["phases"]
         measured = max(row["measured_bytes"] for row in phases.values())
+        rank = name.removeprefix("memory").removeprefix(".rank") or "0"
         out[f"rank{rank}"] = {"planned_peak_bytes": plan["peak_bytes"], "measured_peak_bytes": measured,
                               "ratio": measured / plan["peak_bytes"],
                               "per_phase_ratio": {k: row["ratio"] for k, row in phases.items()}}
@@ -171,24 +182,18 @@ def recipe_run(work: Path, shape: Shape, size: list[str], ranks: int, extra: lis
     """Write the model, run `oisd-lab train --config paper/qwen3-4b-oisd` with `size` overrides, and collect."""
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / f"qwen3-w{shape.hidden_size}-l{shape.num_layers}"
-    run_dir = run_dir or work / "run"
+    run = RunDir(run_dir or work / "run")
     model = write_qwen3(model_dir, shape)
     local = [f"model.name={model_dir}", f"task.path={FIXTURES / 'math500.jsonl'}",
-             f"task.train_data={FIXTURES / 'math_train.jsonl'}", f"run_dir={run_dir}"]
+             f"task.train_data={FIXTURES / 'math_train.jsonl'}", f"run_dir={run.root}"]
     overrides = [*size, *extra, "log.plan=true", "log.wandb_mode=disabled"]
-    command = [sys.executable, "-m", "oisd_lab", "train", "--config", "paper/qwen3-4b-oisd", *local, *overrides]
-    rc, wall, peaks = run_command(command, train_env(work / "cache"), work / "train.log", timeout)
-    result = {"command": "oisd-lab train --config paper/qwen3-4b-oisd " + " ".join(overrides), "model": model,
-              "exit_status": rc, "wall_seconds": round(wall, 1), "peak_rss_bytes_per_rank": dict(sorted(peaks.items()))}
-    if rc != 0:
-        result["log_tail"] = (work / "train.log").read_text().splitlines()[-30:]
-    result.update(metrics_summary(run_dir))
-    for name in ("plan.json", "eval.json"):
-        if (run_dir / name).is_file():
-            result[name.removesuffix(".json")] = json.loads((run_dir / name).read_text())
-    for rank in range(ranks):
-        path = run_dir / ("memory.json" if rank == 0 else f"memory.rank{rank}.json")
+    config = ["--config", "paper/qwen3-4b-oisd"]
+    result = train_run([*config, *local, *overrides], " ".join([*config, *overrides]), work, "train", timeout)
+    result = {"command": result.pop("command"), "model": model, **result, **metrics_summary(run.root)}
+    for path in (run.plan, run.eval):
         if path.is_file():
-            result[path.stem] = json.loads(path.read_text())
-    result["planned_vs_measured"] = planned_vs_measured(run_dir, ranks)
+            result[path.stem] = read_json(path)
+    memories = {run.memory_of(r).stem: read_json(run.memory_of(r)) for r in range(ranks) if run.memory_of(r).is_file()}
+    result.update(memories)
+    result["planned_vs_measured"] = planned_vs_measured(result.get("plan", {}), memories)
     return result

@@ -62,7 +62,7 @@ def bench_smollm2(s: Settings) -> dict:
     init = copy.deepcopy(policy.state_dict())
     torch.manual_seed(sm.seed)
     fixed = (problems, _decode_ours(policy, NoEos(tok), prompts, sm))
-    out["floor"] = floor_arithmetic(policy.config, fixed[1].prompt_length, sm.max_len)
+    out["floor"] = floor_arithmetic(policy.config, fixed[1].prompt_length, sm.max_len, sm.generations)
     out["presets"] = _presets(sm, cfgs, policy, tok, source, fixed, prompts, init, fmt)
     policy.load_state_dict(init)
     out["diagnostics"] = _diagnostics(sm, cfgs["grpo"], policy, tok, source, fmt)
@@ -72,20 +72,25 @@ def bench_smollm2(s: Settings) -> dict:
     return out
 
 
-def floor_arithmetic(config, prompt_len: int, completion_len: int) -> dict:
+def floor_arithmetic(config, prompt_len: int, completion_len: int, generations: int = 1) -> dict:
     """Multiply-adds per token of the decoder layers and of the LM head, and the forward/backward
-    ratio that one extra unembedding (the lens, forward and backward) sets as the floor."""
+    ratio that one extra unembedding (the lens, forward and backward) sets as the floor: per
+    token, for this batch's whole rows, and with the prompt's positions run once per group of
+    `generations` rows (`grpo.shared_prompt`)."""
     d, ff, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     layer = 2 * d * d + 2 * d * kv + 3 * d * ff  # q, o; k, v; gate, up, down
     head = d * V
     per_token = L * layer + head
     # per sequence: every position runs the layers, only the C completion-predicting ones the head
-    seq = (prompt_len + completion_len) * L * layer + completion_len * head
+    def floor(prompt_positions: float) -> float:
+        seq = (prompt_positions + completion_len) * L * layer + completion_len * head
+        return (seq + completion_len * head) / seq
+
     return {"layer_macs": layer, "head_macs": head, "per_token_macs": per_token,
             "floor_per_token": (per_token + head) / per_token,
             "prompt_len": prompt_len, "completion_len": completion_len,
-            "floor_this_batch": (seq + completion_len * head) / seq}
+            "floor_this_batch": floor(prompt_len), "floor_this_batch_shared_prompt": floor(prompt_len / generations)}
 
 
 def _decode_ours(policy, tok, prompts, sm):
