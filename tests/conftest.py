@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,6 +36,14 @@ def tiny_model(char_tokenizer):
     from oisd_lab.models import build_tiny_model
 
     return build_tiny_model("tiny", vocab_size=len(char_tokenizer), seed=0)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for the rendezvous of ranks a test starts: a fixed port
+    collides when pytest-xdist runs a module's ranks-starting fixture on two workers at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def tiny_overrides(run_dir, *extra: str) -> list[str]:

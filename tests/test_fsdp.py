@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ ARGS = ["devices=2", "accelerator=cpu", "max_steps=4", "checkpoint_every=2", "me
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OISD_LAB_CACHE": str(out / "cache"), "RANK_SEEDED": "1",
-           "STRATEGIES": "fsdp ddp", "RESUME_FROM": "fsdp/step=2.ckpt", "MASTER_PORT": "29641", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "STRATEGIES": "fsdp ddp", "RESUME_FROM": "fsdp/step=2.ckpt", "MASTER_PORT": str(free_port()), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "WANDB_MODE": "disabled"}
     done = subprocess.run([sys.executable, str(WORKER), str(out), *ARGS], env=env,
                           capture_output=True, text=True, timeout=500)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +37,8 @@ def _launch(out: Path, port: int, extra: list[str], strategies: str = "") -> Non
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("one_process")
-    _launch(out / "one", 29653, ["devices=1", f"grpo.prompts_per_step={RANKS * PROMPTS}"])
-    _launch(out / "two", 29657, [f"devices={RANKS}", f"grpo.prompts_per_step={PROMPTS}"], "fsdp ddp")
+    _launch(out / "one", free_port(), ["devices=1", f"grpo.prompts_per_step={RANKS * PROMPTS}"])
+    _launch(out / "two", free_port(), [f"devices={RANKS}", f"grpo.prompts_per_step={PROMPTS}"], "fsdp ddp")
     runs = {"one": torch.load(out / "one" / "rank0.pt", weights_only=False)}
     for s in ("fsdp", "ddp"):
         runs[s] = [torch.load(out / "two" / s / f"rank{r}.pt", weights_only=False) for r in range(RANKS)]

@@ -8,6 +8,7 @@ import os
 
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 
 def _rank(rank: int, port: int, out) -> None:
@@ -32,7 +33,7 @@ def _rank(rank: int, port: int, out) -> None:
 def test_a_sharded_parameter_counts_its_local_shard():
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank, args=(29787, out), nprocs=2, join=True)
+        mp.spawn(_rank, args=(free_port(), out), nprocs=2, join=True)
         got = dict(out)
     full = (64 * 32 + 32 + 32 * 64) * 4
     # every dim-0 size is even: each rank holds exactly half of each parameter
